@@ -1,0 +1,3 @@
+from medmoe.cli import main
+
+main()
