@@ -6,6 +6,9 @@ import torch
 
 VOCAB = 128
 
+# Tiny matrices gain nothing from threads, and on a busy shared machine extra threads spin and wait.
+torch.set_num_threads(1)
+
 
 def tiny_model(arch: str):
     """A (model, kind) pair with a few thousand parameters; kind is "causal", "seq2seq" or "encoder"."""
@@ -48,3 +51,20 @@ def model_inputs(kind: str, batch: int = 2, length: int = 12, seed: int = 1) -> 
     else:
         inputs["labels"] = torch.tensor([0, 2][:batch] + [1] * max(0, batch - 2))
     return inputs
+
+
+class CharTokenizer:
+    """A character-level stand-in for a Hugging Face tokenizer (ids 3..127; eos 2; pad 0)."""
+
+    eos_token_id = 2
+    pad_token_id = 0
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
+        return {"input_ids": [3 + (ord(c) % (VOCAB - 3)) for c in text]}
+
+
+def arithmetic_examples(n: int = 40) -> list:
+    """Tiny question/answer pairs a small model can start to fit in a few steps."""
+    from medmoe.train.data import format_record
+
+    return [format_record(f"{i % 7} plus {i % 5}?", str(i % 7 + i % 5)) for i in range(n)]
