@@ -192,13 +192,15 @@ class ModelInfo:
 
 def info(name_or_path: str) -> ModelInfo:
     """What a model is, without loading its weights (bundled models are pulled first)."""
-    from transformers import AutoConfig, AutoModel
     import torch
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     source = resolve(name_or_path)
     config = _from_pretrained(AutoConfig, source, "config")
+    arch = (config.architectures or [""])[0]
+    auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM if "CausalLM" in arch else AutoModel
     with torch.device("meta"):
-        skeleton = AutoModel.from_config(config)
+        skeleton = auto.from_config(config)
     params = sum(p.numel() for p in skeleton.parameters())
     spec = BUNDLED.get(name_or_path)
     return ModelInfo(
