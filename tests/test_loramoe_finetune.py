@@ -84,3 +84,31 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         ckpt_mod.save_checkpoint(tmp_path, 2, model, opt, sched)
     assert [p.name for p in tmp_path.iterdir()] == ["step-1.pt"]  # no torn step-2, no temp file left
+
+
+def test_bundled_dataset_records_become_eval_prompt_plus_gold_continuation():
+    from medmoe.data import load_dataset
+    from medmoe.eval.prompts import build_prompt
+    from medmoe.train.data import load_examples
+
+    tokenizer = CharTokenizer()  # no chat template: plain "Answer:" prompts
+    examples = load_examples("dental", tokenizer)
+    records = load_dataset("dental", split="train")
+    assert len(examples) == len(records) > 100
+    prompt = build_prompt(records[0], tokenizer)
+    assert examples[0].prompt == prompt.context
+    assert examples[0].completion == f" {records[0].answer}"
+
+
+def test_prompt_completion_jsonl_and_bad_line(tmp_path):
+    from medmoe.errors import DataError
+    from medmoe.train.data import load_examples
+
+    good = tmp_path / "pc.jsonl"
+    good.write_text('{"prompt": "Q: 1+1\\nA:", "completion": " 2"}\n{"text": "free text"}\n')
+    examples = load_examples(str(good))
+    assert [(e.prompt, e.completion) for e in examples] == [("Q: 1+1\nA:", " 2"), ("", "free text")]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "x", "completion": "y"}\n{oops\n')
+    with pytest.raises(DataError, match="bad.jsonl:2"):
+        load_examples(str(bad))

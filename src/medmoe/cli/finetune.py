@@ -70,10 +70,10 @@ def finetune_command(
                      queue_size=queue_size, contrastive_tokens=contrastive_tokens or None, temperature=temperature),
     )
     rank_id, world = init_from_env()
-    examples = load_examples(data)
+    model, tokenizer = load_base(base)
+    examples = load_examples(data, tokenizer)
     if limit > 0:
         examples = examples[:limit]
-    model, tokenizer = load_base(base)
     if rank_id == 0:
         typer.echo(f"{method} fine-tuning of {base} on {len(examples)} examples from {data}; {world} process(es)")
     result = finetune(cfg, model, tokenizer, train_examples=examples, rank=rank_id, world=world)

@@ -1,8 +1,8 @@
 """Training examples for fine-tuning: load, format as (prompt, completion), tokenize, batch.
 
-`--data` accepts a bundled dataset name (its train split, through `medmoe.data.load_dataset`) or a
-JSONL file whose lines are either {"prompt", "completion"}, {"text"}, or record fields
-{"question", "answer", optional "options", "context", "explanation"}.
+`--data` accepts a bundled dataset name (its train split, through `medmoe.data.load_dataset`), a
+JSONL file whose lines are {"prompt", "completion"} or {"text"}, or any record file medmoe.data reads.
+Records become the evaluation prompt plus the gold answer's continuation.
 The loss covers the completion tokens only (prompt labels are -100).
 
 Batches are a pure function of (seed, micro-batch index, rank, world size), so a resumed or a
@@ -29,7 +29,7 @@ class Example:
 
 
 def format_record(question: str, answer: str, options=None, context: str | None = None) -> Example:
-    """The prompt the model learns from: context, question, lettered options, then "Answer:"."""
+    """A plain prompt for raw question/answer pairs: context, question, lettered options, "Answer:"."""
     parts = []
     if context:
         parts.append(f"Context: {context.strip()}")
@@ -40,24 +40,33 @@ def format_record(question: str, answer: str, options=None, context: str | None 
     return Example("\n".join(parts), f" {answer.strip()}")
 
 
-def _example_from_record(record) -> Example:
-    return format_record(record.question, record.answer, record.options, record.context)
+def example_from_record(record, tokenizer) -> Example:
+    """The evaluation prompt (medmoe.eval.prompts) followed by the gold continuation, so training
+    teaches exactly what option scoring measures; open-ended records complete with the reference."""
+    from medmoe.eval.prompts import build_prompt
+
+    if not record.options:
+        return format_record(record.question, record.answer, None, record.context)
+    prompt = build_prompt(record, tokenizer)
+    if record.is_multi_answer:  # scored letter by letter; train on all gold letters
+        first = prompt.continuations[record.gold_indices[0]]
+        return Example(prompt.context, first[: len(first) - 1] + record.answer)
+    return Example(prompt.context, prompt.continuations[record.gold_indices[0]])
 
 
-def _example_from_json(obj: dict, path: Path, line: int) -> Example:
+def _example_from_json(obj: dict, path: Path, line: int) -> Example | None:
     if "prompt" in obj and "completion" in obj:
         return Example(str(obj["prompt"]), str(obj["completion"]))
     if "text" in obj:
         return Example("", str(obj["text"]))
-    if "question" in obj and "answer" in obj:
-        return format_record(str(obj["question"]), str(obj["answer"]), obj.get("options"), obj.get("context"))
-    raise DataError.single(path, "line needs 'prompt' + 'completion', 'text', or 'question' + 'answer'", line=line)
+    return None
 
 
-def load_examples(spec: str, split: str = "train") -> list[Example]:
-    """Examples from a JSONL file path or a bundled dataset name."""
+def load_examples(spec: str, tokenizer=None, split: str = "train") -> list[Example]:
+    """Examples from a bundled dataset name (its train split), a prompt/completion or text JSONL file,
+    or any record file medmoe.data reads (JSONL/JSON/CSV with question and answer fields)."""
     path = Path(spec)
-    if path.is_file():
+    if path.is_file() and path.suffix == ".jsonl":
         examples = []
         for i, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
             if not raw.strip():
@@ -66,15 +75,23 @@ def load_examples(spec: str, split: str = "train") -> list[Example]:
                 obj = json.loads(raw)
             except json.JSONDecodeError as exc:
                 raise DataError.single(path, f"not valid JSON ({exc.msg})", line=i) from exc
-            examples.append(_example_from_json(obj, path, i))
-        if not examples:
+            example = _example_from_json(obj, path, i)
+            if example is None:  # a record file: let medmoe.data read and validate it
+                examples = None
+                break
+            examples.append(example)
+        if examples:
+            return examples
+        if examples == []:
             raise DataError.single(path, "no examples in file")
-        return examples
-    try:
-        from medmoe.data import load_dataset
-    except ImportError as exc:
-        raise DataError.single(spec, "not a file, and dataset names need medmoe.data (not installed in this build)") from exc
-    return [_example_from_record(r) for r in load_dataset(spec, split=split)]
+    from medmoe.data import load_dataset
+
+    records = load_dataset(spec, split=split)
+    if not records:
+        raise DataError.single(spec, f"no records in split '{split}'")
+    if tokenizer is None:
+        return [format_record(r.question, r.answer, r.options, r.context) for r in records]
+    return [example_from_record(r, tokenizer) for r in records]
 
 
 def tokenize_examples(examples: list[Example], tokenizer, max_length: int) -> list[dict]:

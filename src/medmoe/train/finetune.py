@@ -145,7 +145,7 @@ def finetune(
     if train_examples is None:
         if data is None:
             raise MedmoeError("give --data (a bundled dataset name or a JSONL file)")
-        train_examples = load_examples(data)
+        train_examples = load_examples(data, tokenizer)
     train_examples, eval_examples = split_examples(train_examples, cfg.eval_examples, cfg.seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train_features = tokenize_examples(train_examples, tokenizer, cfg.max_length)
