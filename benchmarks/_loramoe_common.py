@@ -40,9 +40,10 @@ def alternate(fns: dict, repeats: int, warmup: int = 1) -> dict[str, list[float]
         for fn in fns.values():
             fn()
     times = {name: [] for name in fns}
-    for _ in range(repeats):
+    for round_ in range(repeats):
         for name, fn in fns.items():
             times[name].append(timed(fn))
+        print(f"  round {round_ + 1}/{repeats}: " + ", ".join(f"{n} {t[-1]:.3f}s" for n, t in times.items()), flush=True)
     return times
 
 
