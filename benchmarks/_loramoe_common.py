@@ -1,31 +1,11 @@
-"""Shared bits of the LoRA-MoE benchmarks: machine description, timing, report writing."""
+"""Timing helpers of the LoRA-MoE benchmarks (reports are written by benchmarks/common.py)."""
 
 from __future__ import annotations
 
-import datetime as _dt
-import json
-import os
-import platform
 import statistics
-import sys
 import time
-from pathlib import Path
 
-import torch
-
-REPORTS = Path(__file__).resolve().parent.parent / "reports"
-
-
-def machine() -> dict:
-    return {
-        "cpu": platform.processor() or platform.machine(),
-        "cores_visible": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "device": "cuda" if torch.cuda.is_available() else "cpu",
-        "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-    }
+from common import write_report  # noqa: F401  (re-exported: one report writer for all benchmarks)
 
 
 def timed(fn) -> float:
@@ -54,19 +34,3 @@ def ratio_summary(times: dict[str, list[float]], numerator: str, denominator: st
         "ratio_of_medians": statistics.median(times[numerator]) / statistics.median(times[denominator]),
         "median_round_ratio": statistics.median(per_round),
     }
-
-
-def write_report(name: str, title: str, markdown_body: str, data: dict) -> Path:
-    REPORTS.mkdir(exist_ok=True)
-    command = "python " + " ".join([str(Path(sys.argv[0]).as_posix())] + sys.argv[1:])
-    info = machine()
-    header = (
-        f"# {title}\n\n"
-        f"Command: `PYTHONPATH=src {command}`  \n"
-        f"Machine: {info['cpu']}, {info['cores_visible']} cores visible, {info['torch_threads']} torch threads, "
-        f"{info['device']}, torch {info['torch']}, Python {info['python']}  \n"
-        f"Date: {info['date_utc']}\n\n"
-    )
-    (REPORTS / f"{name}.md").write_text(header + markdown_body.rstrip() + "\n", encoding="utf-8")
-    (REPORTS / f"{name}.json").write_text(json.dumps({"command": command, "machine": info, **data}, indent=2) + "\n", encoding="utf-8")
-    return REPORTS / f"{name}.md"

@@ -73,3 +73,20 @@ def test_finetune_command_rejects_unknown_method(tmp_path, run_files):
     result = CliRunner().invoke(app, ["finetune", "--base", str(base), "--data", str(data), "--method", "qlora"])
     assert result.exit_code != 0
     assert "--method must be one of" in str(result.exception)
+
+
+def test_eval_adapter_command_scores_the_tuned_model(tmp_path, run_files):
+    base, data = run_files
+    out = tmp_path / "run"
+    train = ["finetune", "--base", str(base), "--data", str(data), "--output", str(out), "--steps", "2",
+             "--batch-size", "4", "--experts", "4", "--rank", "4", "--eval-examples", "0"]
+    assert CliRunner().invoke(app, train).exit_code == 0
+    records = tmp_path / "mc.jsonl"
+    records.write_text("\n".join(json.dumps({"id": f"q{i}", "question": f"{i} plus 1?", "options": ["1", "2", "3"], "answer": "B"})
+                                 for i in range(5)) + "\n")
+    result = CliRunner().invoke(app, ["eval-adapter", "--base", str(base), "--adapter", str(out / "adapter"),
+                                      "--dataset", str(records), "--output", str(tmp_path / "pred.jsonl")])
+    assert result.exit_code == 0, result.output
+    assert "accuracy" in result.output and "on 5 examples" in result.output
+    rows = [json.loads(line) for line in (tmp_path / "pred.jsonl").read_text().splitlines()]
+    assert len(rows) == 5 and all(r["prediction"] in "ABC" for r in rows)
