@@ -4,7 +4,7 @@ One LoRA-MoE layer of SmolLM2's width (576 -> 576, 8 experts, top-2, rank 8, d_q
 backward with its auxiliary losses on N tokens, in a fresh subprocess per point so that peak RSS
 (resource.getrusage) belongs to that point alone. Three modes:
   none      contrastive loss off (the layer's own cost: the baseline subtracted below)
-  queue     256 sub-sampled anchors per step against the batch anchors + a K=4096 memory queue
+  queue     the defaults: 128 sub-sampled anchors per step against the anchors + a K=1024 memory queue
   in_batch  every token is an anchor against every other token (no queue): memory grows as N^2
 
     PYTHONPATH=src python benchmarks/loramoe_queue_memory.py
@@ -29,7 +29,7 @@ from _loramoe_common import write_report  # noqa: E402
 
 MODES = {
     "none": dict(contrastive_weight=0.0),
-    "queue": dict(contrastive_tokens=256, queue_size=4096),
+    "queue": dict(),  # the defaults: contrastive_tokens=128, queue_size=1024
     "in_batch": dict(contrastive_tokens=None, queue_size=0),
 }
 
@@ -98,7 +98,7 @@ def main() -> None:
             f"| {tokens} | {none['peak_growth_mib']:.1f} | {queue['peak_growth_mib'] - none['peak_growth_mib']:.1f} | "
             f"{inb['peak_growth_mib'] - none['peak_growth_mib']:.1f} | {none['step_s']:.4f} | {queue['step_s']:.4f} | {inb['step_s']:.4f} |"
         )
-    lines.append("\nQueue mode: the anchor-candidate similarity matrix is 256 x (256 + 4096 + 8) whatever the batch; "
+    lines.append("\nQueue mode: the anchor-candidate similarity matrix is 128 x (128 + 1024 + 8) whatever the batch; "
                  "in-batch: N x (N + 8), so memory and time grow with N^2.")
     path = write_report("loramoe_queue_memory", "Contrastive loss memory: expert memory queue vs in-batch", "\n".join(lines), {"rows": rows})
     print("\n".join(lines))

@@ -136,3 +136,12 @@ def test_queue_size_zero_uses_in_batch_negatives_only():
     layer = _trained_layer(queue_size=0)
     layer(torch.randn(2, 6, 8))
     assert layer.queue is None and "contrastive" in layer.aux_losses
+
+
+def test_contrastive_gradients_are_finite_despite_the_masked_diagonal():
+    torch.manual_seed(1)
+    q = nn.functional.normalize(torch.randn(6, 4), dim=-1).requires_grad_(True)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    keys = nn.functional.normalize(torch.randn(3, 4), dim=-1)
+    prototype_contrastive_loss(q, labels, keys, None, None, 0.1).backward()
+    assert torch.isfinite(q.grad).all() and q.grad.abs().sum() > 0

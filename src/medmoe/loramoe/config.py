@@ -50,10 +50,10 @@ class LoraMoeConfig:
     temperature: float = 0.1
     contrastive_kind: str = "prototype"
     contrastive_weight: float = 0.1
-    contrastive_tokens: int | None = 256
+    contrastive_tokens: int | None = 128
     balance_weight: float = 0.01
     z_loss_weight: float = 0.001
-    queue_size: int = 4096
+    queue_size: int = 1024
     compute: str = "dense"
     seed: int | None = None
     extra: dict = field(default_factory=dict)

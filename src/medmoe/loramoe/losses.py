@@ -49,13 +49,12 @@ def supervised_contrastive_loss(
     sim = anchors @ candidates.t() / temperature  # (n, m)
     n = anchors.shape[0]
     positives = anchor_labels[:, None] == candidate_labels[None, :]  # (n, m)
-    if anchors_in_candidates:
-        self_mask = torch.zeros_like(positives)
-        self_mask[:, :n] = torch.eye(n, dtype=torch.bool, device=anchors.device)
-        sim = sim.masked_fill(self_mask, float("-inf"))
-        positives = positives & ~self_mask
+    if anchors_in_candidates:  # exclude each anchor's similarity to itself (the diagonal of the first n columns)
+        diag = torch.arange(n, device=anchors.device)
+        sim = sim.index_put((diag, diag), torch.tensor(float("-inf"), dtype=sim.dtype, device=sim.device))
+        positives = positives.index_put((diag, diag), torch.tensor(False, device=sim.device))
     log_prob = sim - sim.logsumexp(dim=-1, keepdim=True)  # (n, m)
-    log_prob = log_prob.masked_fill(~positives, 0.0)  # also clears the -inf diagonal
+    log_prob = torch.where(positives, log_prob, torch.zeros((), dtype=sim.dtype, device=sim.device))  # also clears -inf
     n_pos = positives.sum(dim=-1)  # (n,)
     has_pos = n_pos > 0
     if not bool(has_pos.any()):
