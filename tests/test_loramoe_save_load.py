@@ -81,3 +81,9 @@ def test_seq2seq_generation_with_kv_cache():
     with torch.no_grad():
         assert torch.equal(wrapped.generate(input_ids=inputs, use_cache=True, **kw),
                            wrapped.generate(input_ids=inputs, use_cache=False, **kw))
+
+
+def test_save_pretrained_saves_the_adapter_only(tmp_path):
+    wrapped, _ = _trained_adapter("llama", steps=0)
+    wrapped.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loramoe_adapter.safetensors", "loramoe_config.json"]

@@ -83,6 +83,11 @@ class LoraMoeModel(nn.Module):
     def trainable_parameter_count(self) -> int:
         return sum(p.numel() for p in self.adapter_state_dict().values())
 
+    def print_trainable_parameters(self) -> None:
+        total = sum(p.numel() for p in self.model.parameters())
+        trainable = self.trainable_parameter_count()
+        print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
+
     # --- forward ----------------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
         mask = kwargs.get("attention_mask")
@@ -156,6 +161,8 @@ class LoraMoeModel(nn.Module):
         save_file(tensors, str(tmp), metadata=meta)
         tmp.replace(directory / WEIGHTS_NAME)
         return directory
+
+    save_pretrained = save_adapter  # as PEFT models do: saving a tuned model saves its adapter
 
     def load_adapter_weights(self, directory: str | Path) -> None:
         from safetensors.torch import load_file
