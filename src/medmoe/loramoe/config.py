@@ -46,7 +46,7 @@ class LoraMoeConfig:
     dropout: float = 0.0
     target_modules: str | list[str] = "all-linear"
     router_kind: str = "prototype"
-    router_dim: int = 64
+    router_dim: int = 16
     temperature: float = 0.1
     contrastive_kind: str = "prototype"
     contrastive_weight: float = 0.1
