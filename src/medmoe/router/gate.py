@@ -100,12 +100,12 @@ class TokenGate(nn.Module):
             u = torch.rand(output.logit.shape, generator=generator).clamp(1e-6, 1 - 1e-6)
             noise = torch.log(u) - torch.log1p(-u)                               # Logistic(0, 1) = G1 - G2
             soft = torch.sigmoid((output.logit + noise) / temperature)
-            hard = (soft > 0.5).to(soft.dtype)
-            return hard + soft - soft.detach()
+            return _StraightThrough.apply(soft)
         raise MedmoeError(f"gate: unknown decision mode {mode!r}; choose one of {DECISION_MODES}")
 
     def explain(self, features: GateFeatures, tau: float | None = None, top_tokens: int = 5) -> list[dict]:
-        """Why each query went where it went: p_M, decision, its highest-scoring tokens, and the
+        """Why each query went where it went: p_M, decision, its highest-scoring tokens (position among the
+        query's real tokens, score), every token score, and the
         features' attributions to the logit z (gradient x input; token features are standardised,
         so each attribution is relative to an average training token)."""
         tau = self.config.tau if tau is None else tau
@@ -120,20 +120,34 @@ class TokenGate(nn.Module):
         global_attr = global_.grad * global_                                                   # (B, G)
         names = list(TOKEN_FEATURES) + list(GLOBAL_FEATURES)
         attributions = torch.cat([token_attr, global_attr], dim=-1).detach()
+        p_mamba, scores_all = out.p_mamba.detach(), out.token_scores.detach()
+        real_position = features.mask.long().cumsum(1) - 1                                     # (B, T)
         reports = []
         for b in range(features.token.shape[0]):
-            scores = out.token_scores[b].detach().masked_fill(~features.mask[b], float("-inf"))
+            scores = scores_all[b].masked_fill(~features.mask[b], float("-inf"))
             k = min(top_tokens, int(features.mask[b].sum()))
             top = scores.topk(k)
             order = attributions[b].abs().argsort(descending=True)
-            p = float(out.p_mamba[b])
+            p = float(p_mamba[b])
             reports.append({
                 "p_mamba": p, "expert": "mamba" if p > tau else "transformer", "tau": tau,
                 "top_features": [(names[i], float(attributions[b, i])) for i in order.tolist()],
-                "top_tokens": [(int(i), float(s)) for s, i in zip(top.values.tolist(), top.indices.tolist())],
-                "token_scores": out.token_scores[b][features.mask[b]].detach().tolist(),
+                "top_tokens": [(int(real_position[b, i]), float(s)) for s, i in zip(top.values.tolist(), top.indices.tolist())],
+                "token_scores": scores_all[b][features.mask[b]].tolist(),
             })
         return reports
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward: exactly 1[y > 1/2] (no rounding residue); backward: the gradient of y (identity)."""
+
+    @staticmethod
+    def forward(ctx, soft: torch.Tensor) -> torch.Tensor:
+        return (soft > 0.5).to(soft.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad
 
 
 def parameter_count(gate: nn.Module) -> int:

@@ -100,7 +100,7 @@ def train_gate(features: GateFeatures, table: ExpertResults, costs: np.ndarray, 
             optimizer.step()
             weight = len(idx) / N
             for name, value in {"total": total, **terms}.items():
-                sums[name] = sums.get(name, 0.0) + weight * float(value)
+                sums[name] = sums.get(name, 0.0) + weight * float(value.detach())
             with torch.no_grad():
                 expected_cost += float(((1 - p_m) * cost[idx, 0] + p_m * cost[idx, 1]).sum()) / N
                 hard_share += float((out.p_mamba > 0.5).float().sum()) / N
