@@ -19,7 +19,8 @@ from medmoe.errors import ModelError
 from medmoe.router.features import FeatureConfig, GateFeaturizer
 from medmoe.router.gate import GateConfig, TokenGate
 from medmoe.router.latency import LatencyModel
-from medmoe.router.results import atomic_write_bytes, atomic_write_text
+from medmoe.paths import atomic_write_bytes
+from medmoe.router.results import atomic_write_text
 
 FORMAT_VERSION = 1
 

@@ -18,6 +18,7 @@ spacings each), so the match is exact up to hash collisions (~1e-9 per word pair
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterable, Sequence
@@ -105,6 +106,12 @@ def segment_words(ids: torch.Tensor, mask: torch.Tensor, vocab: VocabInfo):
     return word_id, position - start_pos, alnum
 
 
+@functools.lru_cache(maxsize=8)
+def _hash_powers(base: int, modulus: int, count: int) -> torch.Tensor:
+    """(count,) int64: base^k mod modulus for k = 0 .. count - 1."""
+    return torch.tensor([pow(base, k, modulus) for k in range(count)], dtype=torch.long)
+
+
 def word_keys(ids: torch.Tensor, mask: torch.Tensor, word_id: torch.Tensor, piece: torch.Tensor,
               max_pieces: int) -> torch.Tensor:
     """(B, T) int64: the hash key of each token's word (same for all tokens of a word)."""
@@ -112,7 +119,7 @@ def word_keys(ids: torch.Tensor, mask: torch.Tensor, word_id: torch.Tensor, piec
     piece = piece.clamp(max=max_pieces - 1)
     keys = []
     for base, modulus in HASH_BASES:
-        powers = torch.tensor([pow(base, k, modulus) for k in range(max_pieces)], dtype=torch.long, device=ids.device)
+        powers = _hash_powers(base, modulus, max_pieces).to(ids.device)
         term = ((ids.long() + 1) * powers[piece]) % modulus * mask          # (B, T)
         per_word = torch.zeros(B, T, dtype=torch.long, device=ids.device).scatter_add_(1, word_id, term) % modulus
         keys.append(per_word.gather(1, word_id))                             # (B, T)
@@ -224,7 +231,8 @@ class GateFeaturizer:
         fragmentation = 1.0 - 1.0 / pieces.clamp_min(1.0)                        # (B, T)
         if len(self.lexicon_keys):
             keys = word_keys(ids, mask, word_id, piece, self.config.max_word_pieces)
-            domain = (torch.isin(keys, self.lexicon_keys) & alnum).float()       # (B, T)
+            slot = torch.searchsorted(self.lexicon_keys, keys).clamp(max=len(self.lexicon_keys) - 1)
+            domain = ((self.lexicon_keys[slot] == keys) & alnum).float()         # (B, T): key in sorted table
         else:
             domain = torch.zeros(B, T, device=ids.device)
 
@@ -260,3 +268,17 @@ def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torc
         ids[i, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
         mask[i, : len(s)] = True
     return ids, mask
+
+
+def featurizer_for_tokenizer(tokenizer, embedding_weight: torch.Tensor, corpus_texts: Iterable[str],
+                             lexicon_words: Iterable[str] = (), config: FeatureConfig | None = None) -> GateFeaturizer:
+    """Build the featurizer for a Hugging Face tokenizer: its vocabulary flags, the expert's input embedding
+    table (e.g. `model.get_input_embeddings().weight`), unigram counts of the training texts and the lexicon."""
+    def encode(texts: list[str]) -> list[list[int]]:
+        return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+
+    vocab = VocabInfo.from_tokenizer(tokenizer)
+    V = len(vocab.alnum)
+    if embedding_weight.shape[0] < V:
+        raise MedmoeError(f"featurizer: embedding table has {embedding_weight.shape[0]} rows for a vocabulary of {V}")
+    return GateFeaturizer.build(embedding_weight[:V], vocab, encode(list(corpus_texts)), config, lexicon_words, encode)

@@ -27,7 +27,8 @@ from medmoe.errors import MedmoeError
 from medmoe.router.baselines import Router
 from medmoe.router.calibrate import candidate_thresholds
 from medmoe.router.metrics import evaluate
-from medmoe.router.results import ExpertResults, atomic_write_bytes, atomic_write_text
+from medmoe.paths import atomic_write_bytes
+from medmoe.router.results import ExpertResults, atomic_write_text
 
 
 @dataclass

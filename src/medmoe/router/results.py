@@ -13,8 +13,6 @@ Conventions used across `medmoe.router`:
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -22,6 +20,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from medmoe.errors import DataError, MedmoeError
+from medmoe.paths import atomic_write_bytes
 
 EXPERTS: tuple[str, str] = ("transformer", "mamba")
 FIELDS = ("loss", "correct", "pred", "label_probs", "latency_ms")
@@ -177,19 +176,5 @@ class ExpertResults:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write text to a temporary file in the same folder, then rename it over `path`."""
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write UTF-8 text atomically (medmoe.paths.atomic_write_bytes)."""
+    atomic_write_bytes(Path(path), text.encode("utf-8"))
