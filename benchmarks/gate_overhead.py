@@ -62,7 +62,7 @@ def main() -> None:
     from medmoe.data import load_dataset
     from medmoe.models import load_causal_lm, load_tokenizer
     from medmoe.router.features import FeatureConfig, featurizer_for_tokenizer, pad_batch
-    from medmoe.router.gate import TokenGate, parameter_count
+    from medmoe.router.gate import TokenGate, parameter_count, torch_threads
     from medmoe.router.lexicon import build_lexicon
 
     def text(r):
@@ -98,13 +98,9 @@ def main() -> None:
         with torch.no_grad():
             gate(featurizer(ids, mask)).p_mamba.item()
 
-    def run_gate_one_thread():
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
+    def run_gate_one_thread():                        # what RouterCheckpoint.route does
+        with torch_threads(1):
             run_gate()
-        finally:
-            torch.set_num_threads(threads)
 
     def run_features_only():
         featurizer(ids, mask)

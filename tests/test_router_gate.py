@@ -7,7 +7,7 @@ import torch
 from medmoe.errors import MedmoeError
 from medmoe.router.checkpoint import RouterCheckpoint
 from medmoe.router.features import FeatureConfig, GateFeatures, GateFeaturizer, VocabInfo
-from medmoe.router.gate import GateConfig, TokenGate, parameter_count
+from medmoe.router.gate import GateConfig, TokenGate, parameter_count, torch_threads
 from medmoe.router.latency import LatencyModel
 
 
@@ -88,3 +88,16 @@ def test_checkpoint_round_trip(tmp_path):
     assert torch.equal(d2, p2 > 0.37)
     assert again.tau == 0.37 and again.latency_models["mamba"].b == 0.2 and again.info["loss_config"]["beta"] == 2.0
     assert not list((tmp_path / "router").glob("*.tmp"))
+    reports = again.explain(ids)
+    assert [r["expert"] == "mamba" for r in reports] == d2.tolist()
+
+
+def test_torch_threads_restores_the_setting():
+    before = torch.get_num_threads()
+    with torch_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError):
+        with torch_threads(1):
+            raise RuntimeError("boom")
+    assert torch.get_num_threads() == before

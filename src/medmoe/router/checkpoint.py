@@ -17,7 +17,7 @@ from safetensors.torch import save as save_tensors
 
 from medmoe.errors import ModelError
 from medmoe.router.features import FeatureConfig, GateFeaturizer
-from medmoe.router.gate import GateConfig, TokenGate
+from medmoe.router.gate import GateConfig, TokenGate, torch_threads
 from medmoe.router.latency import LatencyModel
 from medmoe.paths import atomic_write_bytes
 from medmoe.router.results import atomic_write_text
@@ -71,7 +71,14 @@ class RouterCheckpoint:
                    {k: v for k, v in meta.items() if k not in known})
 
     @torch.no_grad()
-    def route(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Hard inference: (p_M (B,), decisions (B,) bool, True = E_M) for a padded batch of token ids."""
-        out = self.gate(self.featurizer(ids, mask))
+    def route(self, ids: torch.Tensor, mask: torch.Tensor | None = None,
+              threads: int | None = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hard inference: (p_M (B,), decisions (B,) bool, True = E_M) for a padded batch of token ids.
+        threads: torch intra-op threads for the gate (1 by default; None keeps the current setting)."""
+        with torch_threads(threads or torch.get_num_threads()):
+            out = self.gate(self.featurizer(ids, mask))
         return out.p_mamba, out.p_mamba > self.tau
+
+    def explain(self, ids: torch.Tensor, mask: torch.Tensor | None = None, top_tokens: int = 5) -> list[dict]:
+        """Per query: p_M, the expert chosen at tau, token scores, top tokens and feature attributions."""
+        return self.gate.explain(self.featurizer(ids, mask), tau=self.tau, top_tokens=top_tokens)

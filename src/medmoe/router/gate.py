@@ -13,7 +13,9 @@ hard in the forward pass with the gradient of its relaxed sigmoid((z + g) / temp
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from typing import Iterator
 
 import torch
 import torch.nn as nn
@@ -148,6 +150,23 @@ class _StraightThrough(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         return grad
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run a block with n torch intra-op threads, then restore the previous count.
+
+    Routing one query runs in 1 thread: its tensors are tiny, and on a busy machine a 2-thread pool
+    waits on a descheduled thread (measured: reports/gate_overhead.md, ~1.4 ms vs ~100 ms)."""
+    previous = torch.get_num_threads()
+    if previous == n:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def parameter_count(gate: nn.Module) -> int:
