@@ -23,7 +23,7 @@ def tiny_model(tmp_path_factory):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    texts = [query_text(r) for r in load_dataset("pubmedqa", "train")[:200]]
+    texts = [query_text(r) for r in load_dataset("pubmedqa", "train")[:100]]
     tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=800, special_tokens=["<eos>"],
                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
@@ -48,7 +48,7 @@ def synthetic_results(split, tokenizer, n, seed):
 def test_train_calibrate_pareto_profile(tiny_model, tmp_path):
     folder, tokenizer = tiny_model
     paths = {}
-    for split, n in (("train", 80), ("dev", 40), ("test", 40)):
+    for split, n in (("train", 40), ("dev", 30), ("test", 30)):
         paths[split] = tmp_path / f"{split}.jsonl"
         synthetic_results(split, tokenizer, n, seed=len(split)).save_jsonl(paths[split])
     runner = CliRunner()
@@ -62,7 +62,7 @@ def test_train_calibrate_pareto_profile(tiny_model, tmp_path):
     budget = float(np.median(ExpertResults.load_jsonl(paths["dev"]).transformer.latency_ms)) * 0.8
     ckpt_dir = tmp_path / "router"
     result = runner.invoke(app, ["router", "train", "--train-results", str(paths["train"]), "--dev-results",
-                                 str(paths["dev"]), "--model", str(folder), "--out", str(ckpt_dir), "--epochs", "5",
+                                 str(paths["dev"]), "--model", str(folder), "--out", str(ckpt_dir), "--epochs", "5", "--max-length", "256",
                                  "--latency-budget", str(budget)])
     assert result.exit_code == 0, result.output
     ckpt = RouterCheckpoint.load(ckpt_dir)
@@ -70,12 +70,12 @@ def test_train_calibrate_pareto_profile(tiny_model, tmp_path):
     assert (ckpt_dir / "lexicon.json").is_file() and len(json.loads((ckpt_dir / "history.json").read_text())) == 5
 
     result = runner.invoke(app, ["calibrate", "--router", str(ckpt_dir), "--dev-results", str(paths["dev"]),
-                                 "--latency-budget", str(budget * 1.2)])
+                                 "--latency-budget", str(budget * 1.2), "--max-length", "256"])
     assert result.exit_code == 0, result.output
     assert RouterCheckpoint.load(ckpt_dir).info["calibration"]["budget_ms"] == pytest.approx(budget * 1.2)
 
     result = runner.invoke(app, ["pareto", "--router", str(ckpt_dir), "--results", str(paths["test"]),
-                                 "--dev-results", str(paths["dev"]), "--out", str(tmp_path / "pareto")])
+                                 "--dev-results", str(paths["dev"]), "--out", str(tmp_path / "pareto"), "--max-length", "256"])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "pareto" / "pareto.json").read_text())
     names = [p["name"] for p in report["baselines"]]
