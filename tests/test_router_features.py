@@ -12,7 +12,7 @@ from medmoe.errors import MedmoeError
 from medmoe.router.features import FeatureConfig, GateFeaturizer, VocabInfo, pad_batch, principal_components
 from medmoe.router.lexicon import Lexicon, build_lexicon
 
-PIECES = ["<pad>", "<|im_start|>", "Ġthe", "Ġheart", "ĠHeart", "heart", "Ġcardi", "cardi", "omy", "opathy", "Ġ(", "(",
+PIECES = ["<pad>", "<|im_start|>", "'s", "Ġthe", "Ġheart", "ĠHeart", "heart", "Ġcardi", "cardi", "omy", "opathy", "Ġ(", "(",
           ")", ".", ",", "Ġpatient", "s", "Ġwith", "Ġfever", "Ġacute", "Ġgingiv", "itis", "Ġtooth", "Ġ"]
 VOCAB = PIECES + list(string.ascii_letters) + ["Ġ" + c for c in string.ascii_letters]
 INDEX = {p: i for i, p in enumerate(VOCAB)}
@@ -37,7 +37,7 @@ def encode(texts):
 
 
 LEXICON = {"heart", "cardiomyopathy", "gingivitis", "fever"}
-SENTENCES = ["the heart (cardiomyopathy).", " Heart with fever", "patients with acute gingivitis, the tooth",
+SENTENCES = ["the heart's (cardiomyopathy).", " Heart with fever", "patients with acute gingivitis, the tooth",
              "heart", "<|im_start|> the patient (x) abc"]
 CONFIG = FeatureConfig(window=2, l_ref=8, embed_dim=8)
 
@@ -61,7 +61,7 @@ def reference(featurizer, ids, corpus):
     counts = np.bincount(np.concatenate([np.array(c) for c in corpus]), minlength=len(VOCAB))
     total = counts.sum() + len(VOCAB)
     tokens = [VOCAB[i] for i in ids]
-    alnum = [any(ch.isalnum() for ch in t.lstrip("Ġ")) and i not in (0, 1) for t, i in zip(tokens, ids)]
+    alnum = [bool(t.lstrip("Ġ")) and t.lstrip("Ġ").isalnum() and i not in (0, 1) for t, i in zip(tokens, ids)]
     words, current = [], []
     for t in range(n):
         start = t == 0 or tokens[t].startswith("Ġ") or not alnum[t] or not alnum[t - 1]
@@ -99,7 +99,7 @@ def test_features_match_python_reference(sentence):
 
 def test_domain_flags_mark_the_medical_words():
     featurizer, _ = make_featurizer()
-    ids = encode_sentence("the heart (cardiomyopathy).")
+    ids = encode_sentence("the heart's (cardiomyopathy).")
     domain = featurizer(torch.tensor([ids])).token[0, :, 3].tolist()
     pieces = [VOCAB[i] for i in ids]
     flagged = [p for p, d in zip(pieces, domain) if d == 1.0]
@@ -169,3 +169,40 @@ def test_lexicon_from_records(tmp_path):
     lexicon.save(path)
     assert Lexicon.load(path).terms == lexicon.terms
     assert "Heart" in Lexicon.load(path)
+    many = records * 10                              # 30 records: "periodontitis" is in 2/3 of them
+    assert "periodontitis" not in build_lexicon(many).terms
+    assert "periodontitis" in build_lexicon(many, max_doc_share=1.0).terms
+
+
+@pytest.mark.real_model
+def test_domain_flags_on_smollm2_tokens_match_regex_words():
+    """With SmolLM2's byte-level BPE, a token is flagged exactly when it lies inside a regex word
+    [A-Za-z0-9]+ that is in the lexicon (lower-case or Capitalised)."""
+    import re
+
+    from medmoe.data import load_dataset
+    from medmoe.models import load_tokenizer
+    from medmoe.router.features import featurizer_for_tokenizer
+    from medmoe.router.queries import query_text
+
+    tokenizer = load_tokenizer("smollm2-135m")
+    records = load_dataset("pubmedqa", "dev")[:5] + load_dataset("dental", "dev")[:5]
+    lexicon = build_lexicon(load_dataset("pubmedqa", "train") + load_dataset("dental", "train"))
+    texts = [query_text(r) for r in records]
+    featurizer = featurizer_for_tokenizer(tokenizer, torch.randn(len(tokenizer), 8), texts, lexicon.terms,
+                                          FeatureConfig(embed_dim=8))
+    checked = 0
+    for text in texts:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        domain = featurizer(torch.tensor([enc["input_ids"]])).token[0, :, 3].tolist()
+        spans = [(m.start(), m.end(), m.group()) for m in re.finditer(r"[A-Za-z0-9]+", text)]
+        for (start, end), flag in zip(enc["offset_mapping"], domain):
+            piece = text[start:end].strip()
+            if not piece or not piece.isalnum():
+                assert flag == 0.0
+                continue
+            word = next(w for s, e, w in spans if s <= start + (len(text[start:end]) - len(text[start:end].lstrip())) < e)
+            expected = word.lower() in lexicon.terms and word in (word.lower(), word.capitalize())
+            assert flag == float(expected), (word, piece)
+            checked += 1
+    assert checked > 500

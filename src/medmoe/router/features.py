@@ -9,8 +9,9 @@ Glossary (docs/router.md, methods.md 1.2), for a batch of B queries padded to T 
   g_t  fragmentation  1 - 1/k_t, k_t = number of sub-word pieces of the word containing token t
   d_t  domain         1 if the token's word (case-insensitive) is in the medical lexicon
   l    length         min(n / L_ref, 1);   log_length = log n / log L_ref
-A *word* is a maximal run of alphanumeric tokens where no token but the first carries a word-start
-marker ("Ġ", "▁", space); every non-alphanumeric token is a word of its own.
+A *word* is a maximal run of alphanumeric tokens (every character after the marker alphanumeric) where
+no token but the first carries a word-start marker ("Ġ", "▁", space); every other token ("'s", "(",
+special tokens) is a word of its own.
 Words are matched against the lexicon by a two-modulus polynomial hash of their token ids, computed
 with scatter_add; lexicon words are hashed by the same code after tokenising them (four casings /
 spacings each), so the match is exact up to hash collisions (~1e-9 per word pair).
@@ -74,20 +75,28 @@ class VocabInfo:
     alnum: torch.Tensor
 
     @classmethod
-    def from_tokens(cls, tokens: Sequence[str], special_ids: Iterable[int] = ()) -> "VocabInfo":
-        starts = torch.tensor([t.startswith(WORD_START_MARKERS) for t in tokens], dtype=torch.bool)
-        alnum = torch.tensor([any(ch.isalnum() for ch in t.lstrip("".join(WORD_START_MARKERS))) for t in tokens],
-                             dtype=torch.bool)
+    def from_tokens(cls, tokens: Sequence[str], special_ids: Iterable[int] = (),
+                    texts: Sequence[str] | None = None) -> "VocabInfo":
+        """Flags from token strings; `texts` (each token decoded on its own) decide alphanumeric-ness when
+        given, since byte-level BPE spells non-ASCII bytes as letters ("Âł" is a no-break space)."""
+        starts = [t.startswith(WORD_START_MARKERS) for t in tokens]
+        if texts is None:
+            bodies = [t.lstrip("".join(WORD_START_MARKERS)) for t in tokens]
+        else:
+            starts = [s or x[:1].isspace() for s, x in zip(starts, texts)]
+            bodies = [x.strip() for x in texts]
+        alnum = torch.tensor([bool(b) and b.isalnum() for b in bodies], dtype=torch.bool)
         special = [i for i in special_ids if 0 <= i < len(tokens)]
         alnum[special] = False
-        return cls(starts, alnum)
+        return cls(torch.tensor(starts, dtype=torch.bool), alnum)
 
     @classmethod
     def from_tokenizer(cls, tokenizer) -> "VocabInfo":
         """From a Hugging Face tokenizer (special tokens count as non-alphanumeric)."""
-        vocab_size = len(tokenizer)
-        tokens = tokenizer.convert_ids_to_tokens(list(range(vocab_size)))
-        return cls.from_tokens([t or "" for t in tokens], tokenizer.all_special_ids)
+        ids = list(range(len(tokenizer)))
+        tokens = [t or "" for t in tokenizer.convert_ids_to_tokens(ids)]
+        texts = tokenizer.batch_decode([[i] for i in ids])
+        return cls.from_tokens(tokens, tokenizer.all_special_ids, texts)
 
 
 def segment_words(ids: torch.Tensor, mask: torch.Tensor, vocab: VocabInfo):

@@ -4,10 +4,14 @@ Rule (documented in docs/router.md):
 1. MeSH: every word of every MeSH heading attached to a training record (PubMedQA:
    `record.metadata["meshes"]`), lower-cased and split on non-alphanumerics, except MeSH
    *check tags* (Humans, Male, Female, Adult, Aged, ...: demographic headings on nearly every
-   abstract, not medical content), stop words, numbers and words shorter than `min_len` letters.
+   abstract, not medical content), words of study-design and statistics headings
+   (`GENERIC_MESH_WORDS`: Retrospective Studies, Treatment Outcome, Odds Ratio, ...), stop words,
+   numbers and words shorter than `min_len` letters.
 2. Clinical / dental terms: every word of a training record's text (question, context, options,
    explanation) that contains a medical word-forming morpheme (`MEDICAL_MORPHEMES`: -itis,
    -ectomy, odont-, gingiv-, cardi-, ...), appearing in at least `min_records` records.
+3. Words in more than `max_doc_share` of all training records are dropped ("patients"): a flag that
+   is on for every query tells the gate nothing (only with >= 20 records, where a share means something).
 Words are lower-case runs of [a-z0-9]; the featuriser matches words case-insensitively.
 """
 
@@ -36,6 +40,16 @@ STOP_WORDS = frozenset(
     "without within other others not no than then there these those which who whom whose what when where "
     "how all any both each few more most some such only own same so very can will just should now type "
     "use used using based related factors studies study".split()
+)
+MIN_RECORDS_FOR_DOC_SHARE = 20
+# Words of MeSH headings about study design, statistics and demographics rather than medicine.
+GENERIC_MESH_WORDS = frozenset(
+    "studies study factors factor outcome outcomes ratio analysis models model index rate rates results "
+    "questionnaires surveys assessment value tests reproducibility sensitivity specificity prognosis prevalence "
+    "incidence time follow cohort cross sectional retrospective prospective case control logistic multivariate "
+    "regression data collection length stay united states odds risk age sex young severity illness predictive "
+    "survival statistics topic evaluation quality care attitude health personnel practice patterns reference values "
+    "program programs linear retrospective proportional hazards kaplan meier estimate chi square distribution".split()
 )
 # Word-forming morphemes of medical and dental vocabulary (prefixes, roots and suffixes).
 MEDICAL_MORPHEMES = (
@@ -109,7 +123,7 @@ class Lexicon:
             raise MedmoeError(f"{path}: not a medmoe lexicon ({exc})") from exc
 
 
-def build_lexicon(records: Iterable[Record], min_len: int = 3, min_records: int = 2,
+def build_lexicon(records: Iterable[Record], min_len: int = 3, min_records: int = 2, max_doc_share: float = 0.15,
                   morphemes: tuple[str, ...] = MEDICAL_MORPHEMES) -> Lexicon:
     """Build the lexicon from training records (never pass test records). See the module rule."""
     mesh_words: set[str] = set()
@@ -122,15 +136,20 @@ def build_lexicon(records: Iterable[Record], min_len: int = 3, min_records: int 
         for heading in headings:
             if heading.strip().lower() in MESH_CHECK_TAGS:
                 continue
-            mesh_words.update(w for w in words(heading) if _keep(w, min_len) and w not in MESH_CHECK_TAGS)
+            mesh_words.update(w for w in words(heading)
+                              if _keep(w, min_len) and w not in MESH_CHECK_TAGS and w not in GENERIC_MESH_WORDS)
         doc_freq.update(set(words(record_text(record))))
     morpheme_words = {
         w for w, count in doc_freq.items()
         if count >= min_records and _keep(w, max(min_len, 4)) and any(m in w for m in morphemes)
     }
-    terms = frozenset(mesh_words | morpheme_words)
-    rule = (f"MeSH heading words (no check tags, stop words, numbers, len < {min_len}) + training-text words "
-            f"with a medical morpheme in >= {min_records} records (len >= {max(min_len, 4)})")
+    too_common = ({w for w, count in doc_freq.items() if count > max_doc_share * n_records}
+                  if n_records >= MIN_RECORDS_FOR_DOC_SHARE else set())
+    terms = frozenset((mesh_words | morpheme_words) - too_common)
+    rule = (f"MeSH heading words (no check tags, study-design words, stop words, numbers, len < {min_len}) + "
+            f"training-text words with a medical morpheme in >= {min_records} records (len >= {max(min_len, 4)}); "
+            f"minus words in > {max_doc_share:.0%} of training records")
     sources = {"records": n_records, "records_with_mesh": n_with_mesh, "mesh_words": len(mesh_words),
-               "morpheme_words": len(morpheme_words), "terms": len(terms)}
+               "morpheme_words": len(morpheme_words), "too_common": len(too_common & (mesh_words | morpheme_words)),
+               "terms": len(terms)}
     return Lexicon(terms, rule, sources)
