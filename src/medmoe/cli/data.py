@@ -1,0 +1,82 @@
+"""`medmoe data ...`: list, show, stats and validate medical QA datasets."""
+
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+data_app = typer.Typer(help="Bundled medical QA datasets and your own files: list, show, stats, validate.", no_args_is_help=True)
+
+
+@data_app.command("list")
+def list_datasets() -> None:
+    """List the bundled datasets with their splits, language and licence."""
+    from medmoe.data import DATASETS, load_splits
+
+    table = Table("name", "language", "task", "splits (records)", "licence", "description")
+    for name, (info, _) in DATASETS.items():
+        splits = ", ".join(f"{k} {len(v)}" for k, v in load_splits(name).items())
+        table.add_row(name, info.language, info.task, splits, info.license, info.description)
+    console.print(table)
+
+
+@data_app.command()
+def show(
+    name: str = typer.Argument(..., help="Bundled dataset name (see `medmoe data list`) or a file path."),
+    split: str = typer.Option("test", help="Split to show."),
+    n: int = typer.Option(3, "-n", help="How many records."),
+    id: Optional[str] = typer.Option(None, "--id", help="Show the record with this id."),
+) -> None:
+    """Print records as JSON, to see exactly what a model is given."""
+    from medmoe.data import load_dataset
+    from medmoe.errors import DataError
+
+    records = load_dataset(name, split)
+    if id is not None:
+        records = [r for r in records if r.id == id]
+        if not records:
+            raise DataError.single(name, f"no record with id '{id}' in split '{split}'")
+    for record in records[:n]:
+        console.print_json(json.dumps(record.to_dict(), ensure_ascii=False))
+
+
+@data_app.command()
+def stats(name: str = typer.Argument(..., help="Bundled dataset name or a file path.")) -> None:
+    """Records per split, option and answer distributions, lengths (words for English, characters for Chinese)."""
+    from medmoe.data import DATASETS, load_dataset, load_splits
+    from medmoe.data.stats import split_stats
+
+    splits = load_splits(name) if name in DATASETS else {"file": load_dataset(name)}
+    table = Table("split", "statistic", "value", title=f"{name}")
+    for split, records in splits.items():
+        for key, value in split_stats(records).items():
+            table.add_row(split, key, str(value))
+    console.print(table)
+
+
+@data_app.command()
+def validate(
+    path: str = typer.Argument(..., help="A JSONL, JSON or CSV file (or a CMMLU folder)."),
+    format: str = typer.Option("auto", "--format", help="auto, generic, pubmedqa, medmcqa, cmexam, cmmlu, cmb-clin, cmb-exam."),
+    map: Optional[str] = typer.Option(None, "--map", help="Generic format field mapping, e.g. 'question=Q,answer=label,options=opa|opb|opc|opd'."),
+) -> None:
+    """List every problem in a file at once (file, line or record, and what is wrong). Exit 1 if any."""
+    from medmoe.data import parse_mapping
+    from medmoe.data.validate import validate as validate_file
+
+    count, problems = validate_file(path, format, parse_mapping(map))
+    for problem in problems:
+        console.print(f"[red]{problem}[/]", highlight=False, soft_wrap=True)
+    if problems:
+        console.print(f"{len(problems)} problem(s) in {path}")
+        raise typer.Exit(1)
+    console.print(f"[green]ok[/]: {count} valid records in {path}")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(data_app, name="data")

