@@ -51,3 +51,20 @@ def test_pipeline_runs_end_to_end_and_reports_every_baseline(tiny_experts, tmp_p
     again = run_pipeline(cfg, log=lambda _: None)
     assert np.isclose(again["summary"][0]["accuracy"], report["summary"][0]["accuracy"])
     assert (folder / "test" / "transformer.jsonl").read_text().splitlines() == lines
+
+
+def test_routed_answerer_follows_the_gate(tiny_experts, tmp_path):
+    from medmoe.data import load_dataset
+    from medmoe.router.answerer import RoutedAnswerer
+
+    transformer, mamba = tiny_experts
+    cfg = PipelineConfig(dataset="dental", transformer=transformer, mamba=mamba, big=None,
+                         train_limit=16, dev_limit=8, test_limit=8, betas=(1.0,), epochs=2, out=str(tmp_path / "run"))
+    run_pipeline(cfg, log=lambda _: None)
+    answerer = RoutedAnswerer.load(tmp_path / "run" / "dental" / "router")
+    for record in load_dataset("dental", "test")[:4]:
+        answer = answerer.answer(record)
+        assert answer.answer in record.letters
+        assert answer.expert == ("mamba" if answer.gate_probability > answerer.checkpoint.tau else "transformer")
+        assert sum(answer.label_scores.values()) == pytest.approx(1.0)
+        assert set(answer.latency_ms) == {"gate", "expert", "total"} and answer.top_features
