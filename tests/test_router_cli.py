@@ -1,4 +1,4 @@
-"""`medmoe router train`, `calibrate`, `pareto`, `profile` end to end on a tiny tokenizer and model
+"""`medmoe profile`, `medmoe router train`, `router calibrate`, `router pareto` end to end on a tiny tokenizer and model
 (trained / built in-process, saved to a temp dir) and synthetic expert results on PubMedQA ids."""
 
 import json
@@ -53,28 +53,30 @@ def test_train_calibrate_pareto_profile(tiny_model, tmp_path):
         synthetic_results(split, tokenizer, n, seed=len(split)).save_jsonl(paths[split])
     runner = CliRunner()
 
-    result = runner.invoke(app, ["profile", "--model", str(folder), "--expert", "transformer", "--lengths", "8,16,32",
-                                 "--repeats", "2", "--out", str(tmp_path / "lat.json")])
+    result = runner.invoke(app, ["profile", str(folder), "--lengths", "8,16,32", "--repeats", "2",
+                                 "--output", str(tmp_path / "lat.json")])
     assert result.exit_code == 0, result.output
-    lat = json.loads((tmp_path / "lat.json").read_text())["transformer"]
+    lat = json.loads((tmp_path / "lat.json").read_text())
     assert min(lat["a"], lat["b"], lat["c"]) >= 0 and lat["lengths"] == [8, 16, 32]
 
     budget = float(np.median(ExpertResults.load_jsonl(paths["dev"]).transformer.latency_ms)) * 0.8
     ckpt_dir = tmp_path / "router"
     result = runner.invoke(app, ["router", "train", "--train-results", str(paths["train"]), "--dev-results",
                                  str(paths["dev"]), "--model", str(folder), "--out", str(ckpt_dir), "--epochs", "5", "--max-length", "256",
+                                 "--transformer-latency", str(tmp_path / "lat.json"), "--mamba-latency", str(tmp_path / "lat.json"),
                                  "--latency-budget", str(budget)])
     assert result.exit_code == 0, result.output
     ckpt = RouterCheckpoint.load(ckpt_dir)
     assert ckpt.info["calibration"]["metrics"]["p50_ms"] <= budget
+    assert ckpt.latency_models["mamba"].lengths == (8, 16, 32)
     assert (ckpt_dir / "lexicon.json").is_file() and len(json.loads((ckpt_dir / "history.json").read_text())) == 5
 
-    result = runner.invoke(app, ["calibrate", "--router", str(ckpt_dir), "--dev-results", str(paths["dev"]),
+    result = runner.invoke(app, ["router", "calibrate", "--router", str(ckpt_dir), "--dev-results", str(paths["dev"]),
                                  "--latency-budget", str(budget * 1.2), "--max-length", "256"])
     assert result.exit_code == 0, result.output
     assert RouterCheckpoint.load(ckpt_dir).info["calibration"]["budget_ms"] == pytest.approx(budget * 1.2)
 
-    result = runner.invoke(app, ["pareto", "--router", str(ckpt_dir), "--results", str(paths["test"]),
+    result = runner.invoke(app, ["router", "pareto", "--router", str(ckpt_dir), "--results", str(paths["test"]),
                                  "--dev-results", str(paths["dev"]), "--out", str(tmp_path / "pareto"), "--max-length", "256"])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "pareto" / "pareto.json").read_text())

@@ -1,7 +1,9 @@
-"""`medmoe router ...`, `medmoe profile`, `medmoe calibrate`, `medmoe pareto`: the MambaFormer gate.
+"""`medmoe router lexicon | train | calibrate | pareto`: the MambaFormer gate on your own result files.
 
-All of them read per-example expert results (`ExpertResults` JSONL, one example per line, produced by
-the routed pipeline) and the dataset split the ids come from; none runs the experts except `profile`.
+`medmoe run` does the whole job on the bundled experts (medmoe.router.pipeline); these commands do its
+router steps on any per-example expert results (`ExpertResults` JSONL, one example per line) whose
+ids come from a bundled dataset split, without running the experts. `medmoe profile` (cli/mambaformer)
+writes the latency model that `router train --latency-models` reads.
 """
 
 from __future__ import annotations
@@ -26,13 +28,14 @@ def _features(featurizer, tokenizer, table, dataset: str, split: str, max_length
     return batched_features(featurizer, encode_queries(tokenizer, records, max_length))
 
 
-def _latency_models(path: Optional[Path]):
-    if path is None:
+def _latency_models(transformer: Optional[Path], mamba: Optional[Path]):
+    if transformer is None and mamba is None:
         return None
+    if transformer is None or mamba is None:
+        raise typer.BadParameter("give both --transformer-latency and --mamba-latency, or neither")
     from medmoe.router.latency import LatencyModel
 
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
-    return {name: LatencyModel.from_dict(d) for name, d in data.items()}
+    return {"transformer": LatencyModel.load(transformer), "mamba": LatencyModel.load(mamba)}
 
 
 @router_app.command("lexicon")
@@ -57,7 +60,8 @@ def train_router(
     dataset: str = typer.Option("pubmedqa", help="Bundled dataset the result ids come from."),
     model: str = typer.Option("smollm2-135m", help="The Transformer expert: its tokenizer and embedding table feed the gate."),
     out: Path = typer.Option(Path("runs/router"), help="Checkpoint folder."),
-    latency_models: Optional[Path] = typer.Option(None, help="JSON {expert: latency model} from `medmoe profile` [default: measured latencies]."),
+    transformer_latency: Optional[Path] = typer.Option(None, help="E_T's latency model (`medmoe profile ... --output`); with --mamba-latency the costs C_e(n) [default: measured latencies]."),
+    mamba_latency: Optional[Path] = typer.Option(None, help="E_M's latency model (`medmoe profile ... --output`)."),
     lexicon_path: Optional[Path] = typer.Option(None, "--lexicon", help="Lexicon JSON [default: build from the dataset's train split]."),
     latency_budget: Optional[float] = typer.Option(None, help="Latency budget in ms: dual ascent on lambda_cost and calibration of tau."),
     statistic: str = typer.Option("p50", help="Latency statistic for the budget: p50, mean or p95."),
@@ -100,7 +104,7 @@ def train_router(
     loss_config = LossConfig(cost=lambda_cost, util=lambda_util, bal=lambda_bal, ent=lambda_ent, reg=lambda_reg,
                              beta=beta, balance=balance, target_mix=target_mix)
     train_config = TrainConfig(epochs=epochs, mode=mode, seed=seed, latency_budget_ms=latency_budget)
-    models = _latency_models(latency_models)
+    models = _latency_models(transformer_latency, mamba_latency)
     with console.status("training the gate..."):
         fitted = fit_gate(train_table, train_f, dev_table, dev_f, loss_config, train_config, models,
                           latency_budget, statistic)
@@ -114,6 +118,7 @@ def train_router(
     console.print(f"checkpoint: {out}")
 
 
+@router_app.command("calibrate")
 def calibrate(
     router: Path = typer.Option(..., help="Router checkpoint folder (from `medmoe router train`)."),
     dev_results: Path = typer.Option(..., help="ExpertResults JSONL of the dev split."),
@@ -141,6 +146,7 @@ def calibrate(
     _print_metrics(f"calibrated tau = {cal.tau:.4f} for {statistic} <= {latency_budget:g} ms", cal.metrics.to_dict())
 
 
+@router_app.command("pareto")
 def pareto(
     router: List[Path] = typer.Option(..., help="Router checkpoint folder(s); one per beta for the beta sweep."),
     results: Path = typer.Option(..., help="ExpertResults JSONL of the evaluation split."),
@@ -175,41 +181,6 @@ def pareto(
     console.print(f"written: {', '.join(str(p) for p in paths.values())}")
 
 
-def profile(
-    model: str = typer.Option(..., help="Expert to time: bundled name, hub id or local path."),
-    expert: str = typer.Option(..., help="Which expert this is: transformer or mamba."),
-    out: Path = typer.Option(Path("latency.json"), help="JSON {expert: latency model}; other experts' entries are kept."),
-    lengths: str = typer.Option("64,128,256,512,1024", help="Comma-separated input lengths in tokens."),
-    repeats: int = typer.Option(5), threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
-) -> None:
-    """Time an expert's forward pass over a length grid on this machine and fit C(n) = a n^2 + b n + c."""
-    import torch
-
-    from medmoe.models import load_causal_lm
-    from medmoe.router.latency import profile as profile_fn
-    from medmoe.router.results import EXPERTS, atomic_write_text
-
-    if expert not in EXPERTS:
-        raise typer.BadParameter(f"expert must be one of {EXPERTS}")
-    if threads:
-        torch.set_num_threads(threads)
-    grid = [int(x) for x in lengths.split(",") if x.strip()]
-    lm, tokenizer = load_causal_lm(model)
-    generator = torch.Generator().manual_seed(0)
-
-    def forward(n: int) -> None:
-        ids = torch.randint(0, len(tokenizer), (1, n), generator=generator)
-        with torch.no_grad():
-            lm(input_ids=ids)
-
-    with console.status(f"timing {model} at {grid} tokens..."):
-        fitted = profile_fn(forward, grid, repeats=repeats, expert=expert)
-    data = json.loads(out.read_text(encoding="utf-8")) if out.is_file() else {}
-    data[expert] = {**fitted.to_dict(), "extra": {"model": model}}
-    atomic_write_text(out, json.dumps(data, indent=2) + "\n")
-    console.print(f"C_{expert}(n) = {fitted.a:.3g} n^2 + {fitted.b:.3g} n + {fitted.c:.3g} ms  -> {out}")
-
-
 def _print_metrics(title: str, metrics: dict) -> None:
     table = Table("metric", "value", title=title)
     for key, value in metrics.items():
@@ -219,6 +190,3 @@ def _print_metrics(title: str, metrics: dict) -> None:
 
 def register(app: typer.Typer) -> None:
     app.add_typer(router_app, name="router")
-    app.command("calibrate")(calibrate)
-    app.command("pareto")(pareto)
-    app.command("profile")(profile)

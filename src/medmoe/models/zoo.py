@@ -98,8 +98,11 @@ def pull(name: str, force: bool = False) -> Path:
     target = cache_dir(spec.name)
     if (target / "config.json").exists() and not force:
         return target
-    with atomic_dir(target) as tmp:
-        _dequantize_to(spec, tmp)
+    try:
+        with atomic_dir(target) as tmp:
+            _dequantize_to(spec, tmp)
+    except (ImportError, ValueError, OSError) as exc:
+        raise ModelError(f"could not convert bundled model '{name}' to safetensors under {target}: {exc}") from exc
     return target
 
 

@@ -88,6 +88,8 @@ def mesh_headings(record: Record) -> list[str]:
 
 
 def record_text(record: Record) -> str:
+    """All text of a training record, explanation included (lexicon building only; the gate reads
+    `queries.query_text`, which leaves the explanation out)."""
     return " ".join([record.question, record.context or "", *record.options, record.explanation or ""])
 
 
