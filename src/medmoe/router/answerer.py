@@ -18,6 +18,7 @@ from medmoe.eval.runner import score_record
 from medmoe.experts import Expert, load_expert
 from medmoe.router.checkpoint import RouterCheckpoint
 from medmoe.router.features import pad_batch
+from medmoe.router.gate import torch_threads
 from medmoe.router.queries import query_text
 
 
@@ -45,8 +46,9 @@ class RoutedAnswerer:
             raise MedmoeError("the routed system answers option questions (yes/no/maybe or lettered options)")
         start = time.perf_counter()
         ids = self.tokenizer([query_text(record)], add_special_tokens=False)["input_ids"]
-        features = self.checkpoint.featurizer(*pad_batch(ids))
-        [why] = self.checkpoint.gate.explain(features, tau=self.checkpoint.tau, top_tokens=3)
+        with torch_threads(1):  # tiny tensors: one thread is faster than waking the pool (docs/router.md)
+            features = self.checkpoint.featurizer(*pad_batch(ids))
+            [why] = self.checkpoint.gate.explain(features, tau=self.checkpoint.tau, top_tokens=3)
         gate_ms = (time.perf_counter() - start) * 1000
         expert = self.experts[why["expert"]]
         row = score_record(expert.model, expert.tokenizer, record)
