@@ -49,9 +49,10 @@ def main() -> None:
     ap.add_argument("--n-test", type=int, default=500)
     ap.add_argument("--ppl-blocks", type=int, default=40)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=ROOT / "reports" / "mamba_distill")
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     from medmoe.data import load_dataset
     from medmoe.eval.metrics import accuracy, bootstrap_interval
     from medmoe.mamba.distill import latest_checkpoint, perplexity, tokenize_blocks
@@ -101,20 +102,22 @@ def main() -> None:
                         "pred_counts": {o: pred.count(o) for o in ("yes", "no", "maybe")}})
         predictions += [{"model": name, **r} for r in rows]
         print(json.dumps(results[-1]), flush=True)
-    write(args, results, predictions, len(dev_blocks) * 256)
+        write(args, results, predictions, len(dev_blocks) * 256)  # after every model: a cut-short run still reports
 
 
 def write(args, results, predictions, ppl_tokens) -> None:
     meta = {"command": "PYTHONPATH=src python benchmarks/mamba_distill_eval.py " + " ".join(sys.argv[1:]),
             "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores, threads=2", "torch": torch.__version__}
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, threads={args.threads}",
+            "load_average": round(os.getloadavg()[0], 1), "torch": torch.__version__}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     with open(args.out.parent / (args.out.name + "_predictions.jsonl"), "w") as fh:
         for p in predictions:
             fh.write(json.dumps(p) + "\n")
     lines = ["# Distilled Mamba experts vs their teacher", "",
-             f"Command: `{meta['command']}`  ", f"Date: {meta['date_utc']}; machine: {meta['machine']}; torch {meta['torch']}.", "",
+             f"Command: `{meta['command']}`  ", f"Date: {meta['date_utc']}; machine: {meta['machine']}; torch {meta['torch']}; "
+             f"1-minute load average {meta['load_average']} (shared machine).", "",
              f"Held-out perplexity: PubMedQA dev contexts, {ppl_tokens:,} tokens in 256-token blocks (never trained on). "
              f"Zero-shot PubMedQA: first {results[0]['n_test']} questions of the official test split, yes/no/maybe scored "
              "by option log-likelihood after the chat template (medmoe.eval), 95% bootstrap interval. "
@@ -125,7 +128,8 @@ def write(args, results, predictions, ppl_tokens) -> None:
         if "layers" in r:
             n_att = len(r["attention_layers"])
             layers = f"{len(r['layers']) - n_att} / {n_att}"
-            dist = f"{r['steps']} steps, {r['tokens_seen']:,} tokens, {r['train_seconds'] / 60:.1f} min; KL {r['first_kl']:.2f} → {r['last_kl']:.2f}"
+            dist = (f"{r['steps']} steps, {r['tokens_seen']:,} tokens, {r['train_seconds'] / 60:.1f} min; "
+                    f"KL {r['first_kl']:.2f} → {r['last_kl']:.2f}") if r["steps"] else "none (transfer initialisation only)"
         else:
             layers, dist = "0 / 30 (Transformer)", "—"
         c = r["pred_counts"]

@@ -137,7 +137,7 @@ def main() -> None:
               for p, v in per_token.items()]
     print(json.dumps(decode), flush=True)
 
-    mem_len = max(args.lengths)
+    mem_len = max(args.lengths)  # peak memory at the longest prefill
     probe = subprocess.run([sys.executable, __file__, "--memory-probe", str(mem_len), "--threads", str(args.threads)],
                            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")}, check=True)
     memory = json.loads(probe.stdout.strip().splitlines()[-1])
@@ -179,6 +179,7 @@ def crossover(rows) -> int | None:
 
 
 def write_report(args, rows, decode, memory, kernel, shape, load_start) -> None:
+    rows = sorted(rows, key=lambda r: r["length"])  # lengths may be measured in any order (--lengths)
     by_len = {r["length"]: r for r in rows}
     d0, d1 = decode[0], decode[-1]
     summary = {
