@@ -35,6 +35,7 @@ import functools
 import logging
 
 import torch
+import torch.utils.checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -98,25 +99,36 @@ def _contract_C(hs: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
     return (hs.view(b, L, g, d // g, n) @ C[..., None]).view(b, L, d)
 
 
+def _scan_chunk(u, dt, A, B, C, h):
+    """One chunk: u, dt (b, L, d); B, C (b, L, g, n); h (b, d, n) -> y (b, L, d) without D, h_last."""
+    d = u.shape[2]
+    v = (dt * u)[..., None] * _expand_groups(B, d)                    # delta_s B_s u_s  (b, L, d, n)
+    S = dt.cumsum(1)[..., None] * A                                   # S_t = A sum delta  (b, L, d, n), <= 0
+    if float(S[:, -1].detach().min()) > -LOG_RANGE:                   # closed form is safe in fp32
+        hs = torch.exp(S) * (torch.cumsum(v * torch.exp(-S), dim=1) + h[:, None])
+    else:                                                             # strong decay: stable doubling
+        v = torch.cat([v[:, :1] + torch.exp(dt[:, :1, :, None] * A) * h[:, None], v[:, 1:]], dim=1)
+        hs = _chunk_doubling(torch.exp(dt[..., None] * A), v)
+    return _contract_C(hs, C), hs[:, -1]
+
+
 def selective_scan_chunked(u, delta, A, B, C, D=None, h0=None, chunk: int = 32):
-    """Differentiable chunked scan (see module docstring). Returns y (b, l, d), h_last (b, d, n)."""
+    """Differentiable chunked scan (see module docstring). Returns y (b, l, d), h_last (b, d, n).
+
+    Under autograd each chunk is recomputed in the backward pass (activation checkpointing), so
+    training memory is O(l d) for the inputs instead of O(l d n) for every chunk's states."""
     _check(u, delta, A, B, C)
     b, l, d = u.shape
-    n = A.shape[1]
-    h = u.new_zeros(b, d, n) if h0 is None else h0
+    h = u.new_zeros(b, d, A.shape[1]) if h0 is None else h0
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (u, delta, A, B, C, h0))
     ys = []
     for s in range(0, l, chunk):
-        dt = delta[:, s:s + chunk]                                    # (b, L, d)
-        Bc = _expand_groups(B[:, s:s + chunk], d)                    # (b, L, d, n) view
-        v = (dt * u[:, s:s + chunk])[..., None] * Bc                  # delta_s B_s u_s  (b, L, d, n)
-        S = dt.cumsum(1)[..., None] * A                               # S_t = A sum delta  (b, L, d, n), <= 0
-        if float(S[:, -1].detach().min()) > -LOG_RANGE:                      # closed form is safe in fp32
-            hs = torch.exp(S) * (torch.cumsum(v * torch.exp(-S), dim=1) + h[:, None])
-        else:                                                         # strong decay: stable doubling
-            v = torch.cat([v[:, :1] + torch.exp(dt[:, :1, :, None] * A) * h[:, None], v[:, 1:]], dim=1)
-            hs = _chunk_doubling(torch.exp(dt[..., None] * A), v)
-        h = hs[:, -1]
-        ys.append(_contract_C(hs, C[:, s:s + chunk]))
+        args = (u[:, s:s + chunk], delta[:, s:s + chunk], A, B[:, s:s + chunk], C[:, s:s + chunk], h)
+        if grad:
+            y_c, h = torch.utils.checkpoint.checkpoint(_scan_chunk, *args, use_reentrant=False)
+        else:
+            y_c, h = _scan_chunk(*args)
+        ys.append(y_c)
     y = torch.cat(ys, dim=1)
     if D is not None:
         y = y + u * D
