@@ -4,8 +4,9 @@ One worker thread owns the model (torch already uses every core inside one call,
 worker would only contend). Requests wait in one bounded FIFO queue:
 
   submit(record)       -> QueueFull (the server answers 503 + Retry-After) when the queue holds
-                          `max_queue` requests, or when the estimated wait (queue depth x seconds per
-                          answer, measured) already exceeds the request timeout;
+                          `max_queue` requests, or when the batches already queued ahead of it
+                          (ceil(depth / max_batch_size) x measured seconds per batch) would take
+                          longer than the request timeout;
                           otherwise the request is queued and its caller awaits its answer.
   worker               takes the oldest request's key, waits up to `max_wait_ms` (counted from that
                           request's arrival) for up to `max_batch_size` requests with the same key,
@@ -33,7 +34,7 @@ from typing import Any, Callable, Sequence
 from medmoe.answer import Answer
 from medmoe.data.record import Record
 
-SERVICE_TIME_SMOOTHING = 0.2  # weight of the newest batch in the running seconds-per-answer estimate
+SERVICE_TIME_SMOOTHING = 0.2  # weight of the newest batch in the running seconds-per-batch estimate
 
 
 class QueueFull(Exception):
@@ -103,7 +104,7 @@ class MicroBatcher:
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self.seconds_per_answer: float | None = None  # running estimate, for Retry-After
+        self.seconds_per_batch: float | None = None  # running estimate (EMA), for admission and Retry-After
         self.stats = BatcherStats()
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -131,9 +132,12 @@ class MicroBatcher:
         return len(self._queue)
 
     # -- caller side (event loop) ------------------------------------------------------------------
+    def estimated_wait_s(self) -> float:
+        """Seconds until the batches queued now are done (0 until a batch has been timed)."""
+        return math.ceil(len(self._queue) / self.max_batch_size) * (self.seconds_per_batch or 0.0)
+
     def retry_after(self) -> int:
-        per = self.seconds_per_answer or 1.0
-        return max(1, math.ceil(len(self._queue) * per / 2))  # half the queue drained: a fair next try
+        return max(1, math.ceil(self.estimated_wait_s() / 2))  # half the queue drained: a fair next try
 
     async def submit(self, record: Record, timeout_s: float) -> tuple[Answer, BatchInfo]:
         loop = asyncio.get_running_loop()
@@ -144,8 +148,8 @@ class MicroBatcher:
             if len(self._queue) >= self.max_queue:
                 self.stats.rejected += 1
                 raise QueueFull("queue full", self.retry_after())
-            if self.seconds_per_answer and (len(self._queue) + 1) * self.seconds_per_answer / self.max_batch_size > timeout_s:
-                self.stats.rejected += 1  # even fully batched, it would time out waiting: refuse now
+            if self.estimated_wait_s() > timeout_s:
+                self.stats.rejected += 1  # it would time out behind the batches already queued: refuse now
                 raise QueueFull("estimated wait exceeds the request timeout", self.retry_after())
             self._queue.append(job)
             self.stats.accepted += 1
@@ -211,9 +215,8 @@ class MicroBatcher:
                 job.loop.call_soon_threadsafe(self._fail, job, exc)
             return
         elapsed = time.perf_counter() - start
-        per = elapsed / len(batch)
-        self.seconds_per_answer = per if self.seconds_per_answer is None else (
-            SERVICE_TIME_SMOOTHING * per + (1 - SERVICE_TIME_SMOOTHING) * self.seconds_per_answer)
+        self.seconds_per_batch = elapsed if self.seconds_per_batch is None else (
+            SERVICE_TIME_SMOOTHING * elapsed + (1 - SERVICE_TIME_SMOOTHING) * self.seconds_per_batch)
         self.stats.batches += 1
         if self.on_batch:
             self.on_batch(len(batch), elapsed, start - batch[0].enqueued)
