@@ -131,6 +131,8 @@ def test_http_overload_gives_503_with_retry_after_then_recovers():
     stats = app.state.batcher.stats
     assert stats.accepted == stats.answered == codes.count(200) + 5 and stats.duplicates == 0
     assert f'medmoe_rejected_total{{reason="queue_full"}} {codes.count(503)}' in metrics
+    assert f'medmoe_batcher_requests{{outcome="answered"}} {stats.answered}' in metrics
+    assert 'medmoe_batcher_requests{outcome="duplicates"} 0' in metrics
 
 
 def test_http_timeout_is_504_and_answerer_failure_is_500_without_stopping_the_server():

@@ -13,6 +13,7 @@ import logging
 import re
 import time
 import uuid
+from dataclasses import asdict
 from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Any, AsyncIterator
@@ -58,7 +59,7 @@ def app_from_config(config: ServeConfig) -> FastAPI:
 def create_app(answerer: Any, config: ServeConfig | None = None) -> FastAPI:
     config = config or ServeConfig()
     batcher = MicroBatcher(answerer, config.max_batch_size, config.max_wait_ms, config.max_queue)
-    metrics = ServerMetrics(queue_depth=lambda: batcher.depth)
+    metrics = ServerMetrics(queue_depth=lambda: batcher.depth, batcher_counts=lambda: asdict(batcher.stats))
     batcher.on_batch = lambda size, seconds, wait: metrics.batch_size.observe(size)
     expert_name = getattr(answerer, "name", type(answerer).__name__)
     static = _load_static()

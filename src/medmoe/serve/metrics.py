@@ -105,7 +105,7 @@ class Histogram(_Metric):
 class ServerMetrics:
     """Every series the server exports. `queue_depth` is read from the batcher at render time."""
 
-    def __init__(self, queue_depth: Callable[[], int] = lambda: 0):
+    def __init__(self, queue_depth: Callable[[], int] = lambda: 0, batcher_counts: Callable[[], dict[str, int]] = dict):
         self.requests = Counter("medmoe_requests_total", "HTTP requests by endpoint and status code.", ("endpoint", "status"))
         self.latency = Histogram("medmoe_request_latency_seconds", "End-to-end latency of answered requests.", LATENCY_BUCKETS_S, ("endpoint",))
         self.queue_wait = Histogram("medmoe_queue_wait_seconds", "Time requests waited in the batching queue.", LATENCY_BUCKETS_S)
@@ -114,6 +114,9 @@ class ServerMetrics:
         self.rejected = Counter("medmoe_rejected_total", "Requests refused or abandoned, by reason.", ("reason",))
         self.expert_share = Gauge("medmoe_expert_share", "Share of answers given by each expert (0-1).", ("expert",), self._shares)
         self.queue = Gauge("medmoe_queue_depth", "Requests waiting for a micro-batch.", (), lambda: [((), queue_depth())])
+        self.batcher = Gauge(  # the exactly-once ledger: accepted == answered + timed_out + cancelled + failed
+            "medmoe_batcher_requests", "Batcher ledger since start, by outcome (duplicates must stay 0).", ("outcome",),
+            lambda: [((k,), v) for k, v in batcher_counts().items()])
 
     def _shares(self) -> list[tuple[tuple[str, ...], float]]:
         with self.expert_answers._lock:
@@ -122,7 +125,7 @@ class ServerMetrics:
         return [(k, v / total) for k, v in sorted(counts.items())] if total else []
 
     def render(self) -> str:
-        metrics = [self.requests, self.latency, self.queue_wait, self.batch_size, self.expert_answers, self.expert_share, self.queue, self.rejected]
+        metrics = [self.requests, self.latency, self.queue_wait, self.batch_size, self.expert_answers, self.expert_share, self.queue, self.rejected, self.batcher]
         lines: list[str] = []
         for metric in metrics:
             lines += metric.header() + metric.lines()
