@@ -4,9 +4,9 @@ One worker thread owns the model (torch already uses every core inside one call,
 worker would only contend). Requests wait in one bounded FIFO queue:
 
   submit(record)       -> QueueFull (the server answers 503 + Retry-After) when the queue holds
-                          `max_queue` requests, or when the batches already queued ahead of it
-                          (ceil(depth / max_batch_size) x measured seconds per batch) would take
-                          longer than the request timeout;
+                          `max_queue` requests, or when the batch running, the batches queued ahead
+                          of it and its own ((ceil((depth + 1) / max_batch_size) + 1) x measured
+                          seconds per batch) would take longer than the request timeout;
                           otherwise the request is queued and its caller awaits its answer.
   worker               takes the oldest request's key, waits up to `max_wait_ms` (counted from that
                           request's arrival) for up to `max_batch_size` requests with the same key,
@@ -133,11 +133,14 @@ class MicroBatcher:
 
     # -- caller side (event loop) ------------------------------------------------------------------
     def estimated_wait_s(self) -> float:
-        """Seconds until the batches queued now are done (0 until a batch has been timed)."""
-        return math.ceil(len(self._queue) / self.max_batch_size) * (self.seconds_per_batch or 0.0)
+        """Seconds until a request queued now is answered: the batch running, the batches ahead of
+        it and its own (0 while the queue is empty or no batch has been timed yet)."""
+        if not self._queue or self.seconds_per_batch is None:
+            return 0.0
+        return (math.ceil((len(self._queue) + 1) / self.max_batch_size) + 1) * self.seconds_per_batch
 
     def retry_after(self) -> int:
-        return max(1, math.ceil(self.estimated_wait_s() / 2))  # half the queue drained: a fair next try
+        return max(1, math.ceil(self.estimated_wait_s() / 2))  # about half the queue drained by then
 
     async def submit(self, record: Record, timeout_s: float) -> tuple[Answer, BatchInfo]:
         loop = asyncio.get_running_loop()
