@@ -224,3 +224,20 @@ def test_unknown_config_key_is_a_clear_error(tmp_path):
 def test_error_shape_is_json(client):
     r = client.post("/v1/answer", json={"question": " "})
     assert set(json.loads(r.text)["error"]) >= {"message", "type", "param", "code"}
+
+
+@pytest.mark.real_model
+def test_smollm2_batched_scores_match_score_options():
+    """On the real SmolLM2 (chat template, 49k vocabulary), one padded batch with the LM head at the
+    last positions only gives each question the probabilities score_options gives it alone."""
+    from medmoe.data import load_dataset
+    from medmoe.models import load_causal_lm
+    from medmoe.serve.answerers import CausalLMAnswerer
+
+    model, tokenizer = load_causal_lm("smollm2-135m")
+    answerer = CausalLMAnswerer(model, tokenizer, name="smollm2-135m")
+    records = load_dataset("dental", "test")[:6]
+    for record, answer in zip(records, answerer.answer_batch(records)):
+        prompt = build_prompt(record, tokenizer)
+        reference = score_options(model, tokenizer, prompt.context, prompt.continuations).probabilities()
+        assert list(answer.label_scores.values()) == pytest.approx(reference, abs=1e-4)

@@ -153,3 +153,24 @@ def test_http_timeout_is_504_and_answerer_failure_is_500_without_stopping_the_se
         ok = httpx.post(f"{base}/v1/answer", json={"question": "fine"})
         assert ok.status_code == 200 and ok.json()["answer"] == "echo:fine"
         assert httpx.get(f"{base}/healthz").json()["status"] == "ok"
+
+
+def test_refuses_when_the_queued_batches_would_outlast_the_timeout():
+    """With 1 s batches measured and 3 requests queued (batch size 2), a new request would wait for
+    the running batch, 2 batches ahead and its own: about 3 s > a 2 s timeout, so it is refused now."""
+    fake = FakeAnswerer(delay_s=1.0)
+    batcher = MicroBatcher(fake, max_batch_size=2, max_wait_ms=0, max_queue=100)
+
+    async def scenario():
+        batcher.seconds_per_batch = 1.0  # as if measured
+        queued = [asyncio.create_task(batcher.submit(record(i), 30)) for i in range(4)]
+        await asyncio.sleep(0.1)  # the worker took r0, r1; r2, r3 wait
+        assert batcher.estimated_wait_s() == pytest.approx(3.0)
+        with pytest.raises(QueueFull, match="estimated wait"):
+            await batcher.submit(record(9), 2.0)
+        late = await batcher.submit(record(10), 10.0)  # a patient request is still accepted
+        return await asyncio.gather(*queued), late
+
+    answers, late = run_batcher(batcher, scenario)
+    assert len(answers) == 4 and late[0].answer == "echo:question 10"
+    assert batcher.stats.rejected == 1 and batcher.stats.answered == 5
