@@ -2,13 +2,16 @@
 
 Splits (docs/data.md has the reasons):
   pubmedqa   test = the official 500 PMIDs; the other 500 -> dev 100 / train 400 (hashed_split)
-  medmcqa    dev = all 4,183 published dev rows (compare with the literature);
-             test = dev minus the Dental train/dev rows (what medmoe evaluates; disjoint from train)
+  medmcqa    validation = all 4,183 published dev rows (compare with the literature);
+             test = those minus the Dental train/dev rows (what medmoe evaluates; disjoint from train)
   dental     MedMCQA dev rows of subject Dental: test 500 / dev 100 / train 718 (hashed_split)
   cmmlu      dev (5 per subject, few-shot exemplars) / test, all 67 subjects
   cmmlu-med  the same, nine medical subjects
   cmexam     the public validation file: test 1,500 / dev 300 / train the rest (hashed_split)
   cmb-clin   test = all 208 open-ended QA pairs of the 74 cases
+
+Decontamination: a train or dev record whose question text equals a question in any bundled test
+split (of any dataset: CMExam shares some questions with CMMLU's test) is left out of train/dev.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from medmoe.data import formats
 from medmoe.data.generic import load_file
 from medmoe.data.readers import read_json
 from medmoe.data.record import Record
-from medmoe.data.splits import hashed_split
+from medmoe.data.splits import hashed_split, question_key
 from medmoe.errors import DataError
 
 CMMLU_MEDICAL = (
@@ -62,9 +65,9 @@ def _dental() -> dict[str, list[Record]]:
 
 def _medmcqa() -> dict[str, list[Record]]:
     records = formats.load_medmcqa(bundled_dir() / "medmcqa" / "dev.json")
-    dental = load_splits("dental")
+    dental = _raw_splits("dental")
     used = {r.id for r in dental["train"] + dental["dev"]}
-    return {"dev": records, "test": [r for r in records if r.id not in used]}
+    return {"validation": records, "test": [r for r in records if r.id not in used]}
 
 
 def _cmmlu(subjects: tuple[str, ...] | None) -> Callable[[], dict[str, list[Record]]]:
@@ -108,10 +111,25 @@ def dataset_info(name: str) -> DatasetInfo:
 
 
 @lru_cache(maxsize=None)
-def load_splits(name: str) -> dict[str, list[Record]]:
-    """Every split of a bundled dataset (cached per process; Records are immutable)."""
+def _raw_splits(name: str) -> dict[str, list[Record]]:
     dataset_info(name)
     return DATASETS[name][1]()
+
+
+@lru_cache(maxsize=1)
+def _all_test_questions() -> frozenset[str]:
+    return frozenset(question_key(r) for name in DATASETS for r in _raw_splits(name).get("test", []))
+
+
+@lru_cache(maxsize=None)
+def load_splits(name: str) -> dict[str, list[Record]]:
+    """Every split of a bundled dataset, decontaminated (cached per process; Records are immutable)."""
+    splits = dict(_raw_splits(name))
+    test_questions = _all_test_questions()
+    for split in ("train", "dev"):
+        if split in splits:
+            splits[split] = [r for r in splits[split] if question_key(r) not in test_questions]
+    return splits
 
 
 def load_dataset(name_or_path: str, split: str = "test", mapping: dict[str, str] | None = None) -> list[Record]:

@@ -98,8 +98,11 @@ def pull(name: str, force: bool = False) -> Path:
     target = cache_dir(spec.name)
     if (target / "config.json").exists() and not force:
         return target
-    with atomic_dir(target) as tmp:
-        _dequantize_to(spec, tmp)
+    try:
+        with atomic_dir(target) as tmp:
+            _dequantize_to(spec, tmp)
+    except (ImportError, ValueError, OSError) as exc:
+        raise ModelError(f"could not convert bundled model '{name}' to safetensors under {target}: {exc}") from exc
     return target
 
 
@@ -192,13 +195,15 @@ class ModelInfo:
 
 def info(name_or_path: str) -> ModelInfo:
     """What a model is, without loading its weights (bundled models are pulled first)."""
-    from transformers import AutoConfig, AutoModel
     import torch
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     source = resolve(name_or_path)
     config = _from_pretrained(AutoConfig, source, "config")
+    arch = (config.architectures or [""])[0]
+    auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM if "CausalLM" in arch else AutoModel
     with torch.device("meta"):
-        skeleton = AutoModel.from_config(config)
+        skeleton = auto.from_config(config)
     params = sum(p.numel() for p in skeleton.parameters())
     spec = BUNDLED.get(name_or_path)
     return ModelInfo(
