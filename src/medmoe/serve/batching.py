@@ -62,7 +62,7 @@ class BatchInfo:
     batch_ms: float
 
 
-@dataclass
+@dataclass(eq=False)  # identity: a job is only ever equal to itself (deque.remove, `in`)
 class _Job:
     record: Record
     key: str
