@@ -1,0 +1,163 @@
+"""LoRA-MoE speed on SmolLM2-135M: training step and inference forward, ratios in one run.
+
+Compared, alternately (A B C A B C ...) after a warm-up, median of --repeats:
+  1. layer level: the three expert-mixing kernels (dense / gather / per-expert loop), fwd + bwd;
+  2. training step (forward, backward, AdamW): PEFT LoRA (rank 16, all linear) vs LoRA-MoE
+     (8 experts, top-2, rank 8, full losses + queue) vs the same LoRA-MoE with a per-expert Python loop;
+  3. inference forward (no grad): base model vs LoRA-MoE.
+Targets (issue): MoE step <= 1.25x PEFT LoRA; >= 2x faster than the loop; inference <= 1.3x base.
+
+    PYTHONPATH=src python benchmarks/loramoe_speed.py --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _loramoe_common import alternate, ratio_summary, write_report  # noqa: E402
+
+from medmoe.loramoe import LoraMoeConfig, LoraMoeModel  # noqa: E402
+from medmoe.loramoe.layer import EXPERT_MIX  # noqa: E402
+from medmoe.loramoe.router import top_k_gates  # noqa: E402
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def layer_kernels(tokens: int, repeats: int) -> dict:
+    """Forward + backward of the expert mix alone, for SmolLM2's two input widths."""
+    results = {}
+    for d_in, d_out in [(576, 576), (1536, 576)]:
+        torch.manual_seed(0)
+        x = torch.randn(tokens, d_in)
+        a = torch.randn(8, 8, d_in, requires_grad=True)
+        b = torch.randn(8, d_out, 8, requires_grad=True)
+        _, gates, top_i = top_k_gates(torch.randn(tokens, 8), 2)
+
+        def run(kind):
+            def fn():
+                EXPERT_MIX[kind](x, a, b, top_i, gates).sum().backward()
+                a.grad = b.grad = None
+            return fn
+
+        times = alternate({k: run(k) for k in ("dense", "gather", "loop")}, repeats)
+        results[f"{d_in}x{d_out}"] = {k: statistics.median(v) for k, v in times.items()}
+    return results
+
+
+def build_variants(base, seed: int = 0):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS))
+    moe_cfg = dict(num_experts=8, top_k=2, rank=8, alpha=16, target_modules=TARGETS)
+    moe = LoraMoeModel(copy.deepcopy(base), LoraMoeConfig(**moe_cfg, compute="dense"))
+    loop = LoraMoeModel(copy.deepcopy(base), LoraMoeConfig(**moe_cfg, compute="loop"))
+    return {"peft_lora_r16": peft_model, "loramoe_e8k2r8": moe, "loramoe_python_loop": loop}
+
+
+def train_step_fn(model, batch):
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    model.train()
+
+    def step():
+        out = model(**batch)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step, sum(p.numel() for p in params)
+
+
+def forward_fn(model, batch):
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+
+    def fwd():
+        model.eval()
+        with torch.no_grad():
+            model(**inputs)
+    return fwd
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", default="smollm2-135m")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from medmoe.train.base_models import load_base
+
+    tokens = args.batch * args.seq
+    print(f"layer kernels at {tokens} tokens ...", flush=True)
+    kernels = layer_kernels(tokens, args.repeats)
+    print(kernels, flush=True)
+
+    base, _ = load_base(args.base)
+    base.eval()
+    for p in base.parameters():
+        p.requires_grad_(False)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, base.config.vocab_size, (args.batch, args.seq), generator=g)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+    variants = build_variants(base)
+    steps, trainable = {}, {}
+    for name, model in variants.items():
+        steps[name], trainable[name] = train_step_fn(model, batch)
+    print("training steps ...", flush=True)
+    train_times = alternate(steps, args.repeats)
+    del variants["loramoe_python_loop"], steps
+
+    print("inference forward ...", flush=True)
+    fwd_times = alternate({"base": forward_fn(base, batch), "loramoe_e8k2r8": forward_fn(variants["loramoe_e8k2r8"], batch)}, args.repeats)
+
+    vs_lora = ratio_summary(train_times, "loramoe_e8k2r8", "peft_lora_r16")
+    vs_loop = ratio_summary(train_times, "loramoe_python_loop", "loramoe_e8k2r8")
+    vs_base = ratio_summary(fwd_times, "loramoe_e8k2r8", "base")
+    checks = {
+        "train_step_vs_peft_lora (target <= 1.25)": vs_lora["ratio_of_medians"],
+        "python_loop_over_ours (target >= 2.0)": vs_loop["ratio_of_medians"],
+        "inference_vs_base (target <= 1.3)": vs_base["ratio_of_medians"],
+    }
+    met = {
+        "train_step_vs_peft_lora (target <= 1.25)": checks["train_step_vs_peft_lora (target <= 1.25)"] <= 1.25,
+        "python_loop_over_ours (target >= 2.0)": checks["python_loop_over_ours (target >= 2.0)"] >= 2.0,
+        "inference_vs_base (target <= 1.3)": checks["inference_vs_base (target <= 1.3)"] <= 1.3,
+    }
+
+    lines = [f"Base `{args.base}`, batch {args.batch} x {args.seq} tokens, {args.repeats} repeats, alternating, after one warm-up.\n"]
+    lines.append("## Targets\n\n| ratio | measured | target met |\n| --- | ---: | --- |")
+    lines += [f"| {k} | {v:.3f} | {'yes' if met[k] else 'NO'} |" for k, v in checks.items()]
+    lines.append("\n## Training step (forward + backward + AdamW), seconds\n")
+    lines.append("| variant | trainable params | median s | all repeats |\n| --- | ---: | ---: | --- |")
+    for name, t in train_times.items():
+        lines.append(f"| {name} | {trainable[name]:,} | {statistics.median(t):.3f} | {', '.join(f'{x:.2f}' for x in t)} |")
+    lines.append(f"\nMedian of per-round ratios: MoE / LoRA {vs_lora['median_round_ratio']:.3f}; loop / MoE {vs_loop['median_round_ratio']:.3f}.\n")
+    lines.append("## Inference forward (no grad), seconds\n\n| model | median s | all repeats |\n| --- | ---: | --- |")
+    for name, t in fwd_times.items():
+        lines.append(f"| {name} | {statistics.median(t):.3f} | {', '.join(f'{x:.2f}' for x in t)} |")
+    lines.append(f"\nMedian of per-round ratios: MoE / base {vs_base['median_round_ratio']:.3f}.\n")
+    lines.append(f"## Expert-mix kernels alone (fwd + bwd, {tokens} tokens, 8 experts, top-2, rank 8), median seconds\n")
+    lines.append("| d_in x d_out | dense | gather | loop |\n| --- | ---: | ---: | ---: |")
+    for shape, r in kernels.items():
+        lines.append(f"| {shape} | {r['dense']:.4f} | {r['gather']:.4f} | {r['loop']:.4f} |")
+    data = {"args": vars(args), "ratios": checks, "targets_met": met, "train_step_s": train_times,
+            "forward_s": fwd_times, "trainable_params": trainable, "kernels_median_s": kernels,
+            "round_ratios": {"moe_over_lora": vs_lora, "loop_over_moe": vs_loop, "moe_over_base": vs_base}}
+    path = write_report("loramoe_speed", "LoRA-MoE speed (SmolLM2-135M, CPU)", "\n".join(lines), data)
+    print("\n".join(lines))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,209 @@
+"""LoraMoeLinear: a frozen nn.Linear plus E LoRA experts held as stacked tensors.
+
+    y = W_0 x + b + (alpha / r) * sum_{i in TopK(g(x))} ghat_i(x) B_i A_i dropout(x)
+
+Glossary (docs/loramoe.md): N tokens (flattened), d_in / d_out widths, E experts, r rank, k top-k,
+A: (E, r, d_in), B: (E, d_out, r) initialised to zero, g router probabilities (N, E) in fp32,
+ghat gates renormalised over the top-k (N, k).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medmoe.loramoe.config import LoraMoeConfig
+from medmoe.loramoe.losses import (
+    expert_output_contrastive_loss,
+    prototype_contrastive_loss,
+    router_z_loss,
+    switch_balance_loss,
+)
+from medmoe.loramoe.queue import ExpertQueue
+from medmoe.loramoe.router import build_router, top_k_gates
+
+
+@dataclass
+class RoutingContext:
+    """State shared by all LoRA-MoE layers of one model, set by the wrapper around each forward.
+
+    token_mask: (batch * seq,) bool of real (non-padding) tokens, or None; used only when its size
+        matches a layer's token count (it does not for a seq2seq decoder, which then uses all tokens).
+    compute_aux: compute the auxiliary losses in this forward (training).
+    track_load: accumulate per-expert token counts (routing analytics).
+    """
+
+    token_mask: torch.Tensor | None = None
+    compute_aux: bool = False
+    track_load: bool = False
+
+
+def expert_mix_dense(x, a, b, top_i, gates):
+    """All experts' A in one matmul, gates scattered (zero for unselected), all B in one matmul.
+
+    x (N, d_in), a (E, r, d_in), b (E, d_out, r), top_i/gates (N, k) -> (N, d_out).
+    Costs the same as one LoRA of rank E*r; with small r this beats any gather on CPU.
+    """
+    num_experts, rank, d_in = a.shape
+    h = x @ a.reshape(num_experts * rank, d_in).t()  # (N, E*r)
+    dense_gates = torch.zeros(x.shape[0], num_experts, dtype=x.dtype, device=x.device)
+    dense_gates = dense_gates.scatter(1, top_i, gates.to(x.dtype))  # (N, E)
+    h = (h.view(-1, num_experts, rank) * dense_gates[:, :, None]).reshape(-1, num_experts * rank)
+    b_flat = b.permute(1, 0, 2).reshape(b.shape[1], num_experts * rank)  # (d_out, E*r)
+    return h @ b_flat.t()  # (N, d_out)
+
+
+def expert_mix_gather(x, a, b, top_i, gates):
+    """Gather the top-k experts' weights per token and contract: (N, k, r, d_in) in memory."""
+    h = torch.einsum("nd,nkrd->nkr", x, a[top_i])  # (N, k, r)
+    h = h * gates.to(x.dtype)[:, :, None]
+    return torch.einsum("nkr,nkor->no", h, b[top_i])  # (N, d_out)
+
+
+def expert_mix_loop(x, a, b, top_i, gates):
+    """Reference: a Python loop over experts, each on the tokens routed to it (as most LoRA-MoE code)."""
+    out = torch.zeros(x.shape[0], b.shape[1], dtype=x.dtype, device=x.device)
+    for e in range(a.shape[0]):
+        token_idx, slot = (top_i == e).nonzero(as_tuple=True)
+        if token_idx.numel() == 0:
+            continue
+        h = x[token_idx] @ a[e].t() @ b[e].t()  # (n_e, d_out)
+        out = out.index_add(0, token_idx, h * gates[token_idx, slot].to(x.dtype)[:, None])
+    return out
+
+
+EXPERT_MIX = {"dense": expert_mix_dense, "gather": expert_mix_gather, "loop": expert_mix_loop}
+
+
+class LoraMoeLinear(nn.Module):
+    """Drop-in replacement for an nn.Linear; the original module is kept (frozen) as `base_layer`."""
+
+    def __init__(self, base_layer: nn.Linear, config: LoraMoeConfig, context: RoutingContext | None = None):
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"LoraMoeLinear wraps nn.Linear, got {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        self.config = config
+        self.context = context if context is not None else RoutingContext()
+        d_in, d_out = base_layer.in_features, base_layer.out_features
+        e, r = config.num_experts, config.rank
+        weight = base_layer.weight
+        self.lora_A = nn.Parameter(torch.empty(e, r, d_in, dtype=weight.dtype, device=weight.device))  # A: (E, r, d_in)
+        self.lora_B = nn.Parameter(torch.zeros(e, d_out, r, dtype=weight.dtype, device=weight.device))  # B: (E, d_out, r)
+        self.router = build_router(config.router_kind, d_in, e, config.router_dim, config.temperature).to(weight.device)
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.queue = (
+            ExpertQueue(config.queue_size, config.router_dim).to(weight.device)
+            if config.queue_size > 0 and config.contrastive_kind == "prototype" and config.contrastive_weight > 0
+            else None
+        )
+        self.register_buffer("expert_load", torch.zeros(e, dtype=torch.long), persistent=False)
+        self.aux_losses: dict[str, torch.Tensor] = {}
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        """A as PEFT initialises LoRA A (Kaiming uniform, a=sqrt(5)) per expert; B = 0."""
+        for i in range(self.lora_A.shape[0]):
+            nn.init.kaiming_uniform_(self.lora_A.data[i], a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:  # some model code reads .weight (dtype checks)
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return f"experts={c.num_experts}, top_k={c.top_k}, rank={c.rank}, router={c.router_kind}, compute={c.compute}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        shape = x.shape
+        x_flat = x.reshape(-1, shape[-1])  # (N, d_in)
+        logits, q = self.router(x_flat)  # (N, E) fp32, (N, d_q) fp32 or None
+        probs, gates, top_i = top_k_gates(logits, self.config.top_k)
+        x_drop = self.dropout(x_flat).to(self.lora_A.dtype)
+        delta = EXPERT_MIX[self.config.compute](x_drop, self.lora_A, self.lora_B, top_i, gates)
+        y = y + (delta * self.config.scaling).to(y.dtype).view(*shape[:-1], -1)
+        self._after_routing(x_drop, logits, probs, gates, top_i, q)
+        return y
+
+    # --- routing statistics and auxiliary losses ------------------------------------------------
+    def _token_mask(self, n_tokens: int) -> torch.Tensor | None:
+        mask = self.context.token_mask
+        if mask is not None and mask.numel() == n_tokens:
+            return mask.to(torch.bool)
+        return None
+
+    def _after_routing(self, x, logits, probs, gates, top_i, q) -> None:
+        ctx = self.context
+        if not (ctx.compute_aux or ctx.track_load):
+            self.aux_losses = {}
+            return
+        mask = self._token_mask(logits.shape[0])
+        if mask is not None:
+            x, logits, probs, gates, top_i = x[mask], logits[mask], probs[mask], gates[mask], top_i[mask]
+            q = q[mask] if q is not None else None
+        if ctx.track_load:
+            with torch.no_grad():
+                self.expert_load += torch.bincount(top_i.reshape(-1), minlength=self.config.num_experts).to(self.expert_load.device)
+        self.aux_losses = self._aux_losses(x, logits, probs, gates, top_i, q) if ctx.compute_aux and logits.shape[0] > 0 else {}
+
+    def _aux_losses(self, x, logits, probs, gates, top_i, q) -> dict[str, torch.Tensor]:
+        c = self.config
+        losses: dict[str, torch.Tensor] = {}
+        if c.balance_weight > 0:
+            losses["balance"] = switch_balance_loss(probs, top_i)
+        if c.z_loss_weight > 0:
+            losses["z"] = router_z_loss(logits)
+        if c.contrastive_weight > 0 and c.contrastive_kind != "none":
+            sample = self._sample_tokens(logits.shape[0])
+            if c.contrastive_kind == "prototype":
+                losses["contrastive"] = self._prototype_loss(q[sample], top_i[sample, 0])
+            else:
+                losses["contrastive"] = self._expert_output_loss(x[sample], gates[sample], top_i[sample])
+        return losses
+
+    def _sample_tokens(self, n_tokens: int) -> torch.Tensor:
+        """Indices of the contrastive anchors: a random subset of contrastive_tokens, or all tokens."""
+        limit = self.config.contrastive_tokens
+        if limit is None or n_tokens <= limit:
+            return torch.arange(n_tokens, device=self.lora_A.device)
+        return torch.randperm(n_tokens, device=self.lora_A.device)[:limit]
+
+    def _prototype_loss(self, q: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        labels = labels.detach()
+        queue_q, queue_labels = self.queue.entries() if self.queue is not None else (None, None)
+        loss = prototype_contrastive_loss(q, labels, self.router.normalized_keys(), queue_q, queue_labels, self.config.temperature)
+        if self.queue is not None:
+            self.queue.push(q.detach(), labels)  # after use: this batch's entries are not their own negatives
+        return loss
+
+    def _expert_output_loss(self, x: torch.Tensor, gates: torch.Tensor, top_i: torch.Tensor) -> torch.Tensor:
+        e, r, d_in = self.lora_A.shape
+        h = (x @ self.lora_A.reshape(e * r, d_in).t()).view(-1, e, r)  # (n, E, r)
+        outputs = torch.einsum("ner,eor->neo", h, self.lora_B)  # (n, E, d_out): every expert's B_i A_i x
+        dense_gates = torch.zeros(x.shape[0], e, dtype=torch.float32, device=x.device).scatter(1, top_i, gates)
+        return expert_output_contrastive_loss(outputs, dense_gates, self.config.temperature)
+
+    def adapter_state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        """The trained weights of this layer (experts and router), not the frozen base or the queue."""
+        state = {f"{prefix}lora_A": self.lora_A, f"{prefix}lora_B": self.lora_B}
+        for name, param in self.router.named_parameters():
+            state[f"{prefix}router.{name}"] = param
+        return state

@@ -1,0 +1,107 @@
+"""Auxiliary losses of the LoRA-MoE tuner (equations in docs/loramoe.md, "Losses").
+
+Glossary: N tokens, E experts, k top-k, g router probabilities (N, E), ghat renormalised gates,
+q router embeddings (normalised), y expert labels (top-1 expert of each anchor token), T temperature.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def switch_balance_loss(probs: torch.Tensor, top_i: torch.Tensor) -> torch.Tensor:
+    """Switch-Transformer load balance: L_bal = E * sum_i f_i P_i.
+
+    f_i = share of the N*k (token, slot) assignments that go to expert i (not differentiable),
+    P_i = mean router probability of expert i. Equals 1 when routing is uniform.
+    probs: (N, E) fp32; top_i: (N, k) long.
+    """
+    n_tokens, num_experts = probs.shape
+    counts = torch.zeros(num_experts, dtype=probs.dtype, device=probs.device)
+    counts.scatter_add_(0, top_i.reshape(-1), torch.ones(top_i.numel(), dtype=probs.dtype, device=probs.device))
+    f = counts / top_i.numel()  # (E,)
+    p_mean = probs.mean(dim=0)  # (E,)
+    return num_experts * (f * p_mean).sum()
+
+
+def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """ST-MoE router z-loss: L_z = mean_t (logsumexp_i logits_{t,i})^2. logits: (N, E) fp32."""
+    return logits.logsumexp(dim=-1).square().mean()
+
+
+def supervised_contrastive_loss(
+    anchors: torch.Tensor,
+    anchor_labels: torch.Tensor,
+    candidates: torch.Tensor,
+    candidate_labels: torch.Tensor,
+    temperature: float,
+    anchors_in_candidates: bool = True,
+) -> torch.Tensor:
+    """Supervised InfoNCE (SupCon, Khosla et al. 2020) of anchors against candidates.
+
+    L = mean_a  -1/|P(a)| sum_{p in P(a)} log( exp(q_a . k_p / T) / sum_{j != a} exp(q_a . k_j / T) )
+    with P(a) the candidates sharing a's label, excluding a itself.
+    anchors: (n, d) normalised; candidates: (m, d) normalised; when anchors_in_candidates, the
+    first n candidates are the anchors themselves and the diagonal is excluded.
+    Anchors without any positive are skipped; returns 0 if none has one.
+    """
+    sim = anchors @ candidates.t() / temperature  # (n, m)
+    n = anchors.shape[0]
+    positives = anchor_labels[:, None] == candidate_labels[None, :]  # (n, m)
+    if anchors_in_candidates:  # exclude each anchor's similarity to itself (the diagonal of the first n columns)
+        diag = torch.arange(n, device=anchors.device)
+        sim = sim.index_put((diag, diag), torch.tensor(float("-inf"), dtype=sim.dtype, device=sim.device))
+        positives = positives.index_put((diag, diag), torch.tensor(False, device=sim.device))
+    log_prob = sim - sim.logsumexp(dim=-1, keepdim=True)  # (n, m)
+    log_prob = torch.where(positives, log_prob, torch.zeros((), dtype=sim.dtype, device=sim.device))  # also clears -inf
+    n_pos = positives.sum(dim=-1)  # (n,)
+    has_pos = n_pos > 0
+    if not bool(has_pos.any()):
+        return anchors.sum() * 0.0
+    per_anchor = -log_prob.sum(dim=-1)[has_pos] / n_pos[has_pos]
+    return per_anchor.mean()
+
+
+def prototype_contrastive_loss(
+    q: torch.Tensor,
+    labels: torch.Tensor,
+    keys: torch.Tensor,
+    queue_q: torch.Tensor | None,
+    queue_labels: torch.Tensor | None,
+    temperature: float,
+) -> torch.Tensor:
+    """Contrastive routing supervision for the prototype router.
+
+    Anchors: sub-sampled router embeddings q (n, d_q) labelled with their top-1 expert y (n,).
+    Candidates: the other anchors (with gradient), the queue's detached entries, and the E
+    normalised expert keys c_i (labels 0..E-1), so every anchor has its own key as a positive.
+    """
+    num_experts = keys.shape[0]
+    expert_ids = torch.arange(num_experts, device=q.device)
+    parts, part_labels = [q], [labels]
+    if queue_q is not None and queue_q.shape[0] > 0:
+        parts.append(queue_q.to(q.dtype))
+        part_labels.append(queue_labels)
+    parts.append(keys)
+    part_labels.append(expert_ids)
+    candidates = torch.cat(parts, dim=0)  # (n + m_queue + E, d_q)
+    candidate_labels = torch.cat(part_labels, dim=0)
+    return supervised_contrastive_loss(q, labels, candidates, candidate_labels, temperature)
+
+
+def expert_output_contrastive_loss(outputs: torch.Tensor, gates_dense: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Expert-output variant (after CoMoE): per token, active experts' outputs are positives,
+    inactive experts' outputs negatives, around the token's mixed adapter output.
+
+    outputs: (n, E, d_out) every expert's B_i A_i x for n sub-sampled tokens;
+    gates_dense: (n, E) renormalised gates, zero for unselected experts.
+    z_i = normalize(o_i); a = normalize(sum_i ghat_i z_i);
+    L = mean_t -1/k sum_{i active} log softmax_j(z_j . a / T)_i
+    """
+    z = F.normalize(outputs.float(), dim=-1, eps=1e-6)  # (n, E, d_out)
+    anchor = F.normalize((gates_dense[:, :, None] * z).sum(dim=1), dim=-1, eps=1e-6)  # (n, d_out)
+    logits = torch.einsum("ned,nd->ne", z, anchor) / temperature  # (n, E)
+    log_p = logits.log_softmax(dim=-1)
+    active = gates_dense > 0
+    return (-(log_p * active).sum(dim=-1) / active.sum(dim=-1)).mean()

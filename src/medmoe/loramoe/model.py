@@ -1,0 +1,202 @@
+"""Wrap a stock Hugging Face model with LoRA-MoE layers in place; save and load adapters.
+
+    wrapped = LoraMoeModel(model, LoraMoeConfig())   # replaces target nn.Linear modules in place
+    out = wrapped(input_ids=..., attention_mask=..., labels=...)   # out.loss includes the aux losses
+    wrapped.save_adapter("adapter/")                 # safetensors + loramoe_config.json
+    wrapped = LoraMoeModel.from_pretrained(fresh_model, "adapter/")
+
+The model's source is never edited: modules are swapped with setattr on their parents.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from medmoe.errors import ModelError
+from medmoe.loramoe.config import EXCLUDED_HEAD_NAMES, LoraMoeConfig
+from medmoe.loramoe.layer import LoraMoeLinear, RoutingContext
+
+WEIGHTS_NAME = "loramoe_adapter.safetensors"
+
+
+def find_target_linears(model: nn.Module, target_modules: str | list[str]) -> list[str]:
+    """Names of the nn.Linear modules to wrap. "all-linear" skips output heads (lm_head, classifiers)."""
+    output_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or isinstance(module, LoraMoeLinear):
+            continue
+        if target_modules == "all-linear":
+            if module is output_head or any(part in EXCLUDED_HEAD_NAMES for part in name.split(".")):
+                continue
+            names.append(name)
+        elif any(name == t or name.endswith("." + t) for t in target_modules):
+            names.append(name)
+    return names
+
+
+class LoraMoeModel(nn.Module):
+    """A Hugging Face model whose target linears are LoRA-MoE layers; forwards add the aux losses."""
+
+    def __init__(self, model: nn.Module, config: LoraMoeConfig):
+        super().__init__()
+        self.model = model
+        self.config = config
+        self.context = RoutingContext()
+        self.last_aux_losses: dict[str, torch.Tensor] = {}
+        if config.seed is not None:
+            torch.manual_seed(config.seed)
+        names = find_target_linears(model, config.target_modules)
+        if not names:
+            raise ModelError(
+                f"no nn.Linear in {type(model).__name__} matches target_modules={config.target_modules!r}; "
+                f"linear layers are e.g. {[n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:6]}"
+            )
+        for param in model.parameters():
+            param.requires_grad_(False)
+        for name in names:
+            parent_name, _, leaf = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, leaf, LoraMoeLinear(getattr(parent, leaf), config, self.context))
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("model"), name)
+
+    # --- layers and parameters ------------------------------------------------------------------
+    def moe_layers(self) -> dict[str, LoraMoeLinear]:
+        return {name: m for name, m in self.model.named_modules() if isinstance(m, LoraMoeLinear)}
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        state = {}
+        for name, layer in self.moe_layers().items():
+            state.update(layer.adapter_state_dict(prefix=f"{name}."))
+        return state
+
+    def trainable_parameter_count(self) -> int:
+        return sum(p.numel() for p in self.adapter_state_dict().values())
+
+    def print_trainable_parameters(self) -> None:
+        total = sum(p.numel() for p in self.model.parameters())
+        trainable = self.trainable_parameter_count()
+        print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
+
+    # --- forward ----------------------------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        mask = kwargs.get("attention_mask")
+        is_seq2seq = bool(getattr(getattr(self.model, "config", None), "is_encoder_decoder", False))
+        self.context.token_mask = mask.reshape(-1) if mask is not None and not is_seq2seq else None
+        self.context.compute_aux = self.training and torch.is_grad_enabled()
+        try:
+            out = self.model(*args, **kwargs)
+        finally:
+            self.context.compute_aux = False
+            self.context.token_mask = None
+        aux = self.aux_loss()
+        if aux is not None and getattr(out, "loss", None) is not None:
+            out["loss"] = out.loss + aux
+        return out
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """lambda_bal L_bal + lambda_z L_z + lambda_con L_con, each averaged over the MoE layers.
+
+        Reads the terms the layers computed in the last training forward; stores the per-term
+        averages (detached) in last_aux_losses for logging.
+        """
+        c = self.config
+        weights = {"balance": c.balance_weight, "z": c.z_loss_weight, "contrastive": c.contrastive_weight}
+        sums: dict[str, torch.Tensor] = {}
+        counts: dict[str, int] = {}
+        for layer in self.moe_layers().values():
+            for term, value in layer.aux_losses.items():
+                sums[term] = sums.get(term, 0.0) + value
+                counts[term] = counts.get(term, 0) + 1
+            layer.aux_losses = {}
+        if not sums:
+            self.last_aux_losses = {}
+            return None
+        means = {term: sums[term] / counts[term] for term in sums}
+        self.last_aux_losses = {term: v.detach() for term, v in means.items()}
+        return sum(weights[term] * v for term, v in means.items())
+
+    # --- routing analytics ------------------------------------------------------------------------
+    @contextmanager
+    def track_routing(self):
+        """Within the block, every forward adds its top-k assignments to each layer's expert_load."""
+        self.reset_expert_load()
+        previous = self.context.track_load
+        self.context.track_load = True
+        try:
+            yield self
+        finally:
+            self.context.track_load = previous
+
+    def reset_expert_load(self) -> None:
+        for layer in self.moe_layers().values():
+            layer.expert_load.zero_()
+
+    def expert_load(self) -> dict[str, list[int]]:
+        """Per layer, the number of (token, slot) assignments to each expert since the last reset."""
+        return {name: layer.expert_load.tolist() for name, layer in self.moe_layers().items()}
+
+    # --- save / load ------------------------------------------------------------------------------
+    def save_adapter(self, directory: str | Path) -> Path:
+        """Write the adapter weights (safetensors) and config (JSON) into directory."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.config.save(directory)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.adapter_state_dict().items()}
+        base = getattr(getattr(self.model, "config", None), "_name_or_path", "") or ""
+        meta = {"format": "pt", "base_model": str(base), "model_class": type(self.model).__name__}
+        tmp = directory / (WEIGHTS_NAME + ".tmp")
+        save_file(tensors, str(tmp), metadata=meta)
+        tmp.replace(directory / WEIGHTS_NAME)
+        return directory
+
+    save_pretrained = save_adapter  # as PEFT models do: saving a tuned model saves its adapter
+
+    def load_adapter_weights(self, directory: str | Path) -> None:
+        from safetensors.torch import load_file
+
+        path = Path(directory) / WEIGHTS_NAME
+        if not path.is_file():
+            raise ModelError(f"{path}: no adapter weights here (expected {WEIGHTS_NAME})")
+        loaded = load_file(str(path))
+        own = self.adapter_state_dict()
+        missing, unexpected = sorted(set(own) - set(loaded)), sorted(set(loaded) - set(own))
+        if missing or unexpected:
+            raise ModelError(
+                f"{path}: adapter does not fit this model ({len(missing)} missing tensors, e.g. {missing[:3]}; "
+                f"{len(unexpected)} unexpected, e.g. {unexpected[:3]}); was it trained on another architecture?"
+            )
+        with torch.no_grad():
+            for name, param in own.items():
+                if param.shape != loaded[name].shape:
+                    raise ModelError(f"{path}: {name} has shape {tuple(loaded[name].shape)}, model expects {tuple(param.shape)}")
+                param.copy_(loaded[name].to(param.dtype))
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, directory: str | Path) -> "LoraMoeModel":
+        """Wrap a fresh base model with the adapter saved in directory."""
+        wrapped = cls(model, LoraMoeConfig.load(directory))
+        wrapped.load_adapter_weights(directory)
+        return wrapped
+
+
+def adapter_info(directory: str | Path) -> dict:
+    """Config and safetensors metadata of a saved adapter, without loading a model."""
+    from safetensors import safe_open
+
+    config = LoraMoeConfig.load(directory)
+    with safe_open(str(Path(directory) / WEIGHTS_NAME), framework="pt") as f:
+        meta = f.metadata() or {}
+    return {"config": json.loads(config.to_json()), "metadata": meta}

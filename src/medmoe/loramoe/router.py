@@ -1,0 +1,78 @@
+"""Token-level routers, always computed in fp32.
+
+Glossary (docs/loramoe.md, section "Router"):
+    N   tokens (batch x sequence, flattened)      d_in  input width of the wrapped linear
+    E   experts                                   d_q   router embedding width
+    q   router embedding q(x) = normalize(W_q x)  c_i   expert key (learnable), normalised
+    T   temperature                               logits_i = q . c_i / T
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class PrototypeRouter(nn.Module):
+    """Cosine-prototype router: logits = normalize(W_q x) . normalize(c_i) / T.
+
+    The contrastive loss shapes the embedding q, and routing is nearest-key in that space, so the
+    supervision acts on routing directly.
+    """
+
+    def __init__(self, d_in: int, num_experts: int, router_dim: int, temperature: float):
+        super().__init__()
+        self.temperature = temperature
+        self.w_q = nn.Parameter(torch.empty(router_dim, d_in, dtype=torch.float32))  # W_q: d_q x d_in
+        self.keys = nn.Parameter(torch.empty(num_experts, router_dim, dtype=torch.float32))  # c: E x d_q
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.w_q, std=1.0 / math.sqrt(self.w_q.shape[1]))
+        nn.init.normal_(self.keys)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """q(x) = normalize(W_q x): (N, d_in) -> (N, d_q), fp32."""
+        return F.normalize(x.float() @ self.w_q.t(), dim=-1)
+
+    def normalized_keys(self) -> torch.Tensor:
+        return F.normalize(self.keys, dim=-1)  # (E, d_q)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (logits (N, E) fp32, embedding q (N, d_q) fp32)."""
+        q = self.embed(x)
+        return q @ self.normalized_keys().t() / self.temperature, q
+
+
+class LinearRouter(nn.Module):
+    """Plain softmax gate: logits = W_g x (no embedding; the prototype contrastive loss is unavailable)."""
+
+    def __init__(self, d_in: int, num_experts: int):
+        super().__init__()
+        self.w_g = nn.Parameter(torch.empty(num_experts, d_in, dtype=torch.float32))  # W_g: E x d_in
+        nn.init.normal_(self.w_g, std=1.0 / math.sqrt(d_in))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return x.float() @ self.w_g.t(), None
+
+
+def build_router(kind: str, d_in: int, num_experts: int, router_dim: int, temperature: float) -> nn.Module:
+    if kind == "prototype":
+        return PrototypeRouter(d_in, num_experts, router_dim, temperature)
+    if kind == "linear":
+        return LinearRouter(d_in, num_experts)
+    raise ValueError(f"unknown router kind {kind!r}")
+
+
+def top_k_gates(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Softmax, top-k, renormalise over the selected experts.
+
+    logits: (N, E) fp32 -> probs g (N, E), gates ghat (N, k) summing to 1 per token, indices (N, k).
+    """
+    probs = logits.softmax(dim=-1)
+    top_p, top_i = probs.topk(k, dim=-1)
+    gates = top_p / top_p.sum(dim=-1, keepdim=True)
+    return probs, gates, top_i

@@ -1,0 +1,216 @@
+"""Fine-tune a causal LM with LoRA-MoE, plain LoRA (Hugging Face PEFT) or full fine-tuning.
+
+One loop for the three methods: gradient accumulation, linear warm-up + cosine decay, gradient
+clipping, periodic evaluation (held-out loss), atomic checkpoints and exact resume (same seed, same
+data order, same RNG streams), and data parallelism over torch.distributed ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from medmoe.errors import MedmoeError
+from medmoe.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from medmoe.train.data import Example, MicroBatches, collate, load_examples, tokenize_examples
+from medmoe.train.distributed import all_reduce_gradients, barrier
+
+METHODS = ("loramoe", "lora", "full")
+
+
+@dataclass
+class FinetuneConfig:
+    """One fine-tuning run. batch_size is per rank and micro-batch; an optimizer step sees
+    batch_size * grad_accum * world_size examples."""
+
+    method: str = "loramoe"
+    output: str = "runs/finetune"
+    steps: int = 100
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    max_grad_norm: float = 1.0
+    max_length: int = 256
+    seed: int = 0
+    eval_every: int = 50
+    eval_examples: int = 64
+    save_every: int = 50
+    keep_checkpoints: int = 2
+    resume: bool = True
+    progress: bool = True
+    lora_rank: int = 16
+    lora_alpha: float | None = None
+    lora_dropout: float = 0.0
+    target_modules: str | list[str] = "all-linear"
+    loramoe: dict = field(default_factory=dict)  # LoraMoeConfig fields
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise MedmoeError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
+            raise MedmoeError("steps, batch size and gradient accumulation must all be >= 1")
+
+
+def prepare_model(model: nn.Module, cfg: FinetuneConfig) -> nn.Module:
+    """Wrap the base for the method; only the method's parameters stay trainable."""
+    torch.manual_seed(cfg.seed)
+    if cfg.method == "loramoe":
+        from medmoe.loramoe import LoraMoeConfig, LoraMoeModel
+
+        return LoraMoeModel(model, LoraMoeConfig(**{"target_modules": cfg.target_modules, **cfg.loramoe}))
+    if cfg.method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        alpha = cfg.lora_alpha if cfg.lora_alpha is not None else 2 * cfg.lora_rank
+        return get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=alpha, lora_dropout=cfg.lora_dropout, target_modules=cfg.target_modules))
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def _scheduler(optimizer, cfg: FinetuneConfig):
+    """Linear warm-up over warmup_steps, then cosine decay to 10% of the peak rate."""
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@torch.no_grad()
+def evaluate_loss(model: nn.Module, features: list[dict], batch_size: int, pad_id: int) -> float:
+    """Mean completion-token cross-entropy over the held-out features."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(features), batch_size):
+        batch = collate(features[start : start + batch_size], pad_id)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"][:, 1:]
+        losses = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
+        total += float(losses)
+        count += int((labels != -100).sum())
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def save_final(model: nn.Module, tokenizer, cfg: FinetuneConfig) -> Path:
+    """The trained result: LoRA-MoE adapter, PEFT adapter, or the whole model (full)."""
+    out = Path(cfg.output) / ("model" if cfg.method == "full" else "adapter")
+    if cfg.method == "loramoe":
+        model.save_adapter(out)
+    else:
+        model.save_pretrained(out)
+    if hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(out)
+    (Path(cfg.output) / "finetune_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n", encoding="utf-8")
+    return out
+
+
+def split_examples(examples: list[Example], n_eval: int, seed: int) -> tuple[list[Example], list[Example]]:
+    """Hold out n_eval examples (a seeded shuffle) for periodic evaluation; never trained on."""
+    if n_eval <= 0 or len(examples) <= n_eval:
+        return examples, []
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed + 7919)).tolist()
+    return [examples[i] for i in order[n_eval:]], [examples[i] for i in order[:n_eval]]
+
+
+def finetune(
+    cfg: FinetuneConfig,
+    model: nn.Module,
+    tokenizer,
+    train_examples: list[Example] | None = None,
+    data: str | None = None,
+    rank: int = 0,
+    world: int = 1,
+    on_step: Callable[[int, float], None] | None = None,
+) -> dict:
+    """Train; returns {"model", "losses": {step: loss}, "eval": {step: loss}, "adapter"}.
+
+    on_step(step, loss) is called after every optimizer step (tests use it to simulate a kill).
+    """
+    if train_examples is None:
+        if data is None:
+            raise MedmoeError("give --data (a bundled dataset name or a JSONL file)")
+        train_examples = load_examples(data, tokenizer)
+    train_examples, eval_examples = split_examples(train_examples, cfg.eval_examples, cfg.seed)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    train_features = tokenize_examples(train_examples, tokenizer, cfg.max_length)
+    eval_features = tokenize_examples(eval_examples, tokenizer, cfg.max_length)
+    batches = MicroBatches(train_features, cfg.batch_size, cfg.seed, pad_id, rank, world)
+
+    model = prepare_model(model, cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = _scheduler(optimizer, cfg)
+    out_dir, ckpt_dir = Path(cfg.output), Path(cfg.output) / "checkpoints"
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    start = 0
+    existing = list_checkpoints(ckpt_dir) if cfg.resume else []
+    if existing:
+        start = load_checkpoint(existing[-1], model, optimizer, scheduler)["step"]
+    else:
+        torch.manual_seed(cfg.seed + rank)
+        random.seed(cfg.seed + rank)
+        np.random.seed(cfg.seed + rank)
+
+    losses, evals = {}, {}
+    log_path = out_dir / "train_log.jsonl"
+    progress = _progress(range(start, cfg.steps), cfg, rank, start)
+    model.train()
+    for step in progress:
+        step_loss = 0.0
+        for micro in range(cfg.grad_accum):
+            batch = batches.batch(step * cfg.grad_accum + micro)
+            loss = model(**batch).loss / cfg.grad_accum
+            loss.backward()
+            step_loss += float(loss.detach())
+        all_reduce_gradients(params, world)
+        if cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        losses[done] = step_loss
+        record = {"step": done, "loss": step_loss, "lr": scheduler.get_last_lr()[0], "epoch": round(batches.epoch_of(done * cfg.grad_accum - 1), 3)}
+        aux = getattr(model, "last_aux_losses", None)
+        if aux:
+            record["aux"] = {k: float(v) for k, v in aux.items()}
+        if eval_features and (done % cfg.eval_every == 0 or done == cfg.steps) and rank == 0:
+            evals[done] = record["eval_loss"] = evaluate_loss(model, eval_features, cfg.batch_size, pad_id)
+        if rank == 0:
+            with log_path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+            if hasattr(progress, "set_postfix"):
+                progress.set_postfix(loss=f"{step_loss:.4f}", **({"eval": f"{evals[done]:.4f}"} if done in evals else {}))
+        if done % cfg.save_every == 0 and done < cfg.steps:
+            if rank == 0:
+                save_checkpoint(ckpt_dir, done, model, optimizer, scheduler, keep=cfg.keep_checkpoints)
+            barrier(world)
+        if on_step is not None:
+            on_step(done, step_loss)
+    adapter = save_final(model, tokenizer, cfg) if rank == 0 else None
+    return {"model": model, "losses": losses, "eval": evals, "adapter": adapter, "start_step": start}
+
+
+def _progress(steps: range, cfg: FinetuneConfig, rank: int, start: int):
+    if not cfg.progress or rank != 0:
+        return steps
+    from tqdm.auto import tqdm
+
+    return tqdm(steps, total=cfg.steps, initial=start, desc=f"finetune {cfg.method}", unit="step", dynamic_ncols=True)

@@ -1,0 +1,129 @@
+"""LoraMoeLinear against its equation, computed token by token; config serialisation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from medmoe.errors import ModelError
+from medmoe.loramoe import LoraMoeConfig, LoraMoeLinear
+from medmoe.loramoe.router import top_k_gates
+
+
+def _layer(compute="dense", d_in=12, d_out=10, **kw):
+    torch.manual_seed(0)
+    base = nn.Linear(d_in, d_out)
+    cfg = LoraMoeConfig(num_experts=4, top_k=2, rank=3, alpha=6.0, router_dim=5, compute=compute, **kw)
+    layer = LoraMoeLinear(base, cfg)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    return layer
+
+
+def _equation_reference(layer: LoraMoeLinear, x: torch.Tensor) -> torch.Tensor:
+    """y_t = W_0 x_t + b + (alpha/r) sum_{i in TopK} ghat_i B_i A_i x_t, one token at a time."""
+    w_q, keys, t = layer.router.w_q, layer.router.keys, layer.config.temperature
+    rows = []
+    for x_t in x:
+        q = w_q @ x_t
+        q = q / q.norm()
+        c = keys / keys.norm(dim=-1, keepdim=True)
+        g = torch.softmax(c @ q / t, dim=0)
+        top = torch.argsort(g, descending=True)[: layer.config.top_k]
+        y = layer.base_layer.weight @ x_t + layer.base_layer.bias
+        for i in top:
+            y = y + layer.config.scaling * (g[i] / g[top].sum()) * (layer.lora_B[i] @ (layer.lora_A[i] @ x_t))
+        rows.append(y)
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("compute", ["dense", "gather", "loop"])
+def test_layer_matches_equation(compute):
+    layer = _layer(compute)
+    x = torch.randn(7, 12)
+    assert torch.allclose(layer(x), _equation_reference(layer, x), atol=1e-5)
+
+
+def test_batched_shapes_and_gradients_agree_across_compute_kinds():
+    x = torch.randn(2, 5, 12)
+    grads, outs = {}, {}
+    for compute in ("dense", "gather", "loop"):
+        layer = _layer(compute)
+        y = layer(x)
+        assert y.shape == (2, 5, 10)
+        (y.square().sum()).backward()
+        outs[compute] = y.detach()
+        grads[compute] = (layer.lora_A.grad.clone(), layer.lora_B.grad.clone(), layer.router.w_q.grad.clone())
+    for compute in ("gather", "loop"):
+        assert torch.allclose(outs[compute], outs["dense"], atol=1e-5)
+        for g, g_ref in zip(grads[compute], grads["dense"]):
+            assert torch.allclose(g, g_ref, atol=1e-4)
+
+
+def test_fresh_layer_is_the_base_layer():
+    torch.manual_seed(0)
+    base = nn.Linear(12, 10)
+    layer = LoraMoeLinear(base, LoraMoeConfig(router_dim=5))
+    assert torch.count_nonzero(layer.lora_B) == 0 and torch.count_nonzero(layer.lora_A) > 0
+    assert layer.lora_A.shape == (8, 8, 12) and layer.lora_B.shape == (8, 10, 8)
+    x = torch.randn(3, 4, 12)
+    assert torch.equal(layer(x), base(x))
+
+
+def test_top_k_gates_renormalise():
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0], [3.0, 0.0, 0.0, 0.0]])
+    probs, gates, top_i = top_k_gates(logits, 2)
+    assert torch.allclose(probs.sum(-1), torch.ones(2))
+    assert top_i[0].tolist() == [3, 2]
+    e = torch.exp(torch.tensor([3.0, 2.0]))
+    assert torch.allclose(gates[0], e / e.sum())
+    assert torch.allclose(gates.sum(-1), torch.ones(2))
+
+
+def test_router_runs_in_fp32_for_a_bf16_base():
+    base = nn.Linear(12, 10).to(torch.bfloat16)
+    layer = LoraMoeLinear(base, LoraMoeConfig(router_dim=5))
+    assert layer.router.w_q.dtype == torch.float32 and layer.lora_A.dtype == torch.bfloat16
+    x = torch.randn(4, 12, dtype=torch.bfloat16)
+    logits, q = layer.router(x.reshape(-1, 12))
+    assert logits.dtype == torch.float32 and q.dtype == torch.float32
+    assert layer(x).dtype == torch.bfloat16
+
+
+def test_linear_router_kind():
+    layer = _layer("dense", router_kind="linear", contrastive_kind="none")
+    x = torch.randn(6, 12)
+    logits, q = layer.router(x)
+    assert q is None and torch.allclose(logits, x @ layer.router.w_g.t())
+
+
+def test_config_json_round_trip(tmp_path):
+    cfg = LoraMoeConfig(num_experts=6, top_k=1, target_modules=["q_proj", "v_proj"], contrastive_tokens=None, queue_size=0)
+    path = cfg.save(tmp_path)
+    assert json.loads(path.read_text())["num_experts"] == 6
+    assert LoraMoeConfig.load(tmp_path) == cfg
+    assert LoraMoeConfig.from_dict(json.loads(cfg.to_json())) == cfg
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"top_k": 9}, "top_k"),
+        ({"router_kind": "hash"}, "router_kind"),
+        ({"router_kind": "linear"}, "needs router_kind 'prototype'"),
+        ({"temperature": 0.0}, "temperature"),
+        ({"target_modules": "all"}, "target_modules"),
+    ],
+)
+def test_invalid_config_names_the_problem(kwargs, message):
+    with pytest.raises(ModelError, match=message):
+        LoraMoeConfig(**kwargs)
+
+
+def test_unknown_config_key(tmp_path):
+    (tmp_path / "loramoe_config.json").write_text(json.dumps({"experts": 4}))
+    with pytest.raises(ModelError, match="unknown LoRA-MoE config keys"):
+        LoraMoeConfig.load(tmp_path)
