@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
@@ -29,8 +27,12 @@ def run(
     """
     import torch
 
+    from medmoe.paths import atomic_write_json
+
     from medmoe.data import load_dataset
-    from medmoe.eval.runner import run_records, summarize
+    from medmoe.eval.model import HFEvalModel
+    from medmoe.eval.report import summarize_rows
+    from medmoe.eval.runner import run_records
     from medmoe.models import load_causal_lm
 
     if threads:
@@ -39,14 +41,15 @@ def run(
     folder = output or Path("runs") / f"{Path(model).name}-{Path(dataset).stem}-{split}"
     with console.status(f"loading {model} (the first time, bundled GGUF weights are dequantized and cached)..."):
         lm, tokenizer = load_causal_lm(model)
-    rows = run_records(lm, tokenizer, records, folder / "predictions.jsonl", f"{dataset} {split}")
-    summary = summarize(rows)
-    (folder / "summary.json").write_text(json.dumps({"model": model, "dataset": dataset, "split": split, **asdict(summary)}, indent=2) + "\n")
-    table = Table("metric", "value", "95% interval", title=f"{model} on {dataset} {split} ({summary.examples} examples, zero-shot)")
-    table.add_row("accuracy", f"{summary.accuracy:.3f}", "{:.3f} - {:.3f}".format(*summary.accuracy_ci))
-    table.add_row("macro-F1", f"{summary.macro_f1:.3f}", "{:.3f} - {:.3f}".format(*summary.macro_f1_ci))
-    table.add_row("latency p50", f"{summary.latency_p50_ms:.0f} ms", "")
-    table.add_row("latency p95", f"{summary.latency_p95_ms:.0f} ms", "")
+    rows = run_records(HFEvalModel(lm, tokenizer, model), records, folder / "predictions.jsonl", dataset)
+    summary = summarize_rows(rows)
+    atomic_write_json(folder / "summary.json", {"model": model, "dataset": dataset, "split": split, **summary})
+    table = Table("metric", "value", "95% interval", title=f"{model} on {dataset} {split} ({summary['examples']} examples, zero-shot)")
+    for key in ("accuracy", "macro_f1", "rouge_l", "bertscore_f1"):
+        if key in summary:
+            table.add_row(key, f"{summary[key]:.3f}", "{:.3f} - {:.3f}".format(*summary[f"{key}_ci"]))
+    table.add_row("latency p50", f"{summary['latency_p50_ms']:.0f} ms", "")
+    table.add_row("latency p95", f"{summary['latency_p95_ms']:.0f} ms", "")
     console.print(table)
     console.print(f"predictions: {folder / 'predictions.jsonl'}")
 

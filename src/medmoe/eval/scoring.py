@@ -46,7 +46,7 @@ def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[i
     return ctx, whole[len(ctx):]
 
 
-def _bos(tokenizer: Any) -> list[int]:
+def bos_ids(tokenizer: Any) -> list[int]:
     """Models trained with a BOS token (Gemma) expect it; chat templates that add it are left alone."""
     bos = getattr(tokenizer, "bos_token_id", None)
     return [bos] if bos is not None and getattr(tokenizer, "add_bos_token", False) else []
@@ -56,7 +56,7 @@ def _bos(tokenizer: Any) -> list[int]:
 def score_options(model: Any, tokenizer: Any, context: str, continuations: Sequence[str]) -> OptionScores:
     """Log-likelihood of each continuation after `context`, sharing the context's computation."""
     pairs = [encode_pair(tokenizer, context, c) for c in continuations]
-    ctx_ids = _bos(tokenizer) + pairs[0][0]
+    ctx_ids = bos_ids(tokenizer) + pairs[0][0]
     conts = [cont for _, cont in pairs]
     if any(pair[0] != pairs[0][0] for pair in pairs) or not all(conts):
         raise ValueError("option continuations must tokenize after a common context and be non-empty")
@@ -92,3 +92,40 @@ def _score_multi_token(model: Any, cache: Any, last: torch.Tensor, conts: list[l
     first = last[ids[:, 0]]  # (k,): the first token comes from the context's last position
     later = logp[:, :-1].gather(-1, ids[:, 1:, None])[..., 0] * mask[:, 1:]  # (k, m - 1)
     return (first + later.sum(dim=1)).tolist()
+
+
+@torch.inference_mode()
+def score_batch_single_token(
+    model: Any, tokenizer: Any, requests: Sequence[tuple[str, Sequence[str]]]
+) -> list[OptionScores] | None:
+    """Score many examples in one left-padded forward when every continuation is a single token.
+
+    Returns None when some continuation spans several tokens (callers then score per example).
+    Left padding with explicit position ids keeps each row's positions 0..n_b - 1, so a row's
+    scores equal its unbatched scores up to floating-point summation order.
+    """
+    encoded = []
+    for context, continuations in requests:
+        pairs = [encode_pair(tokenizer, context, c) for c in continuations]
+        if any(len(cont) != 1 or ctx != pairs[0][0] for ctx, cont in pairs):
+            return None
+        encoded.append((bos_ids(tokenizer) + pairs[0][0], [cont[0] for _, cont in pairs], continuations))
+    device = next(model.parameters()).device
+    width = max(len(ids) for ids, _, _ in encoded)
+    batch = torch.full((len(encoded), width), tokenizer.pad_token_id or 0, dtype=torch.long, device=device)
+    mask = torch.zeros_like(batch)  # (b, n_max): 1 on real tokens, right-aligned
+    for row, (ids, _, _) in enumerate(encoded):
+        batch[row, width - len(ids):] = torch.tensor(ids)
+        mask[row, width - len(ids):] = 1
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    logits = model(input_ids=batch, attention_mask=mask, position_ids=positions, use_cache=False).logits
+    last = torch.log_softmax(logits[:, -1].float(), dim=-1)  # (b, V)
+    return [
+        OptionScores(
+            logprobs=[last[row, t].item() for t in tokens],
+            num_tokens=[1] * len(tokens),
+            num_bytes=[len(c.encode("utf-8")) for c in continuations],
+            context_tokens=len(ids),
+        )
+        for row, (ids, tokens, continuations) in enumerate(encoded)
+    ]

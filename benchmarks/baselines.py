@@ -1,0 +1,116 @@
+"""Baseline report: bundled models zero-shot and k-shot on every bundled benchmark.
+
+Run one configuration (resumable; results under --runs):
+  PYTHONPATH=src python benchmarks/baselines.py run --model smollm2-135m --shots 0
+Write reports/baselines.md and .json from whatever the runs folder holds (a cell that is still
+running is reported with the number of examples finished so far):
+  PYTHONPATH=src python benchmarks/baselines.py report
+
+Subsample: the fixed sha256-ordered subsample of `--limit` examples per option benchmark and
+`--open-limit` per open-ended one (medmoe.eval.benchmarks.subsample). Rule: `letter` (one forward
+pass per question; docs/evaluation.md). CMB-Clin has no train/dev split and is zero-shot only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import traceback
+from pathlib import Path
+
+REPORT = Path("reports/baselines")
+DEFAULT_RUNS = Path("runs/baselines")
+BENCHMARKS = ("pubmedqa", "medmcqa", "dental", "cmmlu-med", "cmexam", "cmb-clin")
+RULE = "letter"
+
+
+def run(args: argparse.Namespace) -> None:
+    import torch
+
+    from medmoe.eval.benchmarks import load_benchmark
+    from medmoe.eval.model import load_eval_model
+    from medmoe.eval.runner import check_settings, run_benchmark
+
+    torch.set_num_threads(args.threads)
+    folder = args.runs / f"{args.model}-{args.shots}shot"
+    folder.mkdir(parents=True, exist_ok=True)
+    check_settings(folder, {"model": args.model, "rule": RULE, "shots": args.shots, "limit": args.limit, "open_limit": args.open_limit})
+    model = load_eval_model(args.model)
+    for name in args.benchmarks.split(","):
+        if name == "cmb-clin" and args.shots:
+            continue  # no train/dev split: reported from the zero-shot run
+        limit = args.open_limit if name == "cmb-clin" else args.limit
+        try:
+            bench = load_benchmark(name, limit)
+            run_benchmark(model, bench, folder / name / "predictions.jsonl", RULE, args.shots, batch_size=1)
+        except Exception:  # one broken benchmark must not stop the others; the report shows it missing
+            traceback.print_exc()
+            print(f"FAILED: {args.model} {args.shots}-shot {name}", file=sys.stderr, flush=True)
+
+
+def report(args: argparse.Namespace) -> None:
+    from medmoe.eval.report import headline, summarize_rows
+    from medmoe.eval.runner import read_done
+
+    cells, lines = {}, []
+    for config in sorted(p for p in args.runs.iterdir() if p.is_dir()):
+        settings = json.loads((config / "run.json").read_text())
+        for name in BENCHMARKS:
+            rows = list(read_done(config / name / "predictions.jsonl").values())
+            if not rows:
+                continue
+            planned = settings["open_limit"] if name == "cmb-clin" else settings["limit"]
+            summary = summarize_rows(rows) | {"planned": planned, "shots": settings["shots"], "model": settings["model"]}
+            cells[f"{config.name}/{name}"] = summary
+    header = "| model | shots | benchmark | n (planned) | metric | value [95% CI] | also |"
+    lines = [header, "|---|---|---|---|---|---|---|"]
+    for key, s in cells.items():
+        metric, value, ci = headline(s)
+        also = []
+        if "macro_accuracy" in s:
+            also.append(f"macro acc {s['macro_accuracy']:.3f} [{s['macro_accuracy_ci'][0]:.3f}, {s['macro_accuracy_ci'][1]:.3f}]")
+        if "macro_f1" in s:
+            also.append(f"macro-F1 {s['macro_f1']:.3f}")
+        if "bertscore_f1" in s:
+            also.append(f"BERTScore-F1 {s['bertscore_f1']:.3f} [{s['bertscore_f1_ci'][0]:.3f}, {s['bertscore_f1_ci'][1]:.3f}] ({s['bertscore_encoder']})")
+        also.append(f"p50 {s['latency_p50_ms']:.0f} ms")
+        lines.append(f"| {s['model']} | {s['shots']} | {key.split('/')[1]} | {s['examples']} ({s['planned']}) | {metric} | "
+                     f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] | {'; '.join(also)} |")
+    import torch
+
+    meta = {
+        "command": "PYTHONPATH=src python benchmarks/baselines.py run --model M --shots K (per cell), then report",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.platform()}, 2 shared CPU cores, torch {torch.__version__}, CPU",
+        "rule": RULE,
+    }
+    REPORT.parent.mkdir(exist_ok=True)
+    (REPORT.with_suffix(".json")).write_text(json.dumps(meta | {"cells": cells}, indent=2, ensure_ascii=False) + "\n")
+    text = (Path(__file__).with_name("baselines_header.md").read_text() + "\n" + "\n".join(lines) + "\n\n"
+            + f"Generated {meta['date']} on {meta['machine']}.\n")
+    REPORT.with_suffix(".md").write_text(text)
+    print(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run")
+    p.add_argument("--model", required=True)
+    p.add_argument("--shots", type=int, default=0)
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--open-limit", type=int, default=20)
+    p.add_argument("--benchmarks", default=",".join(BENCHMARKS))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--runs", type=Path, default=DEFAULT_RUNS)
+    r = sub.add_parser("report")
+    r.add_argument("--runs", type=Path, default=DEFAULT_RUNS)
+    args = parser.parse_args()
+    run(args) if args.command == "run" else report(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""Each scoring rule against a reference computation on a tiny random Llama."""
+
+import pytest
+import torch
+
+from medmoe.data.record import Record
+from medmoe.eval.model import Generation, HFEvalModel
+from medmoe.eval.prompts import build_prompt
+from medmoe.eval.rules import apply_rule
+from medmoe.eval.scoring import score_batch_single_token, score_options
+from tiny_lm import tiny_llama, tiny_tokenizer
+
+CHOICE = Record("q1", "which drug is best ?", "B", options=("aspirin", "heparin with rest", "surgery", "rest"))
+YESNO = Record("q2", "the patient has fever ?", "A", context="the patient has cough and fever .", options=("yes", "no", "maybe"))
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return tiny_llama(), tiny_tokenizer()
+
+
+def naive_logprob(model, tokenizer, context, continuation):
+    """lm-eval's reference: one full forward over context + continuation, summed continuation log-probs."""
+    ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
+    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+    cont = whole[len(ctx):]
+    logits = model(input_ids=torch.tensor([whole])).logits[0].float()
+    logp = torch.log_softmax(logits, dim=-1)
+    return sum(logp[len(ctx) - 1 + j, t].item() for j, t in enumerate(cont)), len(cont)
+
+
+def test_shared_context_scoring_equals_one_forward_per_option(lm):
+    model, tok = lm
+    prompt = build_prompt(CHOICE, tok, kind="text")
+    scores = score_options(model, tok, prompt.context, prompt.continuations)
+    for i, cont in enumerate(prompt.continuations):
+        reference, n_tokens = naive_logprob(model, tok, prompt.context, cont)
+        assert scores.logprobs[i] == pytest.approx(reference, abs=1e-4)
+        assert scores.num_tokens[i] == n_tokens
+    assert scores.num_tokens == [1, 3, 1, 1]  # multi-token options exercise the KV-cache path
+
+
+def test_loglik_and_loglik_norm_rules(lm):
+    model, tok = lm
+    em = HFEvalModel(model, tok)
+    prompt = build_prompt(CHOICE, tok, kind="text")
+    refs = [naive_logprob(model, tok, prompt.context, c)[0] for c in prompt.continuations]
+    norm_refs = [r / len(c.encode("utf-8")) for r, c in zip(refs, prompt.continuations)]
+    (plain,) = apply_rule(em, [CHOICE], "loglik", [[]])
+    (norm,) = apply_rule(em, [CHOICE], "loglik-norm", [[]])
+    assert plain.prediction == "ABCD"[max(range(4), key=refs.__getitem__)]
+    assert norm.prediction == "ABCD"[max(range(4), key=norm_refs.__getitem__)]
+    assert list(norm.scores.values()) == pytest.approx(norm_refs, abs=1e-4)
+    assert sum(plain.probs.values()) == pytest.approx(1.0)
+
+
+def test_letter_rule_reads_the_letter_logits_after_the_prompt(lm):
+    model, tok = lm
+    em = HFEvalModel(model, tok)
+    prompt = build_prompt(CHOICE, tok, kind="letter")
+    assert prompt.continuations == (" A", " B", " C", " D")
+    ids = tok(prompt.context, add_special_tokens=False)["input_ids"]
+    last = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, -1], dim=-1)
+    letter_ids = [tok.convert_tokens_to_ids(x) for x in "ABCD"]
+    (out,) = apply_rule(em, [CHOICE], "letter", [[]])
+    assert list(out.scores.values()) == pytest.approx([last[i].item() for i in letter_ids], abs=1e-5)
+    assert out.prediction == "ABCD"[int(torch.argmax(last[letter_ids]))]
+
+
+def test_batched_scoring_equals_one_example_at_a_time(lm):
+    model, tok = lm
+    prompts = [build_prompt(r, tok, kind="letter") for r in (CHOICE, YESNO, CHOICE)]
+    batched = score_batch_single_token(model, tok, [(p.context, p.continuations) for p in prompts])
+    for p, b in zip(prompts, batched):
+        single = score_options(model, tok, p.context, p.continuations)
+        assert b.logprobs == pytest.approx(single.logprobs, abs=1e-4)
+        assert b.context_tokens == single.context_tokens
+    multi = build_prompt(CHOICE, tok, kind="text")
+    assert score_batch_single_token(model, tok, [(multi.context, multi.continuations)]) is None
+
+
+class FakeGenerator:
+    """An EvalModel whose generation is fixed text: tests the generate rule's wiring."""
+
+    def __init__(self, text):
+        self.text, self.tokenizer, self.name = text, tiny_tokenizer(), "fake"
+
+    def generate(self, context, max_new_tokens):
+        return Generation(self.text, 5, 2)
+
+    def last_route(self):
+        return {"expert": "mamba", "gate_probability": 0.7}
+
+
+@pytest.mark.parametrize("text, multi, expected", [("答案：B", False, "B"), ("The answer is A and C", True, "AC"),
+                                                    ("The answer is A and C", False, ""), ("Aspirin", False, "")])
+def test_generate_rule_extracts_strictly(text, multi, expected):
+    (out,) = apply_rule(FakeGenerator(text), [CHOICE], "generate", [[]], multi=multi)
+    assert out.prediction == expected and out.generation == text
+    assert out.route == {"expert": "mamba", "gate_probability": 0.7}
+
+
+def test_generate_rule_reads_yes_no_maybe():
+    (out,) = apply_rule(FakeGenerator("no."), [YESNO], "generate", [[]])
+    assert out.prediction == "B"
+
+
+def test_greedy_generation_is_deterministic(lm):
+    model, tok = lm
+    em = HFEvalModel(model, tok)
+    context = build_prompt(CHOICE, tok, kind="none").context
+    first, second = em.generate(context, 6), em.generate(context, 6)
+    assert first == second and first.new_tokens == 6
