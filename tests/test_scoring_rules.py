@@ -111,3 +111,32 @@ def test_greedy_generation_is_deterministic(lm):
     context = build_prompt(CHOICE, tok, kind="none").context
     first, second = em.generate(context, 6), em.generate(context, 6)
     assert first == second and first.new_tokens == 6
+
+
+def tiny_gemma3(vocab):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=6,
+                              layer_types=["sliding_attention", "full_attention"], max_position_embeddings=512,
+                              pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    return Gemma3ForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_prefix_cache_reuse_equals_recomputing(lm, arch):
+    """Few-shot prompts share their shots: reusing the shared prefix's KV cache changes no score."""
+    from medmoe.eval.scoring import PrefixCache
+
+    _, tok = lm
+    model = tiny_llama() if arch == "llama" else tiny_gemma3(len(tok))
+    shots = [Record(f"s{i}", "which drug is best ?", "A", options=("aspirin", "rest")) for i in range(3)]
+    cache = PrefixCache(min_tokens=4)
+    for record in (CHOICE, YESNO, CHOICE):
+        for kind in ("letter", "text"):
+            prompt = build_prompt(record, tok, shots, kind=kind)
+            reused = score_options(model, tok, prompt.context, prompt.continuations, prefix=cache)
+            fresh = score_options(model, tok, prompt.context, prompt.continuations)
+            assert reused.logprobs == pytest.approx(fresh.logprobs, abs=1e-4)
+    assert len(cache.ids) > 20

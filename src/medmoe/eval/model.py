@@ -23,7 +23,7 @@ from typing import Any, Protocol, Sequence
 import torch
 
 from medmoe.errors import ModelError
-from medmoe.eval.scoring import OptionScores, score_batch_single_token, score_options
+from medmoe.eval.scoring import OptionScores, PrefixCache, score_batch_single_token, score_options
 
 
 @dataclass(frozen=True)
@@ -47,13 +47,18 @@ class EvalModel(Protocol):
 
 
 class HFEvalModel:
-    """A Hugging Face causal LM (optionally with a PEFT LoRA adapter merged in) as an EvalModel."""
+    """A Hugging Face causal LM (optionally with a PEFT LoRA adapter merged in) as an EvalModel.
 
-    def __init__(self, model: Any, tokenizer: Any, name: str = "model"):
+    share_prefix: keep the previous context's KV cache and reuse the part the next context shares
+    with it (few-shot shots); scores are unchanged (tests/test_scoring_rules.py).
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, name: str = "model", share_prefix: bool = True):
         self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.prefix = PrefixCache() if share_prefix else None
 
     def score_options(self, context: str, continuations: Sequence[str]) -> OptionScores:
-        return score_options(self.model, self.tokenizer, context, continuations)
+        return score_options(self.model, self.tokenizer, context, continuations, self.prefix)
 
     def score_batch(self, requests: Sequence[tuple[str, Sequence[str]]]) -> list[OptionScores]:
         """Many examples at once: one padded forward when every continuation is one token."""

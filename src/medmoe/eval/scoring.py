@@ -10,6 +10,7 @@ continuation's tokens are whole[len(tok(context)):], so scores match lm-eval's o
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -52,9 +53,50 @@ def bos_ids(tokenizer: Any) -> list[int]:
     return [bos] if bos is not None and getattr(tokenizer, "add_bos_token", False) else []
 
 
+class PrefixCache:
+    """The KV cache of the previous context, reused when the next context starts the same way.
+
+    Few-shot prompts put the same instruction and shots before every question of a benchmark (or
+    CMMLU subject), so only the question's own tokens need a forward pass. The reused cache is a
+    cropped copy: keys/values of positions < n_shared are identical to recomputing them. The cache is
+    a plain DynamicCache (every layer keeps every position), which stays correct for models with
+    sliding-window layers (Gemma-3): the window is applied by the attention mask, not by the cache.
+    """
+
+    def __init__(self, min_tokens: int = 16):
+        self.min_tokens = min_tokens
+        self.ids: list[int] = []
+        self.cache: Any = None
+
+    def reuse(self, ids: list[int]) -> tuple[Any, int]:
+        """(cache holding the first n ids, n); n < len(ids) so the last position is always recomputed."""
+        from transformers import DynamicCache
+
+        n = 0
+        if self.cache is not None:
+            m = min(len(ids) - 1, len(self.ids))
+            a, b = torch.tensor(ids[:m]), torch.tensor(self.ids[:m])
+            differ = (a != b).nonzero()
+            n = int(differ[0]) if len(differ) else m
+        if n < self.min_tokens:
+            return DynamicCache(), 0
+        cache = copy.deepcopy(self.cache)
+        if len(self.ids) > n:
+            cache.crop(n - len(self.ids))  # a negative argument removes that many trailing positions
+        return cache, n
+
+    def remember(self, ids: list[int], cache: Any) -> None:
+        self.ids, self.cache = list(ids), copy.deepcopy(cache)
+
+
 @torch.inference_mode()
-def score_options(model: Any, tokenizer: Any, context: str, continuations: Sequence[str]) -> OptionScores:
-    """Log-likelihood of each continuation after `context`, sharing the context's computation."""
+def score_options(
+    model: Any, tokenizer: Any, context: str, continuations: Sequence[str], prefix: PrefixCache | None = None
+) -> OptionScores:
+    """Log-likelihood of each continuation after `context`, sharing the context's computation.
+
+    prefix: reuse the KV cache of a previous context's shared beginning (few-shot prompts).
+    """
     pairs = [encode_pair(tokenizer, context, c) for c in continuations]
     ctx_ids = bos_ids(tokenizer) + pairs[0][0]
     conts = [cont for _, cont in pairs]
@@ -63,7 +105,12 @@ def score_options(model: Any, tokenizer: Any, context: str, continuations: Seque
     device = next(model.parameters()).device
     ctx = torch.tensor([ctx_ids], device=device)  # (1, n)
     single = all(len(c) == 1 for c in conts)
-    out = model(input_ids=ctx, use_cache=not single)
+    if prefix is None:
+        out = model(input_ids=ctx, use_cache=not single)
+    else:
+        cache, start = prefix.reuse(ctx_ids)
+        out = model(input_ids=ctx[:, start:], past_key_values=cache, use_cache=True)  # (1, n - start, V)
+        prefix.remember(ctx_ids, out.past_key_values)
     last = torch.log_softmax(out.logits[0, -1].float(), dim=-1)  # (V,): next-token log-probs after the context
     if single:
         logprobs = [last[c[0]].item() for c in conts]
