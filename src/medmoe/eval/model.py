@@ -116,6 +116,8 @@ def load_eval_model(name: str, adapter: str | None = None) -> EvalModel:
         return load_routed(name.split(":", 1)[1])
     from medmoe.models import load_causal_lm
 
+    if adapter and not Path(adapter).exists():
+        raise ModelError(f"adapter '{adapter}' does not exist")
     model, tokenizer = load_causal_lm(name)
     if adapter:
         model = _with_adapter(model, adapter)
