@@ -45,7 +45,7 @@ def test_loglik_and_loglik_norm_rules(lm):
     em = HFEvalModel(model, tok)
     prompt = build_prompt(CHOICE, tok, kind="text")
     refs = [naive_logprob(model, tok, prompt.context, c)[0] for c in prompt.continuations]
-    norm_refs = [r / len(c.encode("utf-8")) for r, c in zip(refs, prompt.continuations)]
+    norm_refs = [r / len(o) for r, o in zip(refs, CHOICE.options)]
     (plain,) = apply_rule(em, [CHOICE], "loglik", [[]])
     (norm,) = apply_rule(em, [CHOICE], "loglik-norm", [[]])
     assert plain.prediction == "ABCD"[max(range(4), key=refs.__getitem__)]

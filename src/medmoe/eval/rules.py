@@ -3,14 +3,13 @@
   letter       one forward pass; the next-token log-probabilities of the option letters "A".."E"
                (yes/no/maybe questions: of the words) right after the prompt. Prediction = argmax.
   loglik       log p(option text | prompt), summed over the option's tokens (lm-eval's `acc`).
-  loglik-norm  the same divided by the option's length in UTF-8 bytes (lm-eval's `acc_norm`), so
+  loglik-norm  the same divided by the option's length in characters (lm-eval's `acc_norm`), so
                long options are not penalised for having more tokens.
   generate     greedy generation, then the strict extractor (extract.py) reads the letter(s);
                the only rule that can answer several letters for multi-answer questions.
 
 Likelihood rules pick one option, so on a multi-answer question (CMExam, CMB-Exam 多项选择题) they
-are right only if... never: correctness is an exact match of the letter set. That is the honest
-reading of "pick one option" and is documented with the baselines.
+are never right: correctness is an exact match of the letter set. Use `generate` to credit them.
 """
 
 from __future__ import annotations

@@ -19,21 +19,27 @@ import torch
 
 @dataclass
 class OptionScores:
-    """Per option: summed log-probability, its token count and the continuation's length in bytes."""
+    """Per option: summed log-probability, its token count, and the option's length in characters
+    (the continuation without its leading separator space, as lm-eval's `acc_norm` counts it)."""
 
     logprobs: list[float]
     num_tokens: list[int]
-    num_bytes: list[int]
+    num_chars: list[int]
     context_tokens: int
 
     def normalized(self) -> list[float]:
-        """Log-probability per byte of the continuation (lm-eval's acc_norm rule)."""
-        return [lp / max(nb, 1) for lp, nb in zip(self.logprobs, self.num_bytes)]
+        """Log-probability per character of the option (lm-eval's acc_norm rule)."""
+        return [lp / max(n, 1) for lp, n in zip(self.logprobs, self.num_chars)]
 
     def probabilities(self, normalize: bool = False) -> list[float]:
         """Softmax over the options' (normalized) log-probabilities: a distribution over options."""
         scores = torch.tensor(self.normalized() if normalize else self.logprobs, dtype=torch.float64)
         return torch.softmax(scores, dim=0).tolist()
+
+
+def option_lengths(continuations: Sequence[str]) -> list[int]:
+    """Characters of each option, without the separator space a plain prompt puts before it."""
+    return [len(c[1:] if c.startswith(" ") else c) for c in continuations]
 
 
 def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -119,7 +125,7 @@ def score_options(
     return OptionScores(
         logprobs=logprobs,
         num_tokens=[len(c) for c in conts],
-        num_bytes=[len(c.encode("utf-8")) for c in continuations],
+        num_chars=option_lengths(continuations),
         context_tokens=len(ctx_ids),
     )
 
@@ -171,7 +177,7 @@ def score_batch_single_token(
         OptionScores(
             logprobs=[last[row, t].item() for t in tokens],
             num_tokens=[1] * len(tokens),
-            num_bytes=[len(c.encode("utf-8")) for c in continuations],
+            num_chars=option_lengths(continuations),
             context_tokens=len(ids),
         )
         for row, (ids, tokens, continuations) in enumerate(encoded)
