@@ -32,11 +32,11 @@ def run(args: argparse.Namespace) -> None:
 
     from medmoe.eval.benchmarks import load_benchmark
     from medmoe.eval.model import load_eval_model
-    from medmoe.eval.runner import check_settings, run_benchmark
+    from medmoe.eval.runner import check_settings, claim_folder, run_benchmark
 
     torch.set_num_threads(args.threads)
     folder = args.runs / f"{args.model}-{args.shots}shot"
-    folder.mkdir(parents=True, exist_ok=True)
+    claim_folder(folder)
     check_settings(folder, {"model": args.model, "rule": RULE, "shots": args.shots, "limit": args.limit, "open_limit": args.open_limit})
     model = load_eval_model(args.model)
     for name in args.benchmarks.split(","):

@@ -166,3 +166,16 @@ def test_peft_lora_adapter_loads_and_changes_scores(tmp_path):
     reference = score_options(lora.eval(), plain.tokenizer, *args)  # PEFT's own (unmerged) model
     assert adapted.score_options(*args).logprobs == pytest.approx(reference.logprobs, abs=1e-4)
     assert adapted.score_options(*args).logprobs != pytest.approx(plain.score_options(*args).logprobs, abs=1e-4)
+
+
+def test_a_run_folder_has_one_writer(tmp_path):
+    import subprocess
+    import sys
+
+    from medmoe.eval.runner import claim_folder
+
+    claim_folder(tmp_path / "run")
+    code = "import sys; from pathlib import Path; from medmoe.eval.runner import claim_folder; claim_folder(Path(sys.argv[1]))"
+    other = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run")], capture_output=True, text=True,
+                           env={"PYTHONPATH": "src"})
+    assert other.returncode != 0 and "another medmoe eval" in other.stderr

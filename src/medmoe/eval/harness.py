@@ -18,7 +18,7 @@ from typing import Any, Callable
 from medmoe.eval.benchmarks import load_benchmark
 from medmoe.eval.model import EvalModel
 from medmoe.eval.report import markdown_table, plot, summarize_rows
-from medmoe.eval.runner import check_settings, run_benchmark
+from medmoe.eval.runner import check_settings, claim_folder, run_benchmark
 from medmoe.eval.textmetrics import load_bertscorer
 from medmoe.paths import atomic_write_bytes, atomic_write_json
 
@@ -47,6 +47,7 @@ def evaluate(
     output.mkdir(parents=True, exist_ok=True)
     run = {"model": model.name, "rule": rule, "shots": shots, "limit": limit, "max_new_tokens": max_new_tokens,
            "shots_from": shots_from, **(settings or {})}
+    claim_folder(output)
     check_settings(output, run)
     summaries: dict[str, dict[str, Any]] = {}
     for name in benchmarks:

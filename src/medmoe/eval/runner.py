@@ -51,6 +51,25 @@ def read_done(path: Path) -> dict[str, dict[str, Any]]:
     return done
 
 
+_CLAIMS: dict[Path, Any] = {}  # folder -> open lock file, held until the process exits
+
+
+def claim_folder(folder: Path) -> None:
+    """Take an exclusive lock on a run folder: two processes appending to one run would mix rows."""
+    import fcntl
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if folder.resolve() in _CLAIMS:
+        return
+    handle = (folder / ".lock").open("w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise DataError.single(folder, "another medmoe eval is writing to this folder; wait for it or use another --output") from None
+    _CLAIMS[folder.resolve()] = handle
+
+
 def check_settings(folder: Path, settings: dict[str, Any]) -> None:
     """Write run.json, or check that a resumed run uses the same settings as the one it continues."""
     path = folder / "run.json"
