@@ -98,7 +98,7 @@ def test_interrupted_run_resumes_and_two_runs_agree(tmp_path, user_file):
     assert Counting.calls == 3  # only the unfinished examples were scored again
     assert [r["prediction"] for r in resumed] == [r["prediction"] for r in full]
     again = run_benchmark(model, bench, tmp_path / "b.jsonl", "loglik", bertscorer=no_bertscore)
-    assert [(r["prediction"], r["scores"]) for r in again] == [(r["prediction"], r["scores"]) for r in full]
+    assert [(r["prediction"], r["scores"]) for r in again] == [(r["prediction"], r["scores"]) for r in full]  # bit for bit
 
 
 def test_evaluate_writes_rows_summary_report_and_plot(tmp_path, user_file, tiny):

@@ -60,6 +60,11 @@ class HFEvalModel:
     def score_options(self, context: str, continuations: Sequence[str]) -> OptionScores:
         return score_options(self.model, self.tokenizer, context, continuations, self.prefix)
 
+    def reset(self) -> None:
+        """Forget the cached prefix, so a run does not depend on what this model scored before."""
+        if self.prefix is not None:
+            self.prefix = PrefixCache(self.prefix.min_tokens)
+
     def score_batch(self, requests: Sequence[tuple[str, Sequence[str]]]) -> list[OptionScores]:
         """Many examples at once: one padded forward when every continuation is one token."""
         return score_batch_single_token(self.model, self.tokenizer, requests) or [
