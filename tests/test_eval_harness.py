@@ -179,3 +179,35 @@ def test_a_run_folder_has_one_writer(tmp_path):
     other = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run")], capture_output=True, text=True,
                            env={"PYTHONPATH": "src"})
     assert other.returncode != 0 and "another medmoe eval" in other.stderr
+
+
+def test_cmb_exam_file_and_question_type(tmp_path, tiny):
+    rows = [{"id": i, "question": "which drug is best ?", "option": {"A": "aspirin", "B": "heparin", "C": "rest"},
+             "answer": "AC" if i % 2 else "B", "exam_type": "医师考试", "exam_class": "执业医师", "exam_subject": "内科",
+             "question_type": "多项选择题" if i % 2 else "单项选择题"} for i in range(4)]
+    path = tmp_path / "cmb.json"
+    path.write_text(json.dumps(rows, ensure_ascii=False))
+    bench = load_benchmark(f"cmb-exam:{path}")
+    multi = build_prompt(bench.records[1], tiny_tokenizer(), kind="letter").context
+    single = build_prompt(bench.records[0], tiny_tokenizer(), kind="letter").context
+    assert "more than one" in multi and "more than one" not in single
+    result = evaluate(tiny, [f"cmb-exam:{path}"], tmp_path / "out", "letter", bertscorer=no_bertscore)
+    assert result["benchmarks"][f"cmb-exam:{path}"]["examples"] == 4
+    assert (tmp_path / "out" / "file-cmb" / "predictions.jsonl").exists()
+
+
+def test_medmoe_eval_command_end_to_end(tmp_path):
+    from typer.testing import CliRunner
+
+    from medmoe.cli import app
+
+    tiny_llama().save_pretrained(tmp_path / "m")
+    tiny_tokenizer(chat=True).save_pretrained(tmp_path / "m")
+    args = ["eval", "--model", str(tmp_path / "m"), "--benchmarks", "dental,pubmedqa", "--shots", "1", "--limit", "2",
+            "--output", str(tmp_path / "out")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["benchmarks"]["pubmedqa"]["examples"] == 2 and summary["settings"]["shots"] == 1
+    bad = CliRunner().invoke(app, args[:-2] + ["--rule", "vibes", "--output", str(tmp_path / "o2")])
+    assert bad.exit_code != 0 and "vibes" in bad.output
