@@ -2,9 +2,9 @@
 
 Run one configuration (resumable; results under --runs):
   PYTHONPATH=src python benchmarks/baselines.py run --model smollm2-135m --shots 0
-Write reports/baselines.md and .json from whatever the runs folder holds (a cell that is still
-running is reported with the number of examples finished so far):
-  PYTHONPATH=src python benchmarks/baselines.py report
+Write reports/baselines.md and .json over the first --limit examples of each subsample (a cell that
+is still running is reported with the number of those examples finished so far):
+  PYTHONPATH=src python benchmarks/baselines.py report --limit 20 --open-limit 10
 
 Subsample: the fixed sha256-ordered subsample of `--limit` examples per option benchmark and
 `--open-limit` per open-ended one (medmoe.eval.benchmarks.subsample). Rule: `letter` (one forward
@@ -33,11 +33,16 @@ def run(args: argparse.Namespace) -> None:
     from medmoe.eval.benchmarks import load_benchmark
     from medmoe.eval.model import load_eval_model
     from medmoe.eval.runner import check_settings, claim_folder, run_benchmark
+    from medmoe.paths import atomic_write_json
 
     torch.set_num_threads(args.threads)
     folder = args.runs / f"{args.model}-{args.shots}shot"
     claim_folder(folder)
-    check_settings(folder, {"model": args.model, "rule": RULE, "shots": args.shots, "limit": args.limit, "open_limit": args.open_limit})
+    # The subsample is nested (the first N of a fixed order), so a cell may be extended to a larger N.
+    check_settings(folder, {"model": args.model, "rule": RULE, "shots": args.shots})
+    settings = json.loads((folder / "run.json").read_text())
+    atomic_write_json(folder / "run.json", settings | {"limit": max(args.limit, settings.get("limit", 0)),
+                                                       "open_limit": max(args.open_limit, settings.get("open_limit", 0))})
     model = load_eval_model(args.model)
     for name in args.benchmarks.split(","):
         if name == "cmb-clin" and args.shots:
@@ -52,6 +57,7 @@ def run(args: argparse.Namespace) -> None:
 
 
 def report(args: argparse.Namespace) -> None:
+    from medmoe.eval.benchmarks import load_benchmark
     from medmoe.eval.report import headline, summarize_rows
     from medmoe.eval.runner import read_done
 
@@ -59,10 +65,11 @@ def report(args: argparse.Namespace) -> None:
     for config in sorted(p for p in args.runs.iterdir() if p.is_dir()):
         settings = json.loads((config / "run.json").read_text())
         for name in BENCHMARKS:
-            rows = list(read_done(config / name / "predictions.jsonl").values())
+            planned = args.open_limit if name == "cmb-clin" else args.limit
+            done = read_done(config / name / "predictions.jsonl")
+            rows = [done[r.id] for r in load_benchmark(name, planned).records if r.id in done]  # the first `planned` only
             if not rows:
                 continue
-            planned = settings["open_limit"] if name == "cmb-clin" else settings["limit"]
             summary = summarize_rows(rows) | {"planned": planned, "shots": settings["shots"], "model": settings["model"]}
             cells[f"{config.name}/{name}"] = summary
     header = "| model | shots | benchmark | n (planned) | metric | value [95% CI] | also |"
@@ -82,7 +89,10 @@ def report(args: argparse.Namespace) -> None:
     import torch
 
     meta = {
-        "command": "PYTHONPATH=src python benchmarks/baselines.py run --model M --shots K (per cell), then report",
+        "command": "PYTHONPATH=src python benchmarks/baselines.py run --model M --shots K --limit N --open-limit M --threads 1 "
+                   f"(per model and K), then report --limit {args.limit} --open-limit {args.open_limit}",
+        "limit": args.limit,
+        "open_limit": args.open_limit,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.platform()}, 2 shared CPU cores, torch {torch.__version__}, CPU",
         "rule": RULE,
@@ -108,6 +118,8 @@ def main() -> None:
     p.add_argument("--runs", type=Path, default=DEFAULT_RUNS)
     r = sub.add_parser("report")
     r.add_argument("--runs", type=Path, default=DEFAULT_RUNS)
+    r.add_argument("--limit", type=int, default=20, help="report the first N of each option benchmark's subsample")
+    r.add_argument("--open-limit", type=int, default=10)
     args = parser.parse_args()
     run(args) if args.command == "run" else report(args)
 
