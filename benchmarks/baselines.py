@@ -99,7 +99,7 @@ def report(args: argparse.Namespace) -> None:
     }
     REPORT.parent.mkdir(exist_ok=True)
     (REPORT.with_suffix(".json")).write_text(json.dumps(meta | {"cells": cells}, indent=2, ensure_ascii=False) + "\n")
-    text = (Path(__file__).with_name("baselines_header.md").read_text() + "\n" + "\n".join(lines) + "\n\n"
+    text = (Path(__file__).with_name("baselines_header.md").read_text().format(limit=args.limit, open_limit=args.open_limit) + "\n" + "\n".join(lines) + "\n\n"
             + f"Generated {meta['date']} on {meta['machine']}.\n")
     REPORT.with_suffix(".md").write_text(text)
     print(text)
