@@ -100,9 +100,42 @@ def report(args: argparse.Namespace) -> None:
     REPORT.parent.mkdir(exist_ok=True)
     (REPORT.with_suffix(".json")).write_text(json.dumps(meta | {"cells": cells}, indent=2, ensure_ascii=False) + "\n")
     text = (Path(__file__).with_name("baselines_header.md").read_text().format(limit=args.limit, open_limit=args.open_limit) + "\n" + "\n".join(lines) + "\n\n"
-            + f"Generated {meta['date']} on {meta['machine']}.\n")
+            + "![baselines](baselines.png)\n\n" + f"Generated {meta['date']} on {meta['machine']}.\n")
     REPORT.with_suffix(".md").write_text(text)
+    plot(cells, REPORT.with_suffix(".png"))
     print(text)
+
+
+def plot(cells: dict, path: Path) -> None:
+    """Grouped bars: headline metric per benchmark, one bar per model and shot count, 95% intervals."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from medmoe.eval.report import headline
+
+    configs = sorted({key.split("/")[0] for key in cells})
+    width = 0.8 / max(len(configs), 1)
+    fig, ax = plt.subplots(figsize=(10, 3.8))
+    for i, config in enumerate(configs):
+        xs, values, low, high = [], [], [], []
+        for j, name in enumerate(BENCHMARKS):
+            if f"{config}/{name}" in cells:
+                _, value, ci = headline(cells[f"{config}/{name}"])
+                xs.append(j + i * width)
+                values.append(value)
+                low.append(value - ci[0])
+                high.append(ci[1] - value)
+        ax.bar(xs, values, width, yerr=[low, high], capsize=2, label=config)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(BENCHMARKS))],
+                  [f"{n}\n({'ROUGE-L' if n == 'cmb-clin' else 'accuracy'})" for n in BENCHMARKS], fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7, ncol=len(configs))
+    ax.set_title("Baselines (fixed subsample; bars: 95% bootstrap intervals)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main() -> None:
