@@ -36,7 +36,7 @@ def naive_scores(model, tokenizer, context, continuations):
     out = []
     for continuation in continuations:
         ctx, cont = encode_pair(tokenizer, context, continuation)
-        ids = torch.tensor([bos_ids(tokenizer) + ctx + cont])
+        ids = torch.tensor([bos_ids(tokenizer, ctx) + ctx + cont])
         logp = torch.log_softmax(model(input_ids=ids).logits[0, -len(cont) - 1:-1].float(), dim=-1)  # (m, V)
         out.append(logp.gather(-1, torch.tensor(cont)[:, None]).sum().item())
     return out

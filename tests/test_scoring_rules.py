@@ -140,3 +140,19 @@ def test_prefix_cache_reuse_equals_recomputing(lm, arch):
             fresh = score_options(model, tok, prompt.context, prompt.continuations)
             assert reused.logprobs == pytest.approx(fresh.logprobs, abs=1e-4)
     assert len(cache.ids) > 20
+
+
+def test_bos_follows_the_tokenizers_own_convention():
+    from tokenizers import processors
+
+    from medmoe.eval.scoring import bos_ids
+
+    plain = tiny_tokenizer()
+    assert bos_ids(plain, [7]) == []  # adds no BOS itself (SmolLM2-like)
+    gemma_like = tiny_tokenizer()
+    gemma_like.backend_tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
+    assert bos_ids(gemma_like, [7]) == [2]
+    assert bos_ids(gemma_like, [2, 7]) == []  # a chat template that already starts with it
+    model = tiny_llama()
+    with_bos = score_options(model, gemma_like, "which drug is best ?", [" A", " B"])
+    assert with_bos.context_tokens == len(gemma_like("which drug is best ?", add_special_tokens=False)["input_ids"]) + 1

@@ -76,7 +76,8 @@ class HFEvalModel:
         """Greedy decoding (deterministic), stopping at EOS or the chat template's end of turn."""
         from medmoe.eval.scoring import bos_ids
 
-        ids = bos_ids(self.tokenizer) + self.tokenizer(context, add_special_tokens=False)["input_ids"]
+        ids = self.tokenizer(context, add_special_tokens=False)["input_ids"]
+        ids = bos_ids(self.tokenizer, ids) + ids
         input_ids = torch.tensor([ids], device=next(self.model.parameters()).device)
         out = self.model.generate(
             input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,

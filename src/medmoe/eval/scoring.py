@@ -53,10 +53,17 @@ def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[i
     return ctx, whole[len(ctx):]
 
 
-def bos_ids(tokenizer: Any) -> list[int]:
-    """Models trained with a BOS token (Gemma) expect it; chat templates that add it are left alone."""
+def bos_ids(tokenizer: Any, ids: Sequence[int] = ()) -> list[int]:
+    """[BOS] to put before `ids` when the tokenizer itself adds one (Gemma), else [].
+
+    The tokenizer's own convention decides (what the model was trained with): Gemma's tokenizer
+    adds <bos> with special tokens, SmolLM2's adds nothing. Never doubled when `ids` (e.g. a chat
+    template's text) already start with it.
+    """
     bos = getattr(tokenizer, "bos_token_id", None)
-    return [bos] if bos is not None and getattr(tokenizer, "add_bos_token", False) else []
+    if bos is None or (len(ids) and ids[0] == bos):
+        return []
+    return [bos] if tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos] else []
 
 
 class PrefixCache:
@@ -104,7 +111,7 @@ def score_options(
     prefix: reuse the KV cache of a previous context's shared beginning (few-shot prompts).
     """
     pairs = [encode_pair(tokenizer, context, c) for c in continuations]
-    ctx_ids = bos_ids(tokenizer) + pairs[0][0]
+    ctx_ids = bos_ids(tokenizer, pairs[0][0]) + pairs[0][0]
     conts = [cont for _, cont in pairs]
     if any(pair[0] != pairs[0][0] for pair in pairs) or not all(conts):
         raise ValueError("option continuations must tokenize after a common context and be non-empty")
@@ -162,7 +169,7 @@ def score_batch_single_token(
         pairs = [encode_pair(tokenizer, context, c) for c in continuations]
         if any(len(cont) != 1 or ctx != pairs[0][0] for ctx, cont in pairs):
             return None
-        encoded.append((bos_ids(tokenizer) + pairs[0][0], [cont[0] for _, cont in pairs], continuations))
+        encoded.append((bos_ids(tokenizer, pairs[0][0]) + pairs[0][0], [cont[0] for _, cont in pairs], continuations))
     device = next(model.parameters()).device
     width = max(len(ids) for ids, _, _ in encoded)
     batch = torch.full((len(encoded), width), tokenizer.pad_token_id or 0, dtype=torch.long, device=device)
