@@ -97,7 +97,9 @@ def eval_adapter_command(
     import torch
 
     from medmoe.data import load_dataset
-    from medmoe.eval.runner import run_records, summarize
+    from medmoe.eval.model import HFEvalModel
+    from medmoe.eval.report import summarize_rows
+    from medmoe.eval.runner import run_records
     from medmoe.train.adapters import load_tuned
 
     if threads > 0:
@@ -106,7 +108,7 @@ def eval_adapter_command(
     records = records[:limit] if limit > 0 else records
     model, tokenizer = load_tuned(base, adapter)
     out = output or adapter.parent / f"predictions_{Path(dataset).stem}_{split}.jsonl"
-    summary = summarize(run_records(model, tokenizer, records, out, description=f"scoring {dataset}"))
-    low, high = summary.accuracy_ci
-    typer.echo(f"{dataset} {split}: accuracy {summary.accuracy:.3f} [{low:.3f}, {high:.3f}] on {summary.examples} examples; "
-               f"macro-F1 {summary.macro_f1:.3f}; predictions in {out}")
+    summary = summarize_rows(run_records(HFEvalModel(model, tokenizer, str(adapter)), records, out, f"scoring {dataset}"))
+    low, high = summary["accuracy_ci"]
+    typer.echo(f"{dataset} {split}: accuracy {summary['accuracy']:.3f} [{low:.3f}, {high:.3f}] on {summary['examples']} examples; "
+               f"macro-F1 {summary['macro_f1']:.3f}; predictions in {out}")

@@ -14,7 +14,8 @@ from typing import Sequence
 from medmoe.answer import Answer
 from medmoe.data.record import Record
 from medmoe.errors import MedmoeError
-from medmoe.eval.runner import score_record
+from medmoe.eval.model import HFEvalModel
+from medmoe.eval.rules import apply_rule
 from medmoe.experts import Expert, load_expert
 from medmoe.router.checkpoint import RouterCheckpoint
 from medmoe.router.features import pad_batch
@@ -51,13 +52,13 @@ class RoutedAnswerer:
             [why] = self.checkpoint.gate.explain(features, tau=self.checkpoint.tau, top_tokens=3)
         gate_ms = (time.perf_counter() - start) * 1000
         expert = self.experts[why["expert"]]
-        row = score_record(expert.model, expert.tokenizer, record)
+        [outcome] = apply_rule(HFEvalModel(expert.model, expert.tokenizer, expert.name), [record], "letter", [[]])
         total_ms = (time.perf_counter() - start) * 1000
         return Answer(
-            answer=row["prediction"],
+            answer=outcome.prediction,
             expert=why["expert"],
-            label_scores=dict(zip(record.letters, row["option_probs"])),
+            label_scores=dict(outcome.probs),
             gate_probability=why["p_mamba"],
             top_features=why["top_features"][:5],
-            latency_ms={"gate": gate_ms, "expert": row["latency_ms"], "total": total_ms},
+            latency_ms={"gate": gate_ms, "expert": outcome.latency_ms, "total": total_ms},
         )

@@ -26,6 +26,7 @@ import torch
 from medmoe.data import load_dataset
 from medmoe.data.record import Record
 from medmoe.eval.metrics import macro_f1
+from medmoe.eval.model import HFEvalModel
 from medmoe.eval.runner import run_records
 from medmoe.experts import Expert, load_expert
 from medmoe.router.baselines import AlwaysMamba, AlwaysTransformer, LengthThreshold, OracleRouter, RandomRouter
@@ -63,7 +64,7 @@ def table_from_rows(records: Sequence[Record], rows_t: list[dict], rows_m: list[
     """ExpertResults from the runner's per-example rows (same record order for both experts)."""
 
     def outcome(rows: list[dict]) -> ExpertOutcome:
-        probs = np.array([r["option_probs"] for r in rows], dtype=np.float64)  # (N, K)
+        probs = np.array([[r["probs"][letter] for letter in rec.letters] for r, rec in zip(rows, records)])  # (N, K)
         gold = [rec.gold_indices for rec in records]
         p_gold = np.array([probs[i, list(g)].sum() for i, g in enumerate(gold)])
         return ExpertOutcome(
@@ -76,7 +77,7 @@ def table_from_rows(records: Sequence[Record], rows_t: list[dict], rows_m: list[
 
     return ExpertResults(
         ids=[r.id for r in records],
-        n_tokens=np.array([r["tokens"] for r in rows_t]),
+        n_tokens=np.array([r["prompt_tokens"] for r in rows_t]),
         experts={"transformer": outcome(rows_t), "mamba": outcome(rows_m)},
     )
 
@@ -102,7 +103,7 @@ def gate_cost_ms(checkpoint: RouterCheckpoint, tokenizer: Any, records: Sequence
 
 def expert_table(experts: dict[str, Expert], records: Sequence[Record], folder: Path, label: str) -> ExpertResults:
     rows = {
-        name: run_records(e.model, e.tokenizer, records, folder / f"{name}.jsonl", f"{label} {name}")
+        name: run_records(HFEvalModel(e.model, e.tokenizer, name), records, folder / f"{name}.jsonl", f"{label} {name}")
         for name, e in experts.items()
     }
     return table_from_rows(records, rows["transformer"], rows["mamba"])
@@ -159,7 +160,7 @@ def run_pipeline(cfg: PipelineConfig, log: Callable[[str], None] = print) -> dic
     big = None
     if cfg.big:
         big_expert = load_expert("big", cfg.big)
-        big_rows = run_records(big_expert.model, big_expert.tokenizer, splits["test"], out / "test" / "big.jsonl", f"{cfg.dataset} test {cfg.big}")
+        big_rows = run_records(HFEvalModel(big_expert.model, big_expert.tokenizer, cfg.big), splits["test"], out / "test" / "big.jsonl", f"{cfg.dataset} test {cfg.big}")
         big = OperatingPoint(f"{cfg.big} alone", float(np.mean([r["correct"] for r in big_rows])),
                              float(np.percentile([r["latency_ms"] for r in big_rows], 50)), kind="baseline")
     rows = [summary_row(r.name, test, r.route(test), 0.0, big.latency_ms if big else None) for r in routers]

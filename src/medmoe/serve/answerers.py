@@ -27,7 +27,7 @@ from medmoe.data.record import Record
 from medmoe.errors import MedmoeError
 from medmoe.eval.batch_scoring import score_options_batch
 from medmoe.eval.prompts import LABELS, build_prompt, language_of, question_block, uses_chat
-from medmoe.eval.scoring import _bos
+from medmoe.eval.scoring import bos_ids
 
 CONTEXT_CUT_STEP = 16  # tokens removed per retry when a cut context re-tokenizes longer
 
@@ -71,7 +71,7 @@ class CausalLMAnswerer:
 
     def prompt_tokens(self, record: Record) -> int:
         text = build_prompt(record, self.tokenizer).context if record.options else open_prompt(record, self.tokenizer)
-        return len(_bos(self.tokenizer)) + len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return len(bos_ids(self.tokenizer)) + len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def fit(self, record: Record) -> tuple[Record, int]:
         """(record that fits, number of context tokens dropped); InputTooLong if the question cannot fit."""
@@ -119,7 +119,7 @@ class CausalLMAnswerer:
     def _generate(self, records: Sequence[Record]) -> list[Answer]:
         """Greedy decoding for a batch of open questions, left-padded into one `generate` call."""
         tok = self.tokenizer
-        prompts = [_bos(tok) + tok(open_prompt(r, tok), add_special_tokens=False)["input_ids"] for r in records]
+        prompts = [bos_ids(tok) + tok(open_prompt(r, tok), add_special_tokens=False)["input_ids"] for r in records]
         limits = [min(int(r.metadata.get("max_new_tokens", self.max_new_tokens)), self.max_new_tokens) for r in records]
         width = max(len(p) for p in prompts)
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
