@@ -7,7 +7,8 @@ from medmoe.data.record import Record
 from medmoe.eval.model import Generation, HFEvalModel
 from medmoe.eval.prompts import build_prompt
 from medmoe.eval.rules import apply_rule
-from medmoe.eval.scoring import score_batch_single_token, score_options
+from medmoe.eval.batch_scoring import score_options_batch
+from medmoe.eval.scoring import score_options
 from tiny_lm import tiny_llama, tiny_tokenizer
 
 CHOICE = Record("q1", "which drug is best ?", "B", options=("aspirin", "heparin with rest", "surgery", "rest"))
@@ -70,13 +71,14 @@ def test_letter_rule_reads_the_letter_logits_after_the_prompt(lm):
 def test_batched_scoring_equals_one_example_at_a_time(lm):
     model, tok = lm
     prompts = [build_prompt(r, tok, kind="letter") for r in (CHOICE, YESNO, CHOICE)]
-    batched = score_batch_single_token(model, tok, [(p.context, p.continuations) for p in prompts])
+    batched = score_options_batch(model, tok, prompts)
     for p, b in zip(prompts, batched):
         single = score_options(model, tok, p.context, p.continuations)
         assert b.logprobs == pytest.approx(single.logprobs, abs=1e-4)
         assert b.context_tokens == single.context_tokens
-    multi = build_prompt(CHOICE, tok, kind="text")
-    assert score_batch_single_token(model, tok, [(multi.context, multi.continuations)]) is None
+    multi = build_prompt(CHOICE, tok, kind="text")  # multi-token options fall back to score_options
+    [fallback] = score_options_batch(model, tok, [multi])
+    assert fallback.logprobs == pytest.approx(score_options(model, tok, multi.context, multi.continuations).logprobs, abs=1e-5)
 
 
 class FakeGenerator:

@@ -12,7 +12,7 @@ console = Console()
 
 
 def eval_command(
-    model: str = typer.Option("smollm2-135m", help="Bundled short name, Hugging Face hub id, local path, or routed:PATH."),
+    model: str = typer.Option("smollm2-135m", help="Bundled short name, Hugging Face hub id or local path (the base model when --adapter is given)."),
     benchmarks: str = typer.Option(
         "pubmedqa", help="Comma-separated: pubmedqa, medmcqa, dental, cmmlu-med, cmexam, cmb-clin, cmb-exam:PATH, or file paths."
     ),
@@ -20,7 +20,7 @@ def eval_command(
     rule: str = typer.Option("letter", help="Scoring rule: letter, loglik, loglik-norm or generate (docs/evaluation.md)."),
     limit: Optional[int] = typer.Option(None, help="Fixed subsample of at most N examples per benchmark (sha256 order of ids)."),
     output: Optional[Path] = typer.Option(None, help="Results folder [default: runs/eval-MODEL-RULE-Kshot]."),
-    adapter: Optional[str] = typer.Option(None, help="Adapter folder: PEFT LoRA now; LoRA-MoE once medmoe.loramoe lands."),
+    adapter: Optional[str] = typer.Option(None, help="A `medmoe finetune` output folder: LoRA-MoE adapter, PEFT LoRA adapter, or full model."),
     batch_size: int = typer.Option(1, help="Examples per forward pass for single-token rules (latency is then amortized)."),
     max_new_tokens: int = typer.Option(32, help="Generation length for --rule generate."),
     shots_from: Optional[str] = typer.Option(None, help="Few-shot pool for cmb-exam:PATH and user files (a dataset file)."),

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import torch
 
 from medmoe.eval.prompts import Prompt
-from medmoe.eval.scoring import OptionScores, _bos, encode_pair, score_options
+from medmoe.eval.scoring import OptionScores, bos_ids, encode_pair, option_lengths, score_options
 
 
 def _single_token_plan(tokenizer: Any, prompt: Prompt) -> tuple[list[int], list[int]] | None:
@@ -26,7 +26,7 @@ def _single_token_plan(tokenizer: Any, prompt: Prompt) -> tuple[list[int], list[
     pairs = [encode_pair(tokenizer, prompt.context, c) for c in prompt.continuations]
     if any(ctx != pairs[0][0] for ctx, _ in pairs) or any(len(cont) != 1 for _, cont in pairs):
         return None
-    return _bos(tokenizer) + pairs[0][0], [cont[0] for _, cont in pairs]
+    return bos_ids(tokenizer) + pairs[0][0], [cont[0] for _, cont in pairs]
 
 
 def _accepts_logits_to_keep(model: Any) -> bool:
@@ -65,7 +65,7 @@ def score_options_batch(model: Any, tokenizer: Any, prompts: Sequence[Prompt]) -
             results[i] = OptionScores(
                 logprobs=last[row, option_ids].tolist(),
                 num_tokens=[1] * len(option_ids),
-                num_bytes=[len(c.encode("utf-8")) for c in prompts[i].continuations],
+                num_chars=option_lengths(prompts[i].continuations),
                 context_tokens=lengths[row],
             )
     return results  # type: ignore[return-value]

@@ -23,7 +23,9 @@ from typing import Any, Protocol, Sequence
 import torch
 
 from medmoe.errors import ModelError
-from medmoe.eval.scoring import OptionScores, PrefixCache, score_batch_single_token, score_options
+from medmoe.eval.batch_scoring import score_options_batch
+from medmoe.eval.prompts import Prompt
+from medmoe.eval.scoring import OptionScores, PrefixCache, score_options
 
 
 @dataclass(frozen=True)
@@ -66,10 +68,8 @@ class HFEvalModel:
             self.prefix = PrefixCache(self.prefix.min_tokens)
 
     def score_batch(self, requests: Sequence[tuple[str, Sequence[str]]]) -> list[OptionScores]:
-        """Many examples at once: one padded forward when every continuation is one token."""
-        return score_batch_single_token(self.model, self.tokenizer, requests) or [
-            self.score_options(context, conts) for context, conts in requests
-        ]
+        """Many examples at once: one padded forward for those whose continuations are single tokens."""
+        return score_options_batch(self.model, self.tokenizer, [Prompt(c, tuple(conts)) for c, conts in requests])
 
     @torch.inference_mode()
     def generate(self, context: str, max_new_tokens: int) -> Generation:
@@ -90,41 +90,14 @@ class HFEvalModel:
         return None
 
 
-def _with_adapter(model: Any, adapter: str) -> Any:
-    """Apply an adapter folder: PEFT LoRA now; LoRA-MoE (medmoe.loramoe) when that package lands."""
-    path = Path(adapter)
-    if not path.exists():
-        raise ModelError(f"adapter '{adapter}' does not exist")
-    config = path / "adapter_config.json"
-    if (path / "loramoe_config.json").exists() or not config.exists():
-        if importlib.util.find_spec("medmoe.loramoe") is None:
-            raise ModelError(
-                f"'{adapter}' is not a PEFT LoRA adapter (no adapter_config.json); LoRA-MoE adapters need "
-                "medmoe.loramoe, which is not part of this build yet"
-            )
-        from medmoe.loramoe import load_adapter  # type: ignore[import-not-found]
-
-        return load_adapter(model, path)
-    try:
-        from peft import PeftModel
-    except ImportError as exc:
-        raise ModelError("LoRA adapters need the `peft` package: pip install peft") from exc
-    return PeftModel.from_pretrained(model, str(path)).merge_and_unload().eval()
-
-
 def load_eval_model(name: str, adapter: str | None = None) -> EvalModel:
-    """A bundled name, hub id or local folder as an EvalModel; `routed:PATH` for the routed system."""
+    """A bundled name, hub id or local folder (optionally with a `medmoe finetune` adapter) as an EvalModel."""
     if name.startswith("routed:"):
-        if importlib.util.find_spec("medmoe.router") is None:
-            raise ModelError("the routed MambaFormer system (medmoe.router) is not part of this build yet")
-        from medmoe.router import load_eval_model as load_routed  # type: ignore[import-not-found]
-
-        return load_routed(name.split(":", 1)[1])
-    from medmoe.models import load_causal_lm
+        raise ModelError("the routed MambaFormer system is evaluated by `medmoe run` (it needs the gate's "
+                         "per-query features, which this harness does not pass yet)")
+    from medmoe.train.adapters import load_tuned
 
     if adapter and not Path(adapter).exists():
         raise ModelError(f"adapter '{adapter}' does not exist")
-    model, tokenizer = load_causal_lm(name)
-    if adapter:
-        model = _with_adapter(model, adapter)
-    return HFEvalModel(model, tokenizer, name)
+    model, tokenizer = load_tuned(name, adapter)  # LoRA-MoE, PEFT LoRA or a full fine-tune, by its files
+    return HFEvalModel(model, tokenizer, name if adapter is None else f"{name}+{Path(adapter).name}")
