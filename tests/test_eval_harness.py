@@ -212,20 +212,6 @@ def test_medmoe_eval_command_end_to_end(tmp_path):
     assert bad.exit_code != 0 and "vibes" in bad.output
 
 
-def test_medmoe_run_still_scores_a_dataset(tmp_path):
-    from typer.testing import CliRunner
-
-    from medmoe.cli import app
-
-    tiny_llama().save_pretrained(tmp_path / "m")
-    tiny_tokenizer(chat=True).save_pretrained(tmp_path / "m")
-    result = CliRunner().invoke(app, ["run", "--model", str(tmp_path / "m"), "--dataset", "pubmedqa", "--limit", "3",
-                                      "--output", str(tmp_path / "out")])
-    assert result.exit_code == 0, result.output
-    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert summary["examples"] == 3 and "macro_f1" in summary
-
-
 def test_batched_runs_predict_what_one_at_a_time_runs_predict(tmp_path, tiny):
     bench = load_benchmark("dental", limit=5)
     one = run_benchmark(tiny, bench, tmp_path / "one.jsonl", "letter", batch_size=1, bertscorer=no_bertscore)

@@ -84,7 +84,9 @@ def test_eval_with_adapter_scores_the_tuned_model(tmp_path, run_files):
     records = tmp_path / "mc.jsonl"
     records.write_text("\n".join(json.dumps({"id": f"q{i}", "question": f"{i} plus 1?", "options": ["1", "2", "3"], "answer": "B"})
                                  for i in range(5)) + "\n")
-    result = CliRunner().invoke(app, ["eval", "--model", str(base), "--adapter", str(out / "adapter"),
+    from medmoe.cli import app as medmoe_app
+
+    result = CliRunner().invoke(medmoe_app, ["eval", "--model", str(base), "--adapter", str(out / "adapter"),
                                       "--benchmarks", str(records), "--output", str(tmp_path / "eval")])
     assert result.exit_code == 0, result.output
     assert "accuracy" in result.output

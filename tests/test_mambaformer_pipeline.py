@@ -61,9 +61,17 @@ def test_routed_answerer_follows_the_gate(tiny_experts, tmp_path):
     cfg = PipelineConfig(dataset="dental", transformer=transformer, mamba=mamba, big=None,
                          train_limit=16, dev_limit=8, test_limit=8, betas=(1.0,), epochs=2, out=str(tmp_path / "run"))
     run_pipeline(cfg, log=lambda _: None)
-    answerer = RoutedAnswerer.load(tmp_path / "run" / "dental" / "router")
-    for record in load_dataset("dental", "test")[:4]:
+    from types import SimpleNamespace
+
+    from medmoe.router.answerer import load_routed_answerer
+
+    answerer = load_routed_answerer(SimpleNamespace(answerer_options={"router": str(tmp_path / "run" / "dental" / "router")}))
+    records = load_dataset("dental", "test")[:4]
+    batched = answerer.answer_batch(records)
+    for record, together in zip(records, batched):
         answer = answerer.answer(record)
+        assert (answer.answer, answer.expert) == (together.answer, together.expert)
+        assert answerer.batch_key(record) == answer.expert
         assert answer.answer in record.letters
         assert answer.expert == ("mamba" if answer.gate_probability > answerer.checkpoint.tau else "transformer")
         assert sum(answer.label_scores.values()) == pytest.approx(1.0)

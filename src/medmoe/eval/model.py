@@ -69,7 +69,7 @@ class HFEvalModel:
 
     def score_batch(self, requests: Sequence[tuple[str, Sequence[str]]]) -> list[OptionScores]:
         """Many examples at once: one padded forward for those whose continuations are single tokens."""
-        return score_options_batch(self.model, self.tokenizer, [Prompt(c, tuple(conts)) for c, conts in requests])
+        return score_options_batch(self.model, self.tokenizer, [Prompt(c, tuple(conts), ()) for c, conts in requests])
 
     @torch.inference_mode()
     def generate(self, context: str, max_new_tokens: int) -> Generation:

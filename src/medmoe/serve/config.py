@@ -3,8 +3,8 @@
 The answerer is built by a factory named in the config ("module:callable", called with the config),
 so the routed MambaFormer system or a LoRA-MoE model drops in without changing the server:
 
-    answerer: medmoe.router.pipeline:load_routed_answerer   # hypothetical factory of the routed system
-    answerer_options: {checkpoint: runs/router}
+    answerer: medmoe.router.answerer:load_routed_answerer   # the routed MambaFormer system
+    answerer_options: {router: runs/mambaformer/pubmedqa/router}
 """
 
 from __future__ import annotations
