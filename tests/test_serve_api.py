@@ -205,8 +205,7 @@ def test_page_and_assets_are_served_from_memory_only(client):
     assert "http://" not in page.text and "https://" not in page.text  # no CDN
     assert client.get("/static/app.js").headers["content-type"].startswith("text/javascript")
     for path in ["/static/../pyproject.toml", "/static/index.html?name=x", "/static/%2e%2e/app.py", "/static/x.js"]:
-        r = client.get(path)
-        assert r.status_code == 404 or "medmoe" in r.text and "import" not in r.text, path
+        assert client.get(path).status_code == 404, path  # no route takes a path: nothing to traverse
 
 
 def test_unknown_config_key_is_a_clear_error(tmp_path):
