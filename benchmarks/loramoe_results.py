@@ -40,13 +40,15 @@ def matched_lora_rank(base, moe_params: int) -> int:
 
 def evaluate(model, tokenizer, dataset: str, limit: int, out: Path) -> dict:
     from medmoe.data import load_dataset
-    from medmoe.eval.runner import run_records, summarize
+    from medmoe.eval.model import HFEvalModel
+    from medmoe.eval.report import summarize_rows
+    from medmoe.eval.runner import run_records
 
     records = load_dataset(dataset, split="test")
     subset = records[:limit] if limit else records
-    rows = run_records(model, tokenizer, subset, out, description=f"{dataset} ({out.parent.name})")
-    s = summarize(rows)
-    return {"examples": s.examples, "test_size": len(records), "accuracy": s.accuracy, "ci": list(s.accuracy_ci)}
+    rows = run_records(HFEvalModel(model, tokenizer, out.parent.name), subset, out, f"{dataset} ({out.parent.name})")
+    s = summarize_rows(rows)
+    return {"examples": s["examples"], "test_size": len(records), "accuracy": s["accuracy"], "ci": list(s["accuracy_ci"])}
 
 
 def main() -> None:

@@ -75,7 +75,7 @@ def test_finetune_command_rejects_unknown_method(tmp_path, run_files):
     assert "--method must be one of" in str(result.exception)
 
 
-def test_eval_adapter_command_scores_the_tuned_model(tmp_path, run_files):
+def test_eval_with_adapter_scores_the_tuned_model(tmp_path, run_files):
     base, data = run_files
     out = tmp_path / "run"
     train = ["finetune", "--base", str(base), "--data", str(data), "--output", str(out), "--steps", "2",
@@ -84,9 +84,12 @@ def test_eval_adapter_command_scores_the_tuned_model(tmp_path, run_files):
     records = tmp_path / "mc.jsonl"
     records.write_text("\n".join(json.dumps({"id": f"q{i}", "question": f"{i} plus 1?", "options": ["1", "2", "3"], "answer": "B"})
                                  for i in range(5)) + "\n")
-    result = CliRunner().invoke(app, ["eval-adapter", "--base", str(base), "--adapter", str(out / "adapter"),
-                                      "--dataset", str(records), "--output", str(tmp_path / "pred.jsonl")])
+    from medmoe.cli import app as medmoe_app
+
+    result = CliRunner().invoke(medmoe_app, ["eval", "--model", str(base), "--adapter", str(out / "adapter"),
+                                      "--benchmarks", str(records), "--output", str(tmp_path / "eval")])
     assert result.exit_code == 0, result.output
-    assert "accuracy" in result.output and "on 5 examples" in result.output
-    rows = [json.loads(line) for line in (tmp_path / "pred.jsonl").read_text().splitlines()]
+    assert "accuracy" in result.output
+    [predictions] = (tmp_path / "eval").glob("*/predictions.jsonl")
+    rows = [json.loads(line) for line in predictions.read_text().splitlines()]
     assert len(rows) == 5 and all(r["prediction"] in "ABC" for r in rows)

@@ -14,7 +14,6 @@ import typer
 
 def register(app: typer.Typer) -> None:
     app.command("finetune")(finetune_command)
-    app.command("eval-adapter")(eval_adapter_command)
 
 
 def finetune_command(
@@ -83,31 +82,3 @@ def finetune_command(
     if rank_id == 0:
         last = max(result["losses"]) if result["losses"] else cfg.steps
         typer.echo(f"done: step {last}, loss {result['losses'].get(last, float('nan')):.4f}; saved {result['adapter']}")
-
-
-def eval_adapter_command(
-    adapter: Path = typer.Option(..., "--adapter", help="A finetune run's adapter/ (or model/) folder."),
-    base: str = typer.Option("smollm2-135m", "--base", help="The base model the adapter was trained on."),
-    dataset: str = typer.Option("pubmedqa", "--dataset", help="Bundled dataset name or a record file."),
-    split: str = typer.Option("test", "--split"),
-    limit: int = typer.Option(0, help="Score only the first N records (0 = all)."),
-    output: Path = typer.Option(None, "--output", "-o", help="Predictions JSONL (default: beside the adapter)."),
-    threads: int = typer.Option(0, help="torch threads (0 = torch default)."),
-) -> None:
-    """Score a fine-tuned model on a dataset's option questions: accuracy with a 95% interval."""
-    import torch
-
-    from medmoe.data import load_dataset
-    from medmoe.eval.runner import run_records, summarize
-    from medmoe.train.adapters import load_tuned
-
-    if threads > 0:
-        torch.set_num_threads(threads)
-    records = load_dataset(dataset, split=split)
-    records = records[:limit] if limit > 0 else records
-    model, tokenizer = load_tuned(base, adapter)
-    out = output or adapter.parent / f"predictions_{Path(dataset).stem}_{split}.jsonl"
-    summary = summarize(run_records(model, tokenizer, records, out, description=f"scoring {dataset}"))
-    low, high = summary.accuracy_ci
-    typer.echo(f"{dataset} {split}: accuracy {summary.accuracy:.3f} [{low:.3f}, {high:.3f}] on {summary.examples} examples; "
-               f"macro-F1 {summary.macro_f1:.3f}; predictions in {out}")

@@ -42,3 +42,32 @@ def bootstrap_interval(
 
 def percentile(values: Sequence[float], q: float) -> float:
     return float(np.percentile(values, q)) if len(values) else 0.0
+
+
+def bootstrap_mean(values: Sequence[float]) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of the mean of per-example `values` (fixed seed)."""
+    if not len(values):
+        return 0.0, 0.0
+    data = np.asarray(values, dtype=np.float64)
+    rng = np.random.default_rng(BOOTSTRAP_SEED)
+    idx = rng.integers(0, len(data), (BOOTSTRAP_SAMPLES, len(data)))  # (S, n) resampled example indices
+    low, high = np.percentile(data[idx].mean(axis=1), [2.5, 97.5])
+    return float(low), float(high)
+
+
+def bootstrap_macro(values: Sequence[float], groups: Sequence[str]) -> tuple[float, float]:
+    """95% bootstrap interval of the macro mean (mean over groups of the group means).
+
+    Resampling is stratified by group (each group resampled within itself), so every replicate has
+    every group and the macro mean is always defined.
+    """
+    data = np.asarray(values, dtype=np.float64)
+    labels = np.asarray(groups)
+    rng = np.random.default_rng(BOOTSTRAP_SEED)
+    per_group = []
+    for g in sorted(set(groups)):
+        member = data[labels == g]
+        idx = rng.integers(0, len(member), (BOOTSTRAP_SAMPLES, len(member)))
+        per_group.append(member[idx].mean(axis=1))  # (S,)
+    low, high = np.percentile(np.mean(per_group, axis=0), [2.5, 97.5])
+    return float(low), float(high)

@@ -1,24 +1,29 @@
-"""Scoring a model on a list of records: per-example JSONL (resumable) and a summary.
+"""Running a model on a benchmark: per-example JSONL rows, written as they finish (resumable).
 
-Each finished example is appended to the predictions file at once, so an interrupted run keeps what
-it did; running again with the same output skips the ids already there.
+Each finished example is appended to `<folder>/<benchmark>/predictions.jsonl` at once, so an
+interrupted run keeps what it did; running again with the same output skips the ids already there.
+A run folder remembers its settings (run.json); resuming with different settings is an error rather
+than a silent mix of two runs.
 """
 
 from __future__ import annotations
 
 import json
-import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from medmoe.data.record import Record
-from medmoe.eval.metrics import accuracy, bootstrap_interval, macro_f1, percentile
-from medmoe.eval.prompts import build_prompt
-from medmoe.eval.scoring import score_options
 from medmoe.errors import DataError
+from medmoe.eval.benchmarks import Benchmark
+from medmoe.eval.model import EvalModel
+from medmoe.eval.prompts import build_prompt, language_of
+from medmoe.eval.rules import Outcome, apply_rule, check_rule
+from medmoe.eval.textmetrics import BertScorer, load_bertscorer, rouge_l
+from medmoe.paths import atomic_write_json
+
+OPEN_MAX_NEW_TOKENS = 128
 
 
 def progress_bar(description: str) -> Progress:
@@ -46,67 +51,127 @@ def read_done(path: Path) -> dict[str, dict[str, Any]]:
     return done
 
 
-def score_record(model: Any, tokenizer: Any, record: Record, shots: Sequence[Record] = ()) -> dict[str, Any]:
-    """One example: per-option log-likelihoods, prediction, correctness and wall-clock latency."""
-    prompt = build_prompt(record, tokenizer, shots)
-    start = time.perf_counter()
-    scores = score_options(model, tokenizer, prompt.context, prompt.continuations)
-    latency_ms = (time.perf_counter() - start) * 1000
-    probs = scores.probabilities()
-    best = max(range(len(probs)), key=probs.__getitem__)
-    prediction = record.letters[best]
-    return {
+_CLAIMS: dict[Path, Any] = {}  # folder -> open lock file, held until the process exits
+
+
+def claim_folder(folder: Path) -> None:
+    """Take an exclusive lock on a run folder: two processes appending to one run would mix rows."""
+    import fcntl
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if folder.resolve() in _CLAIMS:
+        return
+    handle = (folder / ".lock").open("w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise DataError.single(folder, "another medmoe eval is writing to this folder; wait for it or use another --output") from None
+    _CLAIMS[folder.resolve()] = handle
+
+
+def check_settings(folder: Path, settings: dict[str, Any]) -> None:
+    """Write run.json, or check that a resumed run uses the same settings as the one it continues."""
+    path = folder / "run.json"
+    if path.exists():
+        before = json.loads(path.read_text(encoding="utf-8"))
+        changed = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
+        if changed:
+            what = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+            raise DataError.single(path, f"this folder holds a run with other settings ({what}); use another --output")
+        return
+    atomic_write_json(path, settings)
+
+
+def _choice_row(record: Record, bench: Benchmark, rule: str, k: int, outcome: Outcome) -> dict[str, Any]:
+    row = {
         "id": record.id,
-        "prediction": prediction,
+        "benchmark": bench.name,
+        "group": record.metadata.get(bench.group_by) if bench.group_by else None,
+        "rule": rule,
+        "shots": k,
+        "prediction": outcome.prediction,
         "gold": record.answer,
-        "correct": prediction == record.answer,
-        "option_logprobs": scores.logprobs,
-        "option_probs": probs,
-        "latency_ms": latency_ms,
-        "tokens": scores.context_tokens,
+        "correct": outcome.prediction == record.answer,
+        "scores": outcome.scores,
+        "probs": outcome.probs,
+        "generation": outcome.generation,
+        "extraction": outcome.extraction,
+        "latency_ms": outcome.latency_ms,
+        "prompt_tokens": outcome.prompt_tokens,
+        "new_tokens": outcome.new_tokens,
     }
+    if outcome.route is not None:
+        row["route"] = outcome.route
+    return row
 
 
-def run_records(
-    model: Any, tokenizer: Any, records: Sequence[Record], output: Path, description: str = "scoring"
+def _open_row(model: EvalModel, record: Record, bench: Benchmark, scorer: BertScorer, max_new_tokens: int) -> dict[str, Any]:
+    import time
+
+    prompt = build_prompt(record, model.tokenizer, (), "none")
+    start = time.perf_counter()
+    gen = model.generate(prompt.context, max_new_tokens)
+    latency_ms = (time.perf_counter() - start) * 1000
+    precision, recall, f1 = scorer.score(gen.text, record.answer)
+    row = {
+        "id": record.id, "benchmark": bench.name, "group": None, "rule": "generate", "shots": 0,
+        "prediction": gen.text, "gold": record.answer,
+        "rouge_l": rouge_l(gen.text, record.answer),
+        "bertscore_p": precision, "bertscore_r": recall, "bertscore_f1": f1, "bertscore_encoder": scorer.name,
+        "latency_ms": latency_ms, "prompt_tokens": gen.prompt_tokens, "new_tokens": gen.new_tokens,
+    }
+    route = model.last_route()
+    if route is not None:
+        row["route"] = route
+    return row
+
+
+def run_benchmark(
+    model: EvalModel,
+    bench: Benchmark,
+    output: Path,
+    rule: str = "letter",
+    shots: int = 0,
+    batch_size: int = 1,
+    max_new_tokens: int = 32,
+    bertscorer: Callable[[str], BertScorer] = load_bertscorer,
 ) -> list[dict[str, Any]]:
-    """Score every record not yet in `output` (appending as it goes); return all rows in record order."""
+    """Score every record of `bench` not yet in `output` (appending as it goes); rows in record order.
+
+    Option questions use `rule`; open-ended ones (CMB-Clin) are generated (OPEN_MAX_NEW_TOKENS) and
+    scored with ROUGE-L and BERTScore, whose encoder `bertscorer(language)` loads once per language.
+    """
+    check_rule(rule)
+    if hasattr(model, "reset"):
+        model.reset()  # start cold: identical runs give identical scores, bit for bit
     output.parent.mkdir(parents=True, exist_ok=True)
     done = read_done(output)
-    todo = [r for r in records if r.id not in done]
-    with progress_bar(description) as bar, output.open("a", encoding="utf-8") as sink:
-        task = bar.add_task(description, total=len(records), completed=len(records) - len(todo))
-        for record in todo:
-            row = score_record(model, tokenizer, record)
-            sink.write(json.dumps(row, ensure_ascii=False) + "\n")
+    todo = [r for r in bench.records if r.id not in done]
+    scorers: dict[str, BertScorer] = {}
+    step = batch_size if rule != "generate" else 1
+    with progress_bar(bench.name) as bar, output.open("a", encoding="utf-8") as sink:
+        task = bar.add_task(bench.name, total=len(bench.records), completed=len(bench.records) - len(todo))
+        for start in range(0, len(todo), step):
+            chunk = todo[start:start + step]
+            if bench.task == "open":
+                language = language_of(chunk[0])
+                if language not in scorers:
+                    scorers[language] = bertscorer(language)
+                rows = [_open_row(model, chunk[0], bench, scorers[language], OPEN_MAX_NEW_TOKENS)]
+            else:
+                k = shots
+                shot_lists = [bench.shots_for(r, k) for r in chunk]
+                outcomes = apply_rule(model, chunk, rule, shot_lists, bench.multi, max_new_tokens)
+                rows = [_choice_row(r, bench, rule, len(s), o) for r, s, o in zip(chunk, shot_lists, outcomes)]
+            for row in rows:
+                sink.write(json.dumps(row, ensure_ascii=False) + "\n")
+                done[row["id"]] = row
             sink.flush()
-            done[record.id] = row
-            bar.advance(task)
-    return [done[r.id] for r in records]
+            bar.advance(task, len(rows))
+    return [done[r.id] for r in bench.records]
 
 
-@dataclass
-class Summary:
-    examples: int
-    accuracy: float
-    accuracy_ci: tuple[float, float]
-    macro_f1: float
-    macro_f1_ci: tuple[float, float]
-    latency_p50_ms: float
-    latency_p95_ms: float
-
-
-def summarize(rows: Iterable[dict[str, Any]]) -> Summary:
-    rows = list(rows)
-    gold = [r["gold"] for r in rows]
-    pred = [r["prediction"] for r in rows]
-    latency = [r["latency_ms"] for r in rows]
-    return Summary(
-        examples=len(rows),
-        accuracy=accuracy(gold, pred),
-        accuracy_ci=bootstrap_interval(accuracy, gold, pred),
-        macro_f1=macro_f1(gold, pred),
-        macro_f1_ci=bootstrap_interval(macro_f1, gold, pred),
-        latency_p50_ms=percentile(latency, 50),
-        latency_p95_ms=percentile(latency, 95),
-    )
+def run_records(model: EvalModel, records: Sequence[Record], output: Path, name: str = "records", rule: str = "letter") -> list[dict[str, Any]]:
+    """Zero-shot scoring of plain records (what `medmoe run` does)."""
+    return run_benchmark(model, Benchmark(name, list(records)), output, rule)

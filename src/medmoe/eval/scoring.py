@@ -10,6 +10,7 @@ continuation's tokens are whole[len(tok(context)):], so scores match lm-eval's o
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -18,21 +19,27 @@ import torch
 
 @dataclass
 class OptionScores:
-    """Per option: summed log-probability, its token count and the continuation's length in bytes."""
+    """Per option: summed log-probability, its token count, and the option's length in characters
+    (the continuation without its leading separator space, as lm-eval's `acc_norm` counts it)."""
 
     logprobs: list[float]
     num_tokens: list[int]
-    num_bytes: list[int]
+    num_chars: list[int]
     context_tokens: int
 
     def normalized(self) -> list[float]:
-        """Log-probability per byte of the continuation (lm-eval's acc_norm rule)."""
-        return [lp / max(nb, 1) for lp, nb in zip(self.logprobs, self.num_bytes)]
+        """Log-probability per character of the option (lm-eval's acc_norm rule)."""
+        return [lp / max(n, 1) for lp, n in zip(self.logprobs, self.num_chars)]
 
     def probabilities(self, normalize: bool = False) -> list[float]:
         """Softmax over the options' (normalized) log-probabilities: a distribution over options."""
         scores = torch.tensor(self.normalized() if normalize else self.logprobs, dtype=torch.float64)
         return torch.softmax(scores, dim=0).tolist()
+
+
+def option_lengths(continuations: Sequence[str]) -> list[int]:
+    """Characters of each option, without the separator space a plain prompt puts before it."""
+    return [len(c[1:] if c.startswith(" ") else c) for c in continuations]
 
 
 def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -46,24 +53,77 @@ def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[i
     return ctx, whole[len(ctx):]
 
 
-def _bos(tokenizer: Any) -> list[int]:
-    """Models trained with a BOS token (Gemma) expect it; chat templates that add it are left alone."""
+def bos_ids(tokenizer: Any, ids: Sequence[int] = ()) -> list[int]:
+    """[BOS] to put before `ids` when the tokenizer itself adds one (Gemma), else [].
+
+    The tokenizer's own convention decides (what the model was trained with): Gemma's tokenizer
+    adds <bos> with special tokens, SmolLM2's adds nothing. Never doubled when `ids` (e.g. a chat
+    template's text) already start with it.
+    """
     bos = getattr(tokenizer, "bos_token_id", None)
-    return [bos] if bos is not None and getattr(tokenizer, "add_bos_token", False) else []
+    if bos is None or (len(ids) and ids[0] == bos):
+        return []
+    return [bos] if tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos] else []
+
+
+class PrefixCache:
+    """The KV cache of the previous context, reused when the next context starts the same way.
+
+    Few-shot prompts put the same instruction and shots before every question of a benchmark (or
+    CMMLU subject), so only the question's own tokens need a forward pass. The reused cache is a
+    cropped copy: keys/values of positions < n_shared are identical to recomputing them. The cache is
+    a plain DynamicCache (every layer keeps every position), which stays correct for models with
+    sliding-window layers (Gemma-3): the window is applied by the attention mask, not by the cache.
+    """
+
+    def __init__(self, min_tokens: int = 16):
+        self.min_tokens = min_tokens
+        self.ids: list[int] = []
+        self.cache: Any = None
+
+    def reuse(self, ids: list[int]) -> tuple[Any, int]:
+        """(cache holding the first n ids, n); n < len(ids) so the last position is always recomputed."""
+        from transformers import DynamicCache
+
+        n = 0
+        if self.cache is not None:
+            m = min(len(ids) - 1, len(self.ids))
+            a, b = torch.tensor(ids[:m]), torch.tensor(self.ids[:m])
+            differ = (a != b).nonzero()
+            n = int(differ[0]) if len(differ) else m
+        if n < self.min_tokens:
+            return DynamicCache(), 0
+        cache = copy.deepcopy(self.cache)
+        if len(self.ids) > n:
+            cache.crop(n - len(self.ids))  # a negative argument removes that many trailing positions
+        return cache, n
+
+    def remember(self, ids: list[int], cache: Any) -> None:
+        self.ids, self.cache = list(ids), copy.deepcopy(cache)
 
 
 @torch.inference_mode()
-def score_options(model: Any, tokenizer: Any, context: str, continuations: Sequence[str]) -> OptionScores:
-    """Log-likelihood of each continuation after `context`, sharing the context's computation."""
+def score_options(
+    model: Any, tokenizer: Any, context: str, continuations: Sequence[str], prefix: PrefixCache | None = None
+) -> OptionScores:
+    """Log-likelihood of each continuation after `context`, sharing the context's computation.
+
+    prefix: reuse the KV cache of a previous context's shared beginning (few-shot prompts).
+    """
     pairs = [encode_pair(tokenizer, context, c) for c in continuations]
-    ctx_ids = _bos(tokenizer) + pairs[0][0]
+    ctx_ids = bos_ids(tokenizer, pairs[0][0]) + pairs[0][0]
     conts = [cont for _, cont in pairs]
     if any(pair[0] != pairs[0][0] for pair in pairs) or not all(conts):
         raise ValueError("option continuations must tokenize after a common context and be non-empty")
     device = next(model.parameters()).device
     ctx = torch.tensor([ctx_ids], device=device)  # (1, n)
     single = all(len(c) == 1 for c in conts)
-    out = model(input_ids=ctx, use_cache=not single)
+    if prefix is None:
+        out = model(input_ids=ctx, use_cache=not single)
+    else:
+        cache, start = prefix.reuse(ctx_ids)
+        out = model(input_ids=ctx[:, start:], past_key_values=cache, use_cache=True)  # (1, n - start, V)
+        prefix.remember(ctx_ids, out.past_key_values)
     last = torch.log_softmax(out.logits[0, -1].float(), dim=-1)  # (V,): next-token log-probs after the context
     if single:
         logprobs = [last[c[0]].item() for c in conts]
@@ -72,7 +132,7 @@ def score_options(model: Any, tokenizer: Any, context: str, continuations: Seque
     return OptionScores(
         logprobs=logprobs,
         num_tokens=[len(c) for c in conts],
-        num_bytes=[len(c.encode("utf-8")) for c in continuations],
+        num_chars=option_lengths(continuations),
         context_tokens=len(ctx_ids),
     )
 

@@ -1,0 +1,57 @@
+"""`medmoe eval`: a model on several medical benchmarks, with per-example JSONL, intervals and a plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+console = Console()
+
+
+def eval_command(
+    model: str = typer.Option("smollm2-135m", help="Bundled short name, Hugging Face hub id or local path (the base model when --adapter is given)."),
+    benchmarks: str = typer.Option(
+        "pubmedqa", help="Comma-separated: pubmedqa, medmcqa, dental, cmmlu-med, cmexam, cmb-clin, cmb-exam:PATH, or file paths."
+    ),
+    shots: int = typer.Option(0, help="Few-shot examples per question (from train/dev splits only)."),
+    rule: str = typer.Option("letter", help="Scoring rule: letter, loglik, loglik-norm or generate (docs/evaluation.md)."),
+    limit: Optional[int] = typer.Option(None, help="Fixed subsample of at most N examples per benchmark (sha256 order of ids)."),
+    output: Optional[Path] = typer.Option(None, help="Results folder [default: runs/eval-MODEL-RULE-Kshot]."),
+    adapter: Optional[str] = typer.Option(None, help="A `medmoe finetune` output folder: LoRA-MoE adapter, PEFT LoRA adapter, or full model."),
+    batch_size: int = typer.Option(1, help="Examples per forward pass for single-token rules (latency is then amortized)."),
+    max_new_tokens: int = typer.Option(32, help="Generation length for --rule generate."),
+    shots_from: Optional[str] = typer.Option(None, help="Few-shot pool for cmb-exam:PATH and user files (a dataset file)."),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads [default: all cores]."),
+) -> None:
+    """Evaluate a model on medical benchmarks; writes predictions, summary.json, report.md and a plot.
+
+    Interrupted runs resume: run the same command again.
+    """
+    import torch
+
+    from medmoe.eval.harness import evaluate
+    from medmoe.eval.model import load_eval_model
+    from medmoe.eval.rules import check_rule
+
+    try:
+        check_rule(rule)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--rule") from None
+    if threads:
+        torch.set_num_threads(threads)
+    names = [b.strip() for b in benchmarks.split(",") if b.strip()]
+    folder = output or Path("runs") / f"eval-{Path(model).name}-{rule}-{shots}shot"
+    with console.status(f"loading {model}..."):
+        lm = load_eval_model(model, adapter)
+    result = evaluate(lm, names, folder, rule, shots, limit, batch_size, max_new_tokens, shots_from,
+                      settings={"adapter": adapter})
+    console.print((folder / "report.md").read_text(encoding="utf-8"))
+    console.print(f"results: {folder} (summary.json, report.md, results.png, <benchmark>/predictions.jsonl)")
+    del result
+
+
+def register(app: typer.Typer) -> None:
+    app.command("eval")(eval_command)

@@ -1,0 +1,174 @@
+"""MambaFormer commands: `medmoe run` (the main job), `ask`, `profile`, `calibrate`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+DEFAULT_OUT = Path("runs/mambaformer")
+
+
+def default_mamba_expert() -> Path:
+    from medmoe.paths import medmoe_home
+
+    return medmoe_home() / "experts" / "mamba-shallow"
+
+
+def ensure_mamba_expert(path: Path, minutes: float, threads: Optional[int]) -> None:
+    """Build the default Mamba expert by distillation when it does not exist yet (resumes if interrupted)."""
+    from medmoe.experts import mamba_folder
+
+    if path.exists() and mamba_folder(path) is not None:
+        return
+    console.print(f"[bold]building the default Mamba expert[/] ({minutes:g} min of distillation from smollm2-135m) -> {path}")
+    cmd = [sys.executable, "-m", "medmoe", "distill", "--out", str(path), "--size", "shallow", "--minutes", str(minutes)]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    subprocess.run(cmd, check=True)
+
+
+def print_summary(dataset: str, report: dict) -> None:
+    big = report.get("big")
+    table = Table("router", "accuracy", "macro-F1", "p50 ms", "p95 ms", "share to E_M",
+                  f"speedup vs {big['name'] if big else 'big'}",
+                  title=f"MambaFormer on {dataset} test ({report['examples']['test']} examples; tau {report['tau']:.3f}, gate {report['gate_ms']:.2f} ms)")
+    for row in report["summary"]:
+        speed = f"{row['speedup_vs_big']:.2f}x" if row["speedup_vs_big"] else "-"
+        table.add_row(row["router"], f"{row['accuracy']:.3f}", f"{row['macro_f1']:.3f}", f"{row['p50_ms']:.0f}",
+                      f"{row['p95_ms']:.0f}", f"{row['share_mamba']:.2f}", speed)
+    if big:
+        table.add_row(big["name"], f"{big['accuracy']:.3f}", "", f"{big['latency_ms']:.0f}", "", "", "1.00x")
+    console.print(table)
+
+
+def run(
+    datasets: str = typer.Option("pubmedqa,dental", help="Comma-separated datasets with train/dev/test splits."),
+    transformer: str = typer.Option("smollm2-135m", help="E_T: bundled name, hub id or local folder."),
+    mamba: Optional[Path] = typer.Option(None, help="E_M: a `medmoe distill` run or hybrid folder [default: built once under $MEDMOE_HOME/experts]."),
+    big: str = typer.Option("gemma3-270m", help="The largest offline Transformer, evaluated alone ('' to skip)."),
+    distill_minutes: float = typer.Option(5.0, help="Distillation budget when the default Mamba expert is built."),
+    train_limit: int = typer.Option(150, help="Train examples for the gate (0 = all)."),
+    dev_limit: int = typer.Option(100, help="Dev examples for calibration (0 = all)."),
+    test_limit: int = typer.Option(200, help="Test examples (0 = the whole test split)."),
+    latency_budget: Optional[float] = typer.Option(None, "--latency-budget", help="Calibrate tau for this p50 budget (ms) instead of 'fastest within 1 point of E_T'."),
+    out: Path = typer.Option(DEFAULT_OUT, help="Run folder (per-example results are cached here and reused)."),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads [default: all cores]."),
+) -> None:
+    """The main job: build (or load cached) experts and gate, route PubMedQA and Dental test questions.
+
+    Prints, per dataset, accuracy, macro-F1, p50/p95 latency, share to the Mamba expert and speedup
+    against the big Transformer, for the calibrated MambaFormer and every baseline; writes the
+    Pareto table and plot (pareto.md/.json/.png) and the router checkpoint under --out. The default
+    budgets are small so a first run ends in minutes; pass 0 limits for the full splits.
+    """
+    import torch
+
+    from medmoe.router.pipeline import PipelineConfig, run_pipeline
+
+    if threads:
+        torch.set_num_threads(threads)
+    expert = mamba or default_mamba_expert()
+    if mamba is None:
+        ensure_mamba_expert(expert, distill_minutes, threads)
+    for dataset in [d.strip() for d in datasets.split(",") if d.strip()]:
+        cfg = PipelineConfig(dataset=dataset, transformer=transformer, mamba=str(expert), big=big or None,
+                             train_limit=train_limit or None, dev_limit=dev_limit or None, test_limit=test_limit or None,
+                             latency_budget_ms=latency_budget, out=str(out))
+        report = run_pipeline(cfg, log=console.print)
+        print_summary(dataset, report)
+        console.print(f"Pareto table and plot: {out / dataset / 'pareto.md'}, {out / dataset / 'pareto.png'}")
+
+
+def ask(
+    question: str = typer.Argument(..., help="The question."),
+    context: Optional[str] = typer.Option(None, help="Supporting text (e.g. an abstract)."),
+    options: str = typer.Option("yes|no|maybe", help="Options separated by '|'."),
+    router: Path = typer.Option(DEFAULT_OUT / "pubmedqa" / "router", help="Router checkpoint folder (written by `medmoe run`)."),
+) -> None:
+    """Answer one question with the routed system: answer, chosen expert, gate probability, top features, latency."""
+    from medmoe.data.record import Record
+    from medmoe.errors import MedmoeError
+    from medmoe.router.answerer import RoutedAnswerer
+
+    if not question.strip():
+        raise MedmoeError("the question is empty")
+    choices = tuple(o.strip() for o in options.split("|") if o.strip())
+    if len(choices) < 2:
+        raise MedmoeError(f"--options needs at least two options separated by '|', got {options!r}")
+    with console.status("loading the router and experts..."):
+        answerer = RoutedAnswerer.load(router)
+    record = Record(id="ask", question=question, answer="A", context=context, options=choices)
+    answer = answerer.answer(record)
+    chosen = choices["ABCDEFGHIJ".index(answer.answer)]
+    console.print(f"[bold]answer[/]: {chosen}   ({', '.join(f'{choices[i]} {p:.2f}' for i, p in enumerate(answer.label_scores.values()))})")
+    console.print(f"[bold]expert[/]: {answer.expert}   p_M = {answer.gate_probability:.3f} (tau {answerer.checkpoint.tau:.3f})")
+    console.print("[bold]why[/]: " + ", ".join(f"{name} {value:+.3f}" for name, value in answer.top_features))
+    console.print("[bold]latency[/]: " + ", ".join(f"{k} {v:.0f} ms" for k, v in answer.latency_ms.items()))
+
+
+def profile(
+    expert: str = typer.Argument(..., help="Expert to time: bundled name, hub id, local folder or distill run."),
+    lengths: str = typer.Option("64,128,256,512,1024", help="Input lengths (tokens)."),
+    repeats: int = typer.Option(5, help="Timed repeats per length (median)."),
+    output: Path = typer.Option(..., "--output", help="Where to write the latency model (JSON)."),
+) -> None:
+    """Time one expert's forward pass over a grid of lengths on this machine and fit C(n) = a n^2 + b n + c."""
+    import torch
+
+    from medmoe.experts import load_expert
+    from medmoe.router.latency import profile as profile_latency
+
+    loaded = load_expert("expert", expert)
+    vocab = loaded.model.get_input_embeddings().weight.shape[0]
+
+    @torch.inference_mode()
+    def forward(n: int) -> None:
+        loaded.model(input_ids=torch.randint(0, vocab, (1, n)), use_cache=False)
+
+    grid = [int(x) for x in lengths.split(",")]
+    with console.status(f"timing {expert} at {grid} tokens..."):
+        model = profile_latency(forward, grid, repeats=repeats, expert=expert)
+    model.save(output)
+    console.print(f"C(n) = {model.a:.3g} n^2 + {model.b:.3g} n + {model.c:.3g} ms  -> {output}")
+
+
+def calibrate(
+    router: Path = typer.Option(DEFAULT_OUT / "pubmedqa" / "router", help="Router checkpoint folder."),
+    latency_budget: float = typer.Option(..., "--latency-budget", help="p50 latency budget per query (ms)."),
+) -> None:
+    """Re-pick tau for a latency budget on the run's cached dev results, and save it in the checkpoint."""
+    from medmoe.data import load_dataset
+    from medmoe.router.calibrate import calibrate_tau
+    from medmoe.router.checkpoint import RouterCheckpoint
+    from medmoe.router.pipeline import PipelineConfig, gate_inputs, table_from_rows
+    from medmoe.eval.runner import read_done
+    from medmoe.models import load_tokenizer
+
+    checkpoint = RouterCheckpoint.load(router)
+    cfg = PipelineConfig(**checkpoint.info["config"])
+    records = load_dataset(cfg.dataset, "dev")[: cfg.dev_limit]
+    folder = Path(cfg.out) / cfg.dataset / "dev"
+    rows = {e: read_done(folder / f"{e}.jsonl") for e in ("transformer", "mamba")}
+    table = table_from_rows(records, [rows["transformer"][r.id] for r in records], [rows["mamba"][r.id] for r in records])
+    scores = checkpoint.gate(gate_inputs(checkpoint.featurizer, load_tokenizer(cfg.transformer), records)).p_mamba.detach().numpy()
+    result = calibrate_tau(scores, table, latency_budget)
+    checkpoint.tau = result.tau
+    checkpoint.save(router)
+    console.print(f"tau = {result.tau:.4f}: dev accuracy {result.metrics.accuracy:.3f}, p50 {result.metrics.p50_ms:.0f} ms, "
+                  f"share to E_M {result.metrics.share_mamba:.2f}  -> {router}")
+    console.print(json.dumps(result.to_dict()["metrics"]))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("run")(run)
+    app.command("ask")(ask)
+    app.command("profile")(profile)
+    app.command("calibrate")(calibrate)

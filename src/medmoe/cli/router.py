@@ -1,0 +1,192 @@
+"""`medmoe router lexicon | train | calibrate | pareto`: the MambaFormer gate on your own result files.
+
+`medmoe run` does the whole job on the bundled experts (medmoe.router.pipeline); these commands do its
+router steps on any per-example expert results (`ExpertResults` JSONL, one example per line) whose
+ids come from a bundled dataset split, without running the experts. `medmoe profile` (cli/mambaformer)
+writes the latency model that `router train --latency-models` reads.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+router_app = typer.Typer(help="MambaFormer gate: lexicon, training, calibration, Pareto sweep.", no_args_is_help=True)
+
+
+def _features(featurizer, tokenizer, table, dataset: str, split: str, max_length: int):
+    from medmoe.data import load_dataset
+    from medmoe.router.queries import batched_features, encode_queries, records_for
+
+    records = records_for(table.ids, load_dataset(dataset, split), f"{dataset} {split}")
+    return batched_features(featurizer, encode_queries(tokenizer, records, max_length))
+
+
+def _latency_models(transformer: Optional[Path], mamba: Optional[Path]):
+    if transformer is None and mamba is None:
+        return None
+    if transformer is None or mamba is None:
+        raise typer.BadParameter("give both --transformer-latency and --mamba-latency, or neither")
+    from medmoe.router.latency import LatencyModel
+
+    return {"transformer": LatencyModel.load(transformer), "mamba": LatencyModel.load(mamba)}
+
+
+@router_app.command("lexicon")
+def lexicon(
+    dataset: List[str] = typer.Option(["pubmedqa", "dental"], help="Datasets whose train split feeds the lexicon."),
+    out: Path = typer.Option(Path("lexicon.json"), help="Where to write the lexicon (JSON)."),
+) -> None:
+    """Build the medical lexicon (MeSH words + clinical/dental terms) from training splits only."""
+    from medmoe.data import load_dataset
+    from medmoe.router.lexicon import build_lexicon
+
+    records = [r for name in dataset for r in load_dataset(name, "train")]
+    lex = build_lexicon(records)
+    lex.save(out)
+    console.print(f"[green]lexicon[/]: {len(lex)} terms from {len(records)} training records -> {out}")
+
+
+@router_app.command("train")
+def train_router(
+    train_results: Path = typer.Option(..., help="ExpertResults JSONL of the training split."),
+    dev_results: Path = typer.Option(..., help="ExpertResults JSONL of the dev split (for tau)."),
+    dataset: str = typer.Option("pubmedqa", help="Bundled dataset the result ids come from."),
+    model: str = typer.Option("smollm2-135m", help="The Transformer expert: its tokenizer and embedding table feed the gate."),
+    out: Path = typer.Option(Path("runs/router"), help="Checkpoint folder."),
+    transformer_latency: Optional[Path] = typer.Option(None, help="E_T's latency model (`medmoe profile ... --output`); with --mamba-latency the costs C_e(n) [default: measured latencies]."),
+    mamba_latency: Optional[Path] = typer.Option(None, help="E_M's latency model (`medmoe profile ... --output`)."),
+    lexicon_path: Optional[Path] = typer.Option(None, "--lexicon", help="Lexicon JSON [default: build from the dataset's train split]."),
+    latency_budget: Optional[float] = typer.Option(None, help="Latency budget in ms: dual ascent on lambda_cost and calibration of tau."),
+    statistic: str = typer.Option("p50", help="Latency statistic for the budget: p50, mean or p95."),
+    beta: float = typer.Option(1.0, help="Cost weight beta in the utility U_e = -l_e - beta C_e / C_ref."),
+    lambda_cost: float = typer.Option(0.1), lambda_util: float = typer.Option(0.5),
+    lambda_bal: float = typer.Option(0.0), lambda_ent: float = typer.Option(0.0), lambda_reg: float = typer.Option(1e-4),
+    balance: str = typer.Option("target", help="Balance loss: switch or target."),
+    target_mix: float = typer.Option(0.5, help="rho, the target share to E_M for balance=target."),
+    epochs: int = typer.Option(100), mode: str = typer.Option("st", help="Training decisions: st or soft."),
+    max_length: int = typer.Option(4096, help="Gate tokens per query at most."),
+    seed: int = typer.Option(0),
+) -> None:
+    """Train the gate on cached expert results (experts frozen), calibrate tau on dev, save the checkpoint."""
+    from medmoe.data import load_dataset
+    from medmoe.models import load_causal_lm
+    from medmoe.router.checkpoint import RouterCheckpoint
+    from medmoe.router.features import featurizer_for_tokenizer
+    from medmoe.router.lexicon import Lexicon, build_lexicon
+    from medmoe.router.loss import LossConfig
+    from medmoe.router.queries import query_text
+    from medmoe.router.results import ExpertResults
+    from medmoe.router.train import TrainConfig
+    from medmoe.router.workflow import fit_gate
+
+    train_table, dev_table = ExpertResults.load_jsonl(train_results), ExpertResults.load_jsonl(dev_results)
+    out.mkdir(parents=True, exist_ok=True)
+    if lexicon_path is None:
+        lex = build_lexicon(load_dataset(dataset, "train"))
+        lexicon_path = out / "lexicon.json"
+        lex.save(lexicon_path)
+    else:
+        lex = Lexicon.load(lexicon_path)
+    with console.status(f"loading {model} (tokenizer and embedding table)..."):
+        lm, tokenizer = load_causal_lm(model)
+    corpus = [query_text(r) for r in load_dataset(dataset, "train")]
+    featurizer = featurizer_for_tokenizer(tokenizer, lm.get_input_embeddings().weight, corpus, lex.terms)
+    del lm
+    train_f = _features(featurizer, tokenizer, train_table, dataset, "train", max_length)
+    dev_f = _features(featurizer, tokenizer, dev_table, dataset, "dev", max_length)
+    loss_config = LossConfig(cost=lambda_cost, util=lambda_util, bal=lambda_bal, ent=lambda_ent, reg=lambda_reg,
+                             beta=beta, balance=balance, target_mix=target_mix)
+    train_config = TrainConfig(epochs=epochs, mode=mode, seed=seed, latency_budget_ms=latency_budget)
+    models = _latency_models(transformer_latency, mamba_latency)
+    with console.status("training the gate..."):
+        fitted = fit_gate(train_table, train_f, dev_table, dev_f, loss_config, train_config, models,
+                          latency_budget, statistic)
+    info = {"model": model, "dataset": dataset, "loss_config": fitted.loss_config.to_dict(),
+            "train_config": train_config.to_dict(), "dev_metrics": fitted.dev_metrics,
+            "calibration": fitted.calibration.to_dict() if fitted.calibration else None,
+            "final_epoch": fitted.history[-1] if fitted.history else None}
+    RouterCheckpoint(fitted.gate, featurizer, fitted.tau, models or {}, str(lexicon_path), info).save(out)
+    (out / "history.json").write_text(json.dumps(fitted.history, indent=1) + "\n", encoding="utf-8")
+    _print_metrics(f"gate on {dataset} dev (tau = {fitted.tau:.4f})", fitted.dev_metrics)
+    console.print(f"checkpoint: {out}")
+
+
+@router_app.command("calibrate")
+def calibrate(
+    router: Path = typer.Option(..., help="Router checkpoint folder (from `medmoe router train`)."),
+    dev_results: Path = typer.Option(..., help="ExpertResults JSONL of the dev split."),
+    latency_budget: float = typer.Option(..., help="Latency budget per query in ms."),
+    dataset: str = typer.Option("pubmedqa"), split: str = typer.Option("dev"),
+    statistic: str = typer.Option("p50", help="p50, mean or p95."),
+    max_length: int = typer.Option(4096),
+) -> None:
+    """Pick tau so the routed dev latency statistic meets the budget with the best accuracy; saves it."""
+    from medmoe.models import load_tokenizer
+    from medmoe.router.calibrate import calibrate_tau
+    from medmoe.router.checkpoint import RouterCheckpoint
+    from medmoe.router.results import ExpertResults
+    from medmoe.router.train import gate_scores
+
+    ckpt = RouterCheckpoint.load(router)
+    table = ExpertResults.load_jsonl(dev_results)
+    tokenizer = load_tokenizer(ckpt.info.get("model", "smollm2-135m"))
+    scores = gate_scores(ckpt.gate, _features(ckpt.featurizer, tokenizer, table, dataset, split, max_length))
+    cal = calibrate_tau(scores, table, latency_budget, statistic)
+    ckpt.tau = cal.tau
+    ckpt.gate.config.tau = cal.tau
+    ckpt.info["calibration"] = cal.to_dict()
+    ckpt.save(router)
+    _print_metrics(f"calibrated tau = {cal.tau:.4f} for {statistic} <= {latency_budget:g} ms", cal.metrics.to_dict())
+
+
+@router_app.command("pareto")
+def pareto(
+    router: List[Path] = typer.Option(..., help="Router checkpoint folder(s); one per beta for the beta sweep."),
+    results: Path = typer.Option(..., help="ExpertResults JSONL of the evaluation split."),
+    dev_results: Optional[Path] = typer.Option(None, help="Dev ExpertResults JSONL (fits the length threshold)."),
+    dataset: str = typer.Option("pubmedqa"), split: str = typer.Option("test"),
+    out: Path = typer.Option(Path("runs/pareto"), help="Folder for pareto.md, pareto.json, pareto.png."),
+    statistic: str = typer.Option("p50", help="Latency axis: p50, mean or p95."),
+    max_length: int = typer.Option(4096), seed: int = typer.Option(0),
+) -> None:
+    """Sweep tau (and beta over several checkpoints): accuracy vs latency, Pareto front, APGR, baselines."""
+    from medmoe.models import load_tokenizer
+    from medmoe.router.checkpoint import RouterCheckpoint
+    from medmoe.router.pareto import write_report
+    from medmoe.router.results import ExpertResults
+    from medmoe.router.train import gate_scores
+    from medmoe.router.workflow import pareto_run
+
+    table = ExpertResults.load_jsonl(results)
+    dev = ExpertResults.load_jsonl(dev_results) if dev_results else None
+    scores_by_beta, tau, first_beta = {}, None, None
+    for folder in router:
+        ckpt = RouterCheckpoint.load(folder)
+        tokenizer = load_tokenizer(ckpt.info.get("model", "smollm2-135m"))
+        beta = float(ckpt.info.get("loss_config", {}).get("beta", len(scores_by_beta)))
+        scores_by_beta[beta] = gate_scores(ckpt.gate, _features(ckpt.featurizer, tokenizer, table, dataset, split, max_length))
+        tau = ckpt.tau if tau is None else tau
+        first_beta = beta if first_beta is None else first_beta
+    report = pareto_run(table, scores_by_beta, tau, dev, seed=seed, statistic=statistic, oracle_beta=first_beta)
+    paths = write_report(report, out, "pareto", statistic,
+                         header=f"# Pareto sweep on {dataset} {split} ({len(table)} examples)\n")
+    console.print(Path(paths["md"]).read_text(encoding="utf-8"))
+    console.print(f"written: {', '.join(str(p) for p in paths.values())}")
+
+
+def _print_metrics(title: str, metrics: dict) -> None:
+    table = Table("metric", "value", title=title)
+    for key, value in metrics.items():
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    console.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(router_app, name="router")

@@ -1,0 +1,72 @@
+"""One evaluation run: a model on several benchmarks -> a folder of results.
+
+  <output>/run.json                      the settings (a resumed run must match them)
+  <output>/<benchmark>/predictions.jsonl per-example rows (resumable)
+  <output>/summary.json                  per-benchmark summaries (report.py)
+  <output>/report.md                     markdown table with 95% bootstrap intervals
+  <output>/results.png                   bar chart of the headline metrics with intervals
+"""
+
+from __future__ import annotations
+
+import datetime
+import platform
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+from medmoe.eval.benchmarks import load_benchmark
+from medmoe.eval.model import EvalModel
+from medmoe.eval.report import markdown_table, plot, summarize_rows
+from medmoe.eval.runner import check_settings, claim_folder, run_benchmark
+from medmoe.eval.textmetrics import load_bertscorer
+from medmoe.paths import atomic_write_bytes, atomic_write_json
+
+
+def folder_name(benchmark: str) -> str:
+    """A benchmark's subfolder: its name, or a file's stem for cmb-exam:PATH and user files."""
+    if benchmark.startswith("cmb-exam:") or "/" in benchmark or "." in benchmark:
+        return "file-" + re.sub(r"[^A-Za-z0-9_-]+", "_", Path(benchmark.split(":", 1)[-1]).stem)
+    return benchmark
+
+
+def evaluate(
+    model: EvalModel,
+    benchmarks: list[str],
+    output: Path,
+    rule: str = "letter",
+    shots: int = 0,
+    limit: int | None = None,
+    batch_size: int = 1,
+    max_new_tokens: int = 32,
+    shots_from: str | None = None,
+    settings: dict[str, Any] | None = None,
+    bertscorer: Callable[[str], Any] = load_bertscorer,
+) -> dict[str, Any]:
+    """Run every benchmark (resuming what `output` already holds); write and return the summary."""
+    output.mkdir(parents=True, exist_ok=True)
+    run = {"model": model.name, "rule": rule, "shots": shots, "limit": limit, "max_new_tokens": max_new_tokens,
+           "shots_from": shots_from, **(settings or {})}
+    claim_folder(output)
+    check_settings(output, run)
+    summaries: dict[str, dict[str, Any]] = {}
+    for name in benchmarks:
+        bench = load_benchmark(name, limit, shots_from)
+        rows = run_benchmark(model, bench, output / folder_name(name) / "predictions.jsonl", rule, shots,
+                             batch_size, max_new_tokens, bertscorer)
+        summary = summarize_rows(rows)
+        summary["shots"] = rows[0]["shots"] if rows else 0
+        summary["rule"] = rows[0]["rule"] if rows else rule
+        summaries[name] = summary
+    result = {
+        "settings": run,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": platform.platform(),
+        "benchmarks": summaries,
+    }
+    atomic_write_json(output / "summary.json", result)
+    title = f"{model.name}, rule {rule}, {shots}-shot" + (f", subsample {limit}" if limit else "")
+    table = f"# {title}\n\n" + markdown_table(summaries)
+    atomic_write_bytes(output / "report.md", table.encode("utf-8"))
+    plot(summaries, output / "results.png", title)
+    return result

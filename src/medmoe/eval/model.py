@@ -1,0 +1,103 @@
+"""What the harness needs from a model: the `EvalModel` protocol, and its plain Hugging Face version.
+
+Every system medmoe evaluates implements the same three things, so `medmoe eval` treats them alike:
+  score_options(context, continuations) -> OptionScores   log p(continuation_i | context)
+  score_batch(requests)                  -> [OptionScores]  the same for many examples at once
+  generate(context, max_new_tokens)      -> Generation       greedy text after the context
+  tokenizer                                                 for prompts and chat templates
+and may report per call what the router did (`last_route()`: expert, gate probability, expert load),
+which the harness writes into each example's JSONL row. Plain models report nothing.
+
+Plugging in: LoRA adapters (PEFT folders) load with `--adapter PATH`; LoRA-MoE adapters and the
+routed MambaFormer system implement this protocol in their own packages (not landed yet: asking for
+them is a clear error, see `load_eval_model`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, Sequence
+
+import torch
+
+from medmoe.errors import ModelError
+from medmoe.eval.batch_scoring import score_options_batch
+from medmoe.eval.prompts import Prompt
+from medmoe.eval.scoring import OptionScores, PrefixCache, score_options
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    prompt_tokens: int
+    new_tokens: int
+
+
+class EvalModel(Protocol):
+    name: str
+    tokenizer: Any
+
+    def score_options(self, context: str, continuations: Sequence[str]) -> OptionScores: ...
+
+    def score_batch(self, requests: Sequence[tuple[str, Sequence[str]]]) -> list[OptionScores]: ...
+
+    def generate(self, context: str, max_new_tokens: int) -> Generation: ...
+
+    def last_route(self) -> dict[str, Any] | None: ...
+
+
+class HFEvalModel:
+    """A Hugging Face causal LM (optionally with a PEFT LoRA adapter merged in) as an EvalModel.
+
+    share_prefix: keep the previous context's KV cache and reuse the part the next context shares
+    with it (few-shot shots); scores are unchanged (tests/test_scoring_rules.py).
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, name: str = "model", share_prefix: bool = True):
+        self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.prefix = PrefixCache() if share_prefix else None
+
+    def score_options(self, context: str, continuations: Sequence[str]) -> OptionScores:
+        return score_options(self.model, self.tokenizer, context, continuations, self.prefix)
+
+    def reset(self) -> None:
+        """Forget the cached prefix, so a run does not depend on what this model scored before."""
+        if self.prefix is not None:
+            self.prefix = PrefixCache(self.prefix.min_tokens)
+
+    def score_batch(self, requests: Sequence[tuple[str, Sequence[str]]]) -> list[OptionScores]:
+        """Many examples at once: one padded forward for those whose continuations are single tokens."""
+        return score_options_batch(self.model, self.tokenizer, [Prompt(c, tuple(conts), ()) for c, conts in requests])
+
+    @torch.inference_mode()
+    def generate(self, context: str, max_new_tokens: int) -> Generation:
+        """Greedy decoding (deterministic), stopping at EOS or the chat template's end of turn."""
+        from medmoe.eval.scoring import bos_ids
+
+        ids = self.tokenizer(context, add_special_tokens=False)["input_ids"]
+        ids = bos_ids(self.tokenizer, ids) + ids
+        input_ids = torch.tensor([ids], device=next(self.model.parameters()).device)
+        out = self.model.generate(
+            input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
+            do_sample=False, pad_token_id=self.tokenizer.pad_token_id,
+        )
+        new = out[0, len(ids):]
+        return Generation(self.tokenizer.decode(new, skip_special_tokens=True).strip(), len(ids), int(new.numel()))
+
+    def last_route(self) -> dict[str, Any] | None:
+        return None
+
+
+def load_eval_model(name: str, adapter: str | None = None) -> EvalModel:
+    """A bundled name, hub id or local folder (optionally with a `medmoe finetune` adapter) as an EvalModel."""
+    if name.startswith("routed:"):
+        raise ModelError("the routed MambaFormer system is evaluated by `medmoe run` (it needs the gate's "
+                         "per-query features, which this harness does not pass yet)")
+    from medmoe.train.adapters import load_tuned
+
+    if adapter and not Path(adapter).exists():
+        raise ModelError(f"adapter '{adapter}' does not exist")
+    model, tokenizer = load_tuned(name, adapter)  # LoRA-MoE, PEFT LoRA or a full fine-tune, by its files
+    return HFEvalModel(model, tokenizer, name if adapter is None else f"{name}+{Path(adapter).name}")

@@ -1,0 +1,197 @@
+"""Distil a Transformer teacher into a Mamba hybrid student: KL(teacher || student) on next-token logits.
+
+    L = (1 / #tokens) * sum_t  T^2 * KL( softmax(z_teacher_t / T) || softmax(z_student_t / T) )
+
+Training text: medical text from train splits only (`medical_corpus`), tokenized into one stream and
+cut into blocks of `seq_len`; block order is a fixed permutation per epoch (seeded), so step k always
+sees the same batch and an interrupted run resumes exactly.
+
+Checkpoints: `out/ckpt-<step>/` holds the student (model.safetensors, config.json, medmoe_hybrid.json,
+tokenizer) and the trainer state (optimizer.safetensors + trainer_state.json); when that folder is
+complete, `out/latest.json` is replaced atomically to point at it, and older checkpoints are removed.
+A run killed at any moment resumes from the last complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from medmoe.errors import ModelError
+from medmoe.mamba.transfer import AttentionMamba, HybridSpec, _atomic_write, load_hybrid, save_hybrid
+
+LATEST = "latest.json"
+
+
+@dataclass
+class DistillConfig:
+    seq_len: int = 256
+    batch_size: int = 4
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    temperature: float = 1.0
+    train: str = "all"             # "all" parameters, or "mixers" only (the new AttentionMamba layers)
+    max_steps: int = 1000
+    max_minutes: float | None = None
+    save_every: int = 25           # steps
+    seed: int = 0
+
+
+def medical_corpus() -> list[str]:
+    """Bundled English medical text from training splits only: PubMedQA train contexts and the
+    explanations of the Dental (MedMCQA) train split. Dev/test splits are never used."""
+    from medmoe.data import load_dataset
+
+    texts = [r.context for r in load_dataset("pubmedqa", split="train") if r.context]
+    texts += [r.explanation for r in load_dataset("dental", split="train") if r.explanation]
+    return texts
+
+
+def tokenize_blocks(texts: list[str], tokenizer, seq_len: int) -> torch.Tensor:
+    """One EOS-separated token stream cut into (num_blocks, seq_len) blocks (the tail is dropped)."""
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    stream: list[int] = []
+    for text in texts:
+        stream += tokenizer(text, add_special_tokens=False)["input_ids"] + [eos]
+    n = len(stream) // seq_len
+    if n == 0:
+        raise ModelError(f"the corpus has {len(stream)} tokens, fewer than one block of seq_len={seq_len}")
+    return torch.tensor(stream[: n * seq_len]).view(n, seq_len)
+
+
+def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Mean over tokens of T^2 KL(p_teacher || p_student), logits (..., V)."""
+    t = temperature
+    log_q = F.log_softmax(student_logits.float().flatten(0, -2) / t, dim=-1)
+    log_p = F.log_softmax(teacher_logits.float().flatten(0, -2) / t, dim=-1)
+    return F.kl_div(log_q, log_p, log_target=True, reduction="batchmean") * t * t
+
+
+def _batch_indices(step: int, num_blocks: int, batch: int, seed: int) -> torch.Tensor:
+    """Blocks of `step`: a seeded permutation per epoch, walked in order."""
+    per_epoch = max(num_blocks // batch, 1)
+    epoch, k = divmod(step, per_epoch)
+    perm = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+    return perm[k * batch:(k + 1) * batch]
+
+
+def _trainable(student, mode: str) -> list[tuple[str, torch.nn.Parameter]]:
+    if mode not in ("all", "mixers"):
+        raise ModelError(f"train must be 'all' or 'mixers', got {mode!r}")
+    mixer_names = {f"{n}." for n, m in student.named_modules() if isinstance(m, AttentionMamba)}
+    chosen = []
+    for name, p in student.named_parameters():
+        keep = mode == "all" or any(name.startswith(m) for m in mixer_names)
+        p.requires_grad_(keep)
+        if keep:
+            chosen.append((name, p))
+    return chosen
+
+
+def _save(out: Path, step: int, student, spec, tokenizer, opt, names, cfg: DistillConfig, history: list) -> None:
+    from safetensors.torch import save_file
+
+    ckpt = out / f"ckpt-{step:06d}"
+    if ckpt.exists():
+        shutil.rmtree(ckpt)
+    save_hybrid(student, spec, ckpt, tokenizer)
+    opt_state = {}  # AdamW's per-parameter exp_avg, exp_avg_sq and step, keyed "<param>::<field>"
+    for name, param in zip(names, opt.param_groups[0]["params"]):
+        for key, value in opt.state.get(param, {}).items():
+            value = value.detach().float()
+            opt_state[f"{name}::{key}"] = (value.reshape(1) if key == "step" else value).contiguous()
+    _atomic_write(ckpt / "optimizer.safetensors", lambda p: save_file(opt_state, p))
+    state = {"step": step, "config": asdict(cfg), "history": history}
+    _atomic_write(ckpt / "trainer_state.json", lambda p: Path(p).write_text(json.dumps(state, indent=1)))
+    _atomic_write(out / LATEST, lambda p: Path(p).write_text(json.dumps({"checkpoint": ckpt.name, "step": step})))
+    for old in out.glob("ckpt-*"):
+        if old != ckpt:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(out: str | Path) -> Path | None:
+    """The last complete checkpoint folder of a distillation run, or None."""
+    pointer = Path(out) / LATEST
+    if not pointer.exists():
+        return None
+    return Path(out) / json.loads(pointer.read_text())["checkpoint"]
+
+
+def _restore_optimizer(opt, names, folder: Path) -> None:
+    from safetensors.torch import load_file
+
+    saved = load_file(str(folder / "optimizer.safetensors"))
+    params = opt.param_groups[0]["params"]
+    for i, name in enumerate(names):
+        entries = {k.split("::", 1)[1]: v for k, v in saved.items() if k.startswith(f"{name}::")}
+        if entries:
+            entries["step"] = entries["step"].reshape(())
+            opt.state[params[i]] = entries
+
+
+def distill(teacher, student, spec: HybridSpec, blocks: torch.Tensor, out: str | Path, cfg: DistillConfig,
+            tokenizer=None, resume: bool = True,
+            on_step: Callable[[int, float, float], None] | None = None) -> dict:
+    """Train `student` against `teacher` on token `blocks` (N, seq_len); checkpoints in `out`.
+
+    With `resume` and a checkpoint in `out`, the student weights, optimizer and step are restored
+    from it (the `student` passed in is replaced). Returns {"step", "history", "checkpoint"}."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    start, history = 0, []
+    found = latest_checkpoint(out) if resume else None
+    if found is not None:
+        student, _, spec = load_hybrid(found)
+        state = json.loads((found / "trainer_state.json").read_text())
+        start, history = state["step"], state["history"]
+    teacher.eval()
+    student.train()
+    named = _trainable(student, cfg.train)
+    names = [n for n, _ in named]
+    opt = torch.optim.AdamW([p for _, p in named], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if found is not None:
+        _restore_optimizer(opt, names, found)
+    began = time.monotonic()
+    step = start
+    while step < cfg.max_steps:
+        if cfg.max_minutes is not None and time.monotonic() - began > 60 * cfg.max_minutes:
+            break
+        ids = blocks[_batch_indices(step, len(blocks), cfg.batch_size, cfg.seed)]
+        with torch.no_grad():
+            teacher_logits = teacher(input_ids=ids, use_cache=False).logits
+        loss = kl_loss(student(input_ids=ids, use_cache=False).logits, teacher_logits, cfg.temperature)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for _, p in named], 1.0)
+        opt.step()
+        step += 1
+        history.append({"step": step, "kl": round(loss.item(), 5), "seconds": round(time.monotonic() - began, 2)})
+        if on_step is not None:
+            on_step(step, loss.item(), time.monotonic() - began)
+        if step % cfg.save_every == 0 or step == cfg.max_steps:
+            _save(out, step, student, spec, tokenizer, opt, names, cfg, history)
+    if not history or latest_checkpoint(out) is None or json.loads((out / LATEST).read_text())["step"] != step:
+        _save(out, step, student, spec, tokenizer, opt, names, cfg, history)
+    return {"step": step, "history": history, "checkpoint": str(latest_checkpoint(out)), "student": student}
+
+
+def perplexity(model, blocks: torch.Tensor, batch_size: int = 4) -> float:
+    """exp(mean next-token cross-entropy) over (N, L) token blocks."""
+    total, count = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(blocks), batch_size):
+            ids = blocks[i:i + batch_size]
+            logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
+            total += F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum").item()
+            count += ids[:, 1:].numel()
+    return math.exp(total / count)

@@ -1,0 +1,153 @@
+"""Answerers the server can load: a plain causal LM now; the routed MambaFormer system drops in.
+
+The server needs only `Answerer.answer_batch(records) -> answers` (medmoe.answer). Two optional
+methods make it better, and the server uses them when an answerer has them:
+  fit(record) -> (record, dropped_tokens): make a record fit the model's window (documented rule
+      below) or raise InputTooLong;
+  batch_key(record) -> str: requests with the same key are batched together (e.g. the expert a gate
+      picks; here "options" vs "open", since the two take different compute paths).
+
+The rule for long inputs (docs/serving.md): the prompt may hold at most `max_input_tokens` tokens
+(and never more than the model's window minus `max_new_tokens`). When it is longer, the context
+passage is cut at a token boundary, keeping its beginning, until the prompt fits; the response says
+how many context tokens were dropped. When the question and options alone do not fit, the request is
+rejected (422, naming the field `question`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from typing import Any, Sequence
+
+import torch
+
+from medmoe.answer import Answer
+from medmoe.data.record import Record
+from medmoe.errors import MedmoeError
+from medmoe.eval.batch_scoring import score_options_batch
+from medmoe.eval.prompts import LABELS, build_prompt, language_of, question_block, uses_chat
+from medmoe.eval.scoring import bos_ids
+
+CONTEXT_CUT_STEP = 16  # tokens removed per retry when a cut context re-tokenizes longer
+
+
+class InputTooLong(MedmoeError):
+    """The question (with its options) alone is longer than the model accepts."""
+
+    def __init__(self, field: str, tokens: int, limit: int):
+        self.field, self.tokens, self.limit = field, tokens, limit
+        super().__init__(f"{field} is {tokens} tokens; the model accepts at most {limit} (context is cut first, this is without it)")
+
+
+def open_prompt(record: Record, tokenizer: Any) -> str:
+    """The generation prompt for an open question: context and question, then the answer slot."""
+    text = question_block(replace(record, options=()))
+    if uses_chat(tokenizer):
+        return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+    return f"{text}\n{LABELS[language_of(record)][2]}:"
+
+
+class CausalLMAnswerer:
+    """Answers with one causal LM: option questions by option log-likelihood, open ones by greedy
+    generation. Whole batches run in one forward pass (options) or one `generate` call (open).
+
+    name:            reported as `Answer.expert`
+    max_new_tokens:  generation limit (a record may lower it with metadata["max_new_tokens"])
+    max_input_tokens: prompt limit in tokens (see the module docstring for the rule)
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, name: str, max_new_tokens: int = 64, max_input_tokens: int = 1024):
+        self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.max_new_tokens = max_new_tokens
+        window = getattr(model.config, "max_position_embeddings", None) or max_input_tokens + max_new_tokens
+        self.max_input_tokens = min(max_input_tokens, window - max_new_tokens)
+        if self.max_input_tokens < 16:
+            raise MedmoeError(f"max_input_tokens {self.max_input_tokens} leaves no room for a question (window {window}, max_new_tokens {max_new_tokens})")
+
+    # -- optional protocol methods used by the server -------------------------------------------
+    def batch_key(self, record: Record) -> str:
+        return "options" if record.options else "open"
+
+    def prompt_tokens(self, record: Record) -> int:
+        text = build_prompt(record, self.tokenizer).context if record.options else open_prompt(record, self.tokenizer)
+        return len(bos_ids(self.tokenizer)) + len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def fit(self, record: Record) -> tuple[Record, int]:
+        """(record that fits, number of context tokens dropped); InputTooLong if the question cannot fit."""
+        limit = self.max_input_tokens
+        if self.prompt_tokens(record) <= limit:
+            return record, 0
+        bare = self.prompt_tokens(replace(record, context=None))
+        if not record.context or bare > limit:
+            raise InputTooLong("question", bare, limit)
+        context_ids = self.tokenizer(record.context, add_special_tokens=False)["input_ids"]
+        keep = max(limit - bare - 8, 0)  # 8: room for the "Context:" label and line breaks
+        while True:
+            cut = replace(record, context=self.tokenizer.decode(context_ids[:keep]) or None)
+            if self.prompt_tokens(cut) <= limit or keep == 0:
+                return cut, len(context_ids) - keep
+            keep = max(keep - CONTEXT_CUT_STEP, 0)
+
+    # -- Answerer ----------------------------------------------------------------------------------
+    def answer_batch(self, records: Sequence[Record]) -> list[Answer]:
+        start = time.perf_counter()
+        answers: list[Answer | None] = [None] * len(records)
+        choice = [i for i, r in enumerate(records) if r.options]
+        open_ = [i for i, r in enumerate(records) if not r.options]
+        if choice:
+            for i, answer in zip(choice, self._answer_options([records[i] for i in choice])):
+                answers[i] = answer
+        if open_:
+            for i, answer in zip(open_, self._generate([records[i] for i in open_])):
+                answers[i] = answer
+        elapsed = (time.perf_counter() - start) * 1000
+        for answer in answers:
+            answer.latency_ms["expert"] = elapsed  # the batch's compute time, shared by its members
+        return answers  # type: ignore[return-value]
+
+    def _answer_options(self, records: Sequence[Record]) -> list[Answer]:
+        prompts = [build_prompt(r, self.tokenizer) for r in records]
+        out = []
+        for record, scores in zip(records, score_options_batch(self.model, self.tokenizer, prompts)):
+            probs = scores.probabilities()
+            best = max(range(len(probs)), key=probs.__getitem__)
+            out.append(Answer(answer=record.letters[best], expert=self.name, label_scores=dict(zip(record.letters, probs))))
+        return out
+
+    @torch.inference_mode()
+    def _generate(self, records: Sequence[Record]) -> list[Answer]:
+        """Greedy decoding for a batch of open questions, left-padded into one `generate` call."""
+        tok = self.tokenizer
+        prompts = [bos_ids(tok) + tok(open_prompt(r, tok), add_special_tokens=False)["input_ids"] for r in records]
+        limits = [min(int(r.metadata.get("max_new_tokens", self.max_new_tokens)), self.max_new_tokens) for r in records]
+        width = max(len(p) for p in prompts)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        ids = torch.full((len(prompts), width), pad, dtype=torch.long)  # (b, n_max), left-padded
+        mask = torch.zeros_like(ids)
+        for row, p in enumerate(prompts):
+            ids[row, width - len(p):] = torch.tensor(p)
+            mask[row, width - len(p):] = 1
+        device = next(self.model.parameters()).device
+        generated = self.model.generate(
+            input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max(limits),
+            do_sample=False, pad_token_id=pad, eos_token_id=tok.eos_token_id,
+        )[:, width:]  # (b, new): only the continuation
+        out = []
+        for row, limit in enumerate(limits):
+            tokens = generated[row, :limit].tolist()
+            if tok.eos_token_id in tokens:
+                tokens = tokens[: tokens.index(tok.eos_token_id)]
+            out.append(Answer(answer=tok.decode(tokens, skip_special_tokens=True).strip(), expert=self.name))
+        return out
+
+
+def load_causal_lm_answerer(config: Any) -> CausalLMAnswerer:
+    """Factory named by the default server config: `config.model` through the model zoo."""
+    from medmoe.models import load_causal_lm
+
+    model, tokenizer = load_causal_lm(config.model)
+    return CausalLMAnswerer(
+        model, tokenizer, name=config.model_label or config.model,
+        max_new_tokens=config.max_new_tokens, max_input_tokens=config.max_input_tokens,
+    )

@@ -1,0 +1,221 @@
+"""The FastAPI app: POST /v1/answer, POST /v1/chat/completions, GET /healthz, GET /metrics, the page.
+
+`create_app(answerer, config)` takes any `Answerer` (medmoe.answer); `app_from_config(config)` builds
+the configured one first. Every request goes through one `MicroBatcher`. No endpoint takes a file
+name: the page's three files are read from the package once, at start, and served from memory.
+"""
+
+# No `from __future__ import annotations` here: FastAPI must see the request model built at runtime
+# (AnswerRequest, with this server's limits) as a real annotation, not as a string.
+import asyncio
+import json
+import logging
+import re
+import time
+import uuid
+from dataclasses import asdict
+from contextlib import asynccontextmanager
+from importlib import resources
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+
+from medmoe.answer import Answer
+from medmoe.data.record import Record
+from medmoe.serve.answerers import InputTooLong
+from medmoe.serve.batching import BatcherStopped, BatchInfo, MicroBatcher, QueueFull, RequestTimeout
+from medmoe.serve.config import ServeConfig, build_answerer
+from medmoe.serve.guards import BodyGuard, RequestMetrics, error_body
+from medmoe.serve.metrics import ServerMetrics
+from medmoe.serve.schemas import AnswerResponse, ChatRequest, ErrorResponse, Health, chat_chunk, chat_completion, make_answer_request
+
+log = logging.getLogger(__name__)
+
+STATIC_FILES = {"/static/app.js": ("app.js", "text/javascript"), "/static/style.css": ("style.css", "text/css")}
+ENDPOINTS = {"/", "/v1/answer", "/v1/chat/completions", "/v1/models", "/healthz", "/metrics", "/openapi.json", *STATIC_FILES}
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 413, 422, 500, 503, 504)}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, kind: str, message: str, param: str | None = None, headers: dict[str, str] | None = None):
+        self.status, self.kind, self.message, self.param, self.headers = status, kind, message, param, headers or {}
+
+
+def _load_static() -> dict[str, bytes]:
+    folder = resources.files("medmoe.serve") / "static"
+    return {name: (folder / name).read_bytes() for name in ("index.html", "app.js", "style.css")}
+
+
+def app_from_config(config: ServeConfig) -> FastAPI:
+    if config.threads:
+        import torch
+
+        torch.set_num_threads(config.threads)
+    return create_app(build_answerer(config), config)
+
+
+def create_app(answerer: Any, config: ServeConfig | None = None) -> FastAPI:
+    config = config or ServeConfig()
+    batcher = MicroBatcher(answerer, config.max_batch_size, config.max_wait_ms, config.max_queue)
+    metrics = ServerMetrics(queue_depth=lambda: batcher.depth, batcher_counts=lambda: asdict(batcher.stats))
+    batcher.on_batch = lambda size, seconds, wait: metrics.batch_size.observe(size)
+    expert_name = getattr(answerer, "name", type(answerer).__name__)
+    static = _load_static()
+    fit = getattr(answerer, "fit", None)
+    AnswerRequest = make_answer_request(config.max_question_chars, config.max_context_chars, config.max_options, config.max_option_chars)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        batcher.start()
+        yield
+        await asyncio.to_thread(batcher.stop)
+
+    app = FastAPI(
+        title="medmoe clinical QA server",
+        version="0.1.0",
+        description="Routed clinical question answering. A research tool, not medical advice.",
+        lifespan=lifespan,
+        docs_url=None,  # Swagger UI and ReDoc load from a CDN; the schema itself is at /openapi.json
+        redoc_url=None,
+    )
+    app.state.batcher, app.state.metrics, app.state.config = batcher, metrics, config
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(error_body(exc.status, exc.kind, exc.message, exc.param), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        fields = []
+        for err in exc.errors():
+            loc = [str(p) for p in err["loc"] if p != "body"]
+            message = str(err["msg"]).removeprefix("Value error, ")
+            fields.append({"field": ".".join(loc) or "body", "message": message})
+        summary = "; ".join(f"{f['field']}: {f['message']}" for f in fields)
+        return JSONResponse(error_body(422, "invalid_request", summary, fields[0]["field"] if fields else None, fields=fields), status_code=422)
+
+    async def answer_record(record: Record) -> tuple[Record, Answer, BatchInfo, int, float]:
+        """Fit, queue, await: (fitted record, answer, batch info, dropped context tokens, start)."""
+        start = time.perf_counter()
+        dropped = 0
+        if fit is not None:
+            try:
+                record, dropped = fit(record)
+            except InputTooLong as exc:
+                raise ApiError(422, "input_too_long", str(exc), exc.field) from None
+        try:
+            answer, info = await batcher.submit(record, config.request_timeout_s)
+        except QueueFull as exc:
+            metrics.rejected.inc("queue_full")
+            raise ApiError(503, "overloaded", str(exc), headers={"Retry-After": str(exc.retry_after_s)}) from None
+        except RequestTimeout as exc:
+            metrics.rejected.inc("timeout")
+            raise ApiError(504, "timeout", str(exc)) from None
+        except BatcherStopped as exc:
+            raise ApiError(503, "unavailable", str(exc), headers={"Retry-After": "5"}) from None
+        except Exception:
+            log.exception("answering failed")
+            metrics.rejected.inc("error")
+            raise ApiError(500, "internal_error", "the model failed on this batch; see the server log") from None
+        metrics.expert_answers.inc(answer.expert)
+        metrics.queue_wait.observe(info.queue_ms / 1000)
+        return record, answer, info, dropped, start
+
+    def latency(answer: Answer, info: BatchInfo, start: float) -> dict[str, float]:
+        stages = {k: round(v, 2) for k, v in answer.latency_ms.items()}
+        return {**stages, "queue": round(info.queue_ms, 2), "total": round((time.perf_counter() - start) * 1000, 2)}
+
+    @app.post("/v1/answer", response_model=AnswerResponse, responses=ERRORS, summary="Answer one question")
+    async def answer(body: AnswerRequest) -> dict[str, Any]:  # type: ignore[valid-type]
+        """Answer a question (optionally with context and options): answer, label scores, expert, gate
+        probability, top features and a latency breakdown in milliseconds."""
+        request_id = body.request_id or uuid.uuid4().hex
+        record = Record(id=request_id, question=body.question, answer="", context=body.context, options=tuple(body.options or ()))
+        record, result, info, dropped, start = await answer_record(record)
+        letter_index = record.letters.find(result.answer) if record.options and len(result.answer) == 1 else -1
+        return {
+            "request_id": request_id,
+            "answer": result.answer,
+            "answer_text": record.options[letter_index] if letter_index >= 0 else None,
+            "label_scores": result.label_scores,
+            "expert": result.expert,
+            "gate_probability": result.gate_probability,
+            "top_features": [{"name": n, "contribution": c} for n, c in result.top_features],
+            "latency_ms": latency(result, info, start),
+            "batch_size": info.batch_size,
+            "truncated_context_tokens": dropped,
+        }
+
+    @app.post("/v1/chat/completions", responses=ERRORS, summary="OpenAI-compatible chat completion")
+    async def chat(body: ChatRequest) -> Any:
+        """The last user message is the question; earlier turns become its context. Greedy decoding.
+        With `stream: true` the answer arrives as server-sent events once its batch is done."""
+        users = [i for i, m in enumerate(body.messages) if m.role == "user"]
+        if not users or not body.messages[users[-1]].text().strip():
+            raise ApiError(422, "invalid_request", "messages: needs a user message with non-empty text", "messages")
+        last = users[-1]
+        earlier = [f"{m.role}: {m.text().strip()}" for m in body.messages[:last] if m.role in ("user", "assistant") and m.text().strip()]
+        limit = body.max_completion_tokens or body.max_tokens or config.max_new_tokens
+        record = Record(
+            id=uuid.uuid4().hex, question=body.messages[last].text().strip(), answer="",
+            context="\n".join(earlier) or None, metadata={"max_new_tokens": min(limit, config.max_new_tokens)},
+        )
+        if len(record.question) > config.max_question_chars or len(record.context or "") > config.max_context_chars:
+            raise ApiError(422, "invalid_request", f"messages: the question is limited to {config.max_question_chars} characters, the earlier turns to {config.max_context_chars}", "messages")
+        record, result, info, dropped, start = await answer_record(record)
+        model = body.model or expert_name
+        extra = {"expert": result.expert, "gate_probability": result.gate_probability,
+                 "top_features": [{"name": n, "contribution": c} for n, c in result.top_features],
+                 "latency_ms": latency(result, info, start), "batch_size": info.batch_size, "truncated_context_tokens": dropped}
+        if not body.stream:
+            return chat_completion(result.answer, model, extra)
+        return StreamingResponse(_sse(result.answer, model, extra), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    async def _sse(text: str, model: str, extra: dict[str, Any]) -> AsyncIterator[bytes]:
+        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        pieces = [{"role": "assistant", "content": ""}] + [{"content": w} for w in _words(text)]
+        for delta in pieces:
+            yield f"data: {json.dumps(chat_chunk(completion_id, model, delta))}\n\n".encode()
+        yield f"data: {json.dumps(chat_chunk(completion_id, model, {}, 'stop', extra))}\n\n".encode()
+        yield b"data: [DONE]\n\n"
+
+    @app.get("/v1/models", summary="OpenAI-compatible model list")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": expert_name, "object": "model", "created": 0, "owned_by": "medmoe"}]}
+
+    @app.get("/healthz", response_model=Health, responses={503: {"model": Health}}, summary="Liveness and queue depth")
+    async def healthz() -> JSONResponse:
+        ok = batcher.alive
+        body = {"status": "ok" if ok else "unavailable", "expert": expert_name, "queue_depth": batcher.depth, "max_queue": config.max_queue}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")
+    async def prometheus() -> PlainTextResponse:
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page() -> HTMLResponse:
+        return HTMLResponse(static["index.html"])
+
+    for route, (name, media_type) in STATIC_FILES.items():
+        app.add_api_route(route, _fixed_file(static[name], media_type), methods=["GET"], include_in_schema=False)
+
+    app.add_middleware(BodyGuard, max_body_bytes=config.max_body_bytes)
+    app.add_middleware(RequestMetrics, metrics=metrics, endpoints=ENDPOINTS)  # outermost: sees 413s too
+    return app
+
+
+def _fixed_file(content: bytes, media_type: str) -> Any:
+    """An endpoint that always returns the same bytes (it takes no parameters at all)."""
+
+    async def serve() -> Response:
+        return Response(content, media_type=media_type, headers={"Cache-Control": "no-cache"})
+
+    return serve
+
+
+def _words(text: str) -> list[str]:
+    """Split text after each space into pieces that concatenate back to it exactly."""
+    return [piece for piece in re.split(r"(?<= )", text) if piece]

@@ -1,0 +1,100 @@
+"""Server settings: one dataclass, read from YAML (`medmoe serve --config`), overridable by flags.
+
+The answerer is built by a factory named in the config ("module:callable", called with the config),
+so the routed MambaFormer system or a LoRA-MoE model drops in without changing the server:
+
+    answerer: medmoe.router.answerer:load_routed_answerer   # the routed MambaFormer system
+    answerer_options: {router: runs/mambaformer/pubmedqa/router}
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from medmoe.errors import MedmoeError
+
+DEFAULT_FACTORY = "medmoe.serve.answerers:load_causal_lm_answerer"
+
+
+@dataclass
+class ServeConfig:
+    # what answers
+    model: str = "smollm2-135m"  # bundled name, hub id or local path, for the default factory
+    model_label: str | None = None  # name reported as the expert [default: model]
+    answerer: str = DEFAULT_FACTORY  # "module:callable", called as factory(config) -> Answerer
+    answerer_options: dict[str, Any] = field(default_factory=dict)  # free-form, for custom factories
+    threads: int | None = None  # torch CPU threads [default: torch's choice]
+    # where
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # micro-batching and overload
+    max_batch_size: int = 16  # requests answered in one forward pass
+    max_wait_ms: float = 10.0  # how long the oldest request waits for a batch to fill
+    max_queue: int = 128  # queued requests beyond this get 503 + Retry-After
+    request_timeout_s: float = 30.0  # a request not answered by then gets 504
+    # input safety
+    max_body_bytes: int = 65536  # larger bodies get 413
+    max_question_chars: int = 4000
+    max_context_chars: int = 20000
+    max_options: int = 26
+    max_option_chars: int = 1000
+    max_input_tokens: int = 1024  # prompt tokens; longer contexts are cut (docs/serving.md)
+    max_new_tokens: int = 64  # generation limit for open questions and chat
+
+    def __post_init__(self) -> None:
+        positive = ["port", "max_batch_size", "max_queue", "request_timeout_s", "max_body_bytes",
+                    "max_question_chars", "max_context_chars", "max_options", "max_option_chars",
+                    "max_input_tokens", "max_new_tokens"]
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise MedmoeError(f"server config: {name} must be positive, got {getattr(self, name)}")
+        if self.max_wait_ms < 0:
+            raise MedmoeError(f"server config: max_wait_ms must be >= 0, got {self.max_wait_ms}")
+        if ":" not in self.answerer:
+            raise MedmoeError(f"server config: answerer must be 'module:callable', got '{self.answerer}'")
+
+    @classmethod
+    def from_yaml(cls, path: Path, **overrides: Any) -> "ServeConfig":
+        import yaml
+
+        path = Path(path)
+        if not path.exists():
+            raise MedmoeError(f"server config {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise MedmoeError(f"server config {path}: not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise MedmoeError(f"server config {path}: expected a mapping of settings, got {type(data).__name__}")
+        return cls.from_dict(data, source=str(path), **overrides)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config", **overrides: Any) -> "ServeConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise MedmoeError(f"server config {source}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        merged = {**data, **{k: v for k, v in overrides.items() if v is not None}}
+        try:
+            return cls(**merged)
+        except TypeError as exc:
+            raise MedmoeError(f"server config {source}: {exc}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def build_answerer(config: ServeConfig) -> Any:
+    """Import the configured factory and call it with the config."""
+    module_name, _, attr = config.answerer.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise MedmoeError(f"server config: cannot import answerer factory '{config.answerer}': {exc}") from None
+    answerer = factory(config)
+    if not callable(getattr(answerer, "answer_batch", None)):
+        raise MedmoeError(f"answerer factory '{config.answerer}' returned {type(answerer).__name__}, which has no answer_batch(records)")
+    return answerer

@@ -1,0 +1,171 @@
+"""Request and response models of the HTTP API (they also make the OpenAPI schema).
+
+Length limits come from the server config (`make_answer_request`), so a 422 names the field and the
+limit. Text fields must be real text: not empty or whitespace-only (question), no NUL characters,
+no lone UTF-16 surrogates (which JSON escapes can smuggle in but UTF-8 cannot encode).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+
+REQUEST_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
+
+
+def check_text(value: str | None, what: str) -> str | None:
+    """Reject text that is not plain UTF-8-encodable text."""
+    if value is None:
+        return value
+    if "\x00" in value:
+        raise ValueError(f"{what} contains a NUL character")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} is not valid Unicode text (lone surrogate)") from None
+    return value
+
+
+class AnswerRequestBase(BaseModel):
+    """A question, optionally with a context passage and answer options (then the answer is a letter)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    question: str = Field(description="The question. Must contain non-whitespace text.")
+    context: str | None = Field(default=None, description="Supporting text (e.g. an abstract or a case). Cut to fit the model's window; see docs/serving.md.")
+    options: list[str] | None = Field(default=None, description="Answer options in order (lettered A, B, ...). Omit for an open question.")
+    request_id: str | None = Field(default=None, pattern=REQUEST_ID_PATTERN, description="Your id for this request, echoed back.")
+
+    @field_validator("question")
+    @classmethod
+    def _question(cls, v: str) -> str:
+        check_text(v, "question")
+        if not v.strip():
+            raise ValueError("question is empty or only whitespace")
+        return v.strip()
+
+    @field_validator("context")
+    @classmethod
+    def _context(cls, v: str | None) -> str | None:
+        check_text(v, "context")
+        return v.strip() or None if v is not None else None
+
+    @field_validator("options")
+    @classmethod
+    def _options(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return v
+        if len(v) == 1:
+            raise ValueError("give at least 2 options, or none for an open question")
+        cleaned = []
+        for i, option in enumerate(v):
+            check_text(option, f"option {i + 1}")
+            if not option.strip():
+                raise ValueError(f"option {i + 1} is empty or only whitespace")
+            cleaned.append(option.strip())
+        return cleaned or None
+
+
+def make_answer_request(max_question_chars: int, max_context_chars: int, max_options: int, max_option_chars: int) -> type[AnswerRequestBase]:
+    """The request model with this server's limits built into the field constraints."""
+    return create_model(
+        "AnswerRequest",
+        __base__=AnswerRequestBase,
+        question=(str, Field(min_length=1, max_length=max_question_chars, description="The question. Must contain non-whitespace text.")),
+        context=(str | None, Field(default=None, max_length=max_context_chars, description="Supporting text; cut to fit the model's window (docs/serving.md).")),
+        options=(list[str] | None, Field(default=None, max_length=max_options, description="Answer options in order (lettered A, B, ...). Omit for an open question.")),
+    )
+
+
+class Feature(BaseModel):
+    name: str
+    contribution: float
+
+
+class Latency(BaseModel):
+    """Milliseconds per stage. gate/expert come from the answerer; queue and total from the server."""
+
+    model_config = ConfigDict(extra="allow")
+    queue: float
+    total: float
+
+
+class AnswerResponse(BaseModel):
+    request_id: str
+    answer: str = Field(description="Option letter for option questions, else generated text.")
+    answer_text: str | None = Field(description="The chosen option's text (option questions).")
+    label_scores: dict[str, float] = Field(description="Option letter -> probability.")
+    expert: str = Field(description="Which expert (or model) answered.")
+    gate_probability: float | None = Field(description="Router's probability of the Mamba expert; null without a router.")
+    top_features: list[Feature] = Field(description="The gate's most influential features for this question.")
+    latency_ms: Latency
+    batch_size: int = Field(description="How many requests shared this request's forward pass.")
+    truncated_context_tokens: int = Field(description="Context tokens cut to fit the model's window (0: none).")
+
+
+class ErrorResponse(BaseModel):
+    error: dict[str, Any]
+
+
+class Health(BaseModel):
+    status: Literal["ok", "unavailable"]
+    expert: str | None
+    queue_depth: int
+    max_queue: int
+
+
+# -- OpenAI-compatible chat --------------------------------------------------------------------------
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[ContentPart] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "\n".join(p.text or "" for p in self.content if p.type == "text")
+        return self.content or ""
+
+
+class ChatRequest(BaseModel):
+    """OpenAI chat-completions request. Decoding is greedy: temperature/top_p are accepted, ignored."""
+
+    model_config = ConfigDict(extra="allow")  # OpenAI clients send many optional fields
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    stream: bool = False
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+
+
+def chat_completion(answer_text: str, model: str, extra: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": answer_text}, "finish_reason": "stop"}],
+        "medmoe": extra,
+    }
+
+
+def chat_chunk(completion_id: str, model: str, delta: dict[str, Any], finish_reason: str | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    chunk = {
+        "id": completion_id,
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+    }
+    if extra is not None:
+        chunk["medmoe"] = extra
+    return chunk

@@ -1,0 +1,153 @@
+"""Tiny random models and servers for the serving tests (no download, built in well under a second)."""
+
+from __future__ import annotations
+
+import functools
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+CORPUS = [
+    "Answer the question with yes, no or maybe.", "Answer with the letter of the correct option.",
+    "Context: Question: Answer: A. B. C. D. E. yes no maybe",
+    "Which vitamin deficiency causes scurvy? Vitamin C deficiency causes scurvy.",
+    "The patient presented with fever, cough and shortness of breath.",
+    "Does aspirin reduce the risk of myocardial infarction in adults?",
+] * 20
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_tokenizer(chat: bool = True) -> Any:
+    """A byte-level BPE tokenizer (vocab ~300) trained in-process, SmolLM2-style special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    core.train_from_iterator(CORPUS, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                  unk_token="<|endoftext|>", pad_token="<|im_end|>")
+    if chat:
+        tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def tiny_model(tokenizer: Any, seed: int = 0, max_positions: int = 512) -> Any:
+    """A 2-layer LlamaForCausalLM with random weights, sized for `tokenizer`."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_answerer(chat: bool = True, **kwargs: Any) -> Any:
+    from medmoe.serve.answerers import CausalLMAnswerer
+
+    tok = tiny_tokenizer(chat)
+    return CausalLMAnswerer(tiny_model(tok), tok, name="tiny-llama", **kwargs)
+
+
+class FakeAnswerer:
+    """Answers instantly (or after `delay_s` per batch) and records every batch it was given."""
+
+    name = "fake"
+
+    def __init__(self, delay_s: float = 0.0, expert_of: Any = None):
+        self.delay_s = delay_s
+        self.batches: list[list[str]] = []
+        self.expert_of = expert_of or (lambda r: "fake")
+        self.lock = threading.Lock()
+
+    def answer_batch(self, records: Sequence[Any]) -> list[Any]:
+        from medmoe.answer import Answer
+
+        with self.lock:
+            self.batches.append([r.id for r in records])
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        return [Answer(answer=f"echo:{r.question}", expert=self.expert_of(r), gate_probability=0.25,
+                       top_features=[("length", 0.5)], latency_ms={"gate": 0.1, "expert": 1.0}) for r in records]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running_server(app: Any) -> Iterator[str]:
+    """Run `app` with uvicorn on 127.0.0.1:<free port> in a thread; yield its base URL."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 20
+    while not server.started:
+        if time.time() > deadline or not thread.is_alive():
+            raise RuntimeError("test server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=20)
+
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--disable-dev-shm-usage", "--window-size=1100,1500"]
+
+
+def browser_missing() -> str | None:
+    """Why the browser test cannot run here, or None when it can."""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("selenium") is None:
+        return "selenium is not installed (pip install selenium)"
+    for path in (CHROMIUM, CHROMEDRIVER):
+        if not os.path.exists(path):
+            return f"{path} not found: install Debian's chromium and chromium-driver with scripts/install_browser.sh"
+    return None
+
+
+@contextmanager
+def headless_chromium(profile_dir: Any) -> Iterator[Any]:
+    """Selenium driving Debian's Chromium with a fresh profile; never downloads a driver."""
+    import os
+
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    os.environ.setdefault("SE_OFFLINE", "true")  # Selenium Manager must not go looking for drivers
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in CHROMIUM_FLAGS + [f"--user-data-dir={profile_dir}"]:
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()

@@ -1,0 +1,78 @@
+"""MambaFormer end to end on tiny random experts and real bundled data (a few examples per split)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from medmoe.experts import load_expert
+from medmoe.mamba.transfer import build_hybrid, save_hybrid
+from medmoe.router.checkpoint import RouterCheckpoint
+from medmoe.router.pipeline import PipelineConfig, run_pipeline
+
+
+@pytest.fixture()
+def tiny_experts(tiny_lm, tiny_lm_dir, tmp_path):
+    teacher, tokenizer = tiny_lm
+    student, spec = build_hybrid(teacher, layers=[1], teacher_name=str(tiny_lm_dir))
+    hybrid = save_hybrid(student, spec, tmp_path / "tiny-mamba", tokenizer)
+    return str(tiny_lm_dir), str(hybrid)
+
+
+def test_load_expert_reads_a_hybrid_folder(tiny_experts):
+    _, hybrid = tiny_experts
+    expert = load_expert("mamba", hybrid)
+    assert expert.source == hybrid and expert.tokenizer is not None
+    assert type(expert.model).__name__ == "LlamaForCausalLM"
+
+
+def test_pipeline_runs_end_to_end_and_reports_every_baseline(tiny_experts, tmp_path):
+    transformer, mamba = tiny_experts
+    cfg = PipelineConfig(dataset="dental", transformer=transformer, mamba=mamba, big=transformer,
+                         train_limit=24, dev_limit=12, test_limit=12, betas=(0.0, 1.0), epochs=3, out=str(tmp_path / "run"))
+    report = run_pipeline(cfg, log=lambda _: None)
+    names = [row["router"] for row in report["summary"]]
+    assert names[:2] == ["transformer-only", "mamba-only"]
+    assert {"length-threshold", "oracle-accuracy", "mambaformer (calibrated)"} <= set(names)
+    rows = {row["router"]: row for row in report["summary"]}
+    # the oracle picks a correct expert whenever one exists: no router can be more accurate
+    assert rows["oracle-accuracy"]["accuracy"] >= max(r["accuracy"] for r in report["summary"])
+    assert rows["transformer-only"]["share_mamba"] == 0 and rows["mamba-only"]["share_mamba"] == 1
+    folder = tmp_path / "run" / "dental"
+    assert (folder / "pareto.png").stat().st_size > 0
+    assert json.loads((folder / "pareto.json").read_text())["tau"] == report["tau"]
+    # the saved router reproduces the pipeline's routing threshold
+    assert RouterCheckpoint.load(folder / "router").tau == pytest.approx(report["tau"])
+    # per-example expert results are cached: a second run reads them instead of recomputing
+    lines = (folder / "test" / "transformer.jsonl").read_text().splitlines()
+    assert len(lines) == 12
+    again = run_pipeline(cfg, log=lambda _: None)
+    assert np.isclose(again["summary"][0]["accuracy"], report["summary"][0]["accuracy"])
+    assert (folder / "test" / "transformer.jsonl").read_text().splitlines() == lines
+
+
+def test_routed_answerer_follows_the_gate(tiny_experts, tmp_path):
+    from medmoe.data import load_dataset
+    from medmoe.router.answerer import RoutedAnswerer
+
+    transformer, mamba = tiny_experts
+    cfg = PipelineConfig(dataset="dental", transformer=transformer, mamba=mamba, big=None,
+                         train_limit=16, dev_limit=8, test_limit=8, betas=(1.0,), epochs=2, out=str(tmp_path / "run"))
+    run_pipeline(cfg, log=lambda _: None)
+    from types import SimpleNamespace
+
+    from medmoe.router.answerer import load_routed_answerer
+
+    answerer = load_routed_answerer(SimpleNamespace(answerer_options={"router": str(tmp_path / "run" / "dental" / "router")}))
+    records = load_dataset("dental", "test")[:4]
+    batched = answerer.answer_batch(records)
+    for record, together in zip(records, batched):
+        answer = answerer.answer(record)
+        assert (answer.answer, answer.expert) == (together.answer, together.expert)
+        assert answerer.batch_key(record) == answer.expert
+        assert answer.answer in record.letters
+        assert answer.expert == ("mamba" if answer.gate_probability > answerer.checkpoint.tau else "transformer")
+        assert sum(answer.label_scores.values()) == pytest.approx(1.0)
+        assert set(answer.latency_ms) == {"gate", "expert", "total"} and answer.top_features
