@@ -1,7 +1,7 @@
 """`medmoe finetune`: LoRA-MoE (SparseDoctor), plain LoRA (PEFT) or full fine-tuning of a causal LM.
 
     medmoe finetune --base smollm2-135m --method loramoe --data pubmedqa --output runs/pubmedqa-moe
-    medmoe eval-adapter --base smollm2-135m --adapter runs/pubmedqa-moe/adapter --dataset pubmedqa
+    medmoe eval --model smollm2-135m --adapter runs/pubmedqa-moe/adapter --benchmarks pubmedqa
     torchrun --nproc-per-node 2 -m medmoe finetune ...      # data parallel (gloo on CPU, nccl on GPU)
 """
 
