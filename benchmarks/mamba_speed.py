@@ -247,8 +247,11 @@ def write_report(args, rows, decode, memory, kernel, shape, load_start) -> None:
         lines.append(f"- Peak RSS of a fresh process that builds the model and prefills {memory['length']} tokens: "
                      f"{memory['peak_rss_mib']:.0f} MiB (peak before the prefill, while building the model: "
                      f"{memory['rss_before_prefill_mib']:.0f} MiB; target < 2 GB).")
-    lines.append(f"- Crossover with SmolLM2-135M (30 layers, d_model 576): our prefill is faster from "
-                 f"{summary['crossover_length_vs_smollm2']} tokens on (among the lengths measured)." if has_smol
+    cross = summary["crossover_length_vs_smollm2"]
+    lines.append(("- Crossover with SmolLM2-135M (30 layers, d_model 576): our prefill is faster from "
+                  f"{cross} tokens on (among the lengths measured)." if cross else
+                  "- Crossover with SmolLM2-135M (30 layers, d_model 576): not reached at the lengths measured "
+                  "(SmolLM2's prefill was at least as fast at every measured length).") if has_smol
                  else "- SmolLM2 not measured (--quick).")
     if not decode:
         lines.append("- Decode and peak memory: not measured yet (run in progress or cut short).")
