@@ -87,7 +87,16 @@ def memory_probe(length: int) -> None:
     from medmoe.mamba.config import MambaConfig
     from medmoe.mamba.model import MambaLM
 
-    model = MambaLM(MambaConfig(**MAMBA_130M)).eval()
+    with torch.device("meta"):  # no init temporaries: the peak should be weights + prefill, not construction
+        model = MambaLM(MambaConfig(**MAMBA_130M)).eval()
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+        for layer in model.backbone.layers:
+            layer.mixer.A_log.copy_(torch.log(torch.arange(1, 17.0)).expand_as(layer.mixer.A_log))
+    if model.config.tie_embeddings:
+        model.lm_head.weight = model.backbone.embeddings.weight
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     with torch.no_grad():
         model(torch.randint(0, 50000, (1, length)), last_only=True)
