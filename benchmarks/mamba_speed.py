@@ -37,9 +37,11 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def alternate(fns: dict, repeats: int) -> dict[str, float]:
-    """Warm each, then time them in turn `repeats` times; median seconds per name."""
+def alternate(fns: dict, repeats: int, skip_warmup: tuple = ()) -> dict[str, float]:
+    """Warm each (except `skip_warmup`), then time them in turn `repeats` times; median seconds per name."""
     for k, fn in fns.items():
+        if k in skip_warmup:
+            continue
         print(f"  warm-up {k}: {_timed(fn):.3f} s", file=sys.stderr, flush=True)
     times = {k: [] for k in fns}
     for _ in range(repeats):
@@ -85,12 +87,42 @@ def memory_probe(length: int) -> None:
     from medmoe.mamba.config import MambaConfig
     from medmoe.mamba.model import MambaLM
 
-    model = MambaLM(MambaConfig(**MAMBA_130M)).eval()
+    with torch.device("meta"):  # no init temporaries: the peak should be weights + prefill, not construction
+        model = MambaLM(MambaConfig(**MAMBA_130M)).eval()
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+        for layer in model.backbone.layers:
+            layer.mixer.A_log.copy_(torch.log(torch.arange(1, 17.0)).expand_as(layer.mixer.A_log))
+    if model.config.tie_embeddings:
+        model.lm_head.weight = model.backbone.embeddings.weight
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     with torch.no_grad():
         model(torch.randint(0, 50000, (1, length)), last_only=True)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"length": length, "peak_rss_mib": peak, "rss_before_prefill_mib": before}))
+
+
+def measure_decode(ours, prefixes, tokens) -> list[dict]:
+    """Per-token `step` time after prefixes of each length; steps alternate across the prefixes."""
+    with torch.no_grad():
+        caches, toks = {}, {}
+        for p in prefixes:
+            caches[p] = ours.new_cache(1)
+            toks[p] = ours(torch.randint(0, 49152, (1, p)), caches[p], last_only=True)[:, -1].argmax(-1)
+            ours.step(toks[p], caches[p])  # warm-up
+        per_token = {p: [] for p in prefixes}
+        for _ in range(tokens):
+            for p in prefixes:
+                per_token[p].append(_timed(lambda: ours.step(toks[p], caches[p])))
+    return [{"prefix": p, "tokens": tokens, "median_s_per_token": statistics.median(v)} for p, v in per_token.items()]
+
+
+def measure_memory(length: int, threads: int) -> dict:
+    probe = subprocess.run([sys.executable, __file__, "--memory-probe", str(length), "--threads", str(threads)],
+                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")}, check=True)
+    return json.loads(probe.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -103,6 +135,7 @@ def main() -> None:
     ap.add_argument("--slow-from", type=int, default=2048)
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--chunked-up-to", type=int, default=2048, help="also time the chunked PyTorch scan up to this length")
+    ap.add_argument("--decode-after", type=int, default=99, help="measure decode and memory after this many prefill lengths")
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (the issue's setting is 2)")
     ap.add_argument("--quick", action="store_true", help="2 layers, short lengths, no SmolLM2: a smoke run")
     ap.add_argument("--out", type=Path, default=ROOT / "reports" / "mamba_speed")
@@ -121,32 +154,10 @@ def main() -> None:
     hf, ours, shape = build_models(args.quick)
     load_start = os.getloadavg()
 
-    # Decode first: one cache per prefix, steps timed alternately across the prefixes.
-    with torch.no_grad():
-        caches, toks = {}, {}
-        for p in args.decode_prefixes:
-            caches[p] = ours.new_cache(1)
-            toks[p] = ours(torch.randint(0, 50000, (1, p)), caches[p], last_only=True)[:, -1].argmax(-1)
-            ours.step(toks[p], caches[p])  # warm-up
-        per_token = {p: [] for p in args.decode_prefixes}
-        for _ in range(args.decode_tokens):
-            for p in args.decode_prefixes:
-                per_token[p].append(_timed(lambda: ours.step(toks[p], caches[p])))
-        del caches
-    decode = [{"prefix": p, "tokens": args.decode_tokens, "median_s_per_token": statistics.median(v)}
-              for p, v in per_token.items()]
-    print(json.dumps(decode), flush=True)
-
-    mem_len = max(args.lengths)  # peak memory at the longest prefill
-    probe = subprocess.run([sys.executable, __file__, "--memory-probe", str(mem_len), "--threads", str(args.threads)],
-                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")}, check=True)
-    memory = json.loads(probe.stdout.strip().splitlines()[-1])
-    print(json.dumps(memory), flush=True)
-
     smol = None if args.quick else load_smollm2()
-    rows = []
-    for n in args.lengths:  # the report is rewritten after every length, so a cut-short run still reports
-        ids = torch.randint(0, 50000, (1, n))
+    rows, decode, memory = [], None, None
+    for i, n in enumerate(args.lengths):  # the report is rewritten after every length, so a cut-short run still reports
+        ids = torch.randint(0, 49152, (1, n))  # below both vocabularies (SmolLM2 has 49,152)
         fns = {}
         ours_chunked = lambda: (ours.set_scan_backend("chunked"), ours.backbone(ids), ours.set_scan_backend("auto"))
         fns["ours"] = lambda: ours.backbone(ids)
@@ -157,13 +168,18 @@ def main() -> None:
             fns["smollm2"] = lambda: smol.model(ids, use_cache=False)
         reps = args.slow_repeats if n >= args.slow_from else args.repeats
         with torch.no_grad():
-            med = alternate(fns, reps)
+            med = alternate(fns, reps, skip_warmup=("transformers",) if n >= args.slow_from else ())
         row = {"length": n, "repeats": reps, **{f"{k}_s": v for k, v in med.items()},
                "speedup_vs_transformers": med["transformers"] / med["ours"]}
         if smol is not None:
             row["speedup_vs_smollm2"] = med["smollm2"] / med["ours"]
         rows.append(row)
         print(json.dumps(row), flush=True)
+        if i + 1 == min(args.decode_after, len(args.lengths)):
+            decode = measure_decode(ours, args.decode_prefixes, args.decode_tokens)
+            print(json.dumps(decode), flush=True)
+            memory = measure_memory(max(args.lengths), args.threads)
+            print(json.dumps(memory), flush=True)
         write_report(args, rows, decode, memory, kernel, shape, load_start)
 
 
@@ -181,11 +197,11 @@ def crossover(rows) -> int | None:
 def write_report(args, rows, decode, memory, kernel, shape, load_start) -> None:
     rows = sorted(rows, key=lambda r: r["length"])  # lengths may be measured in any order (--lengths)
     by_len = {r["length"]: r for r in rows}
-    d0, d1 = decode[0], decode[-1]
+    d0, d1 = (decode[0], decode[-1]) if decode else (None, None)
     summary = {
         "speedup_vs_transformers_at_2048": by_len.get(2048, {}).get("speedup_vs_transformers"),
-        "decode_ratio_longest_vs_shortest_prefix": d1["median_s_per_token"] / d0["median_s_per_token"],
-        "peak_rss_mib_at_longest": memory["peak_rss_mib"],
+        "decode_ratio_longest_vs_shortest_prefix": d1["median_s_per_token"] / d0["median_s_per_token"] if decode else None,
+        "peak_rss_mib_at_longest": memory["peak_rss_mib"] if memory else None,
         "crossover_length_vs_smollm2": crossover(rows),
     }
     meta = {
@@ -225,18 +241,29 @@ def write_report(args, rows, decode, memory, kernel, shape, load_start) -> None:
         if has_smol:
             line += f" {r['speedup_vs_smollm2']:.2f}x |"
         lines.append(line)
-    lines += ["", f"## Decode (greedy `step`, with LM head; {d0['tokens']} steps per prefix, prefixes alternated)", "",
-              "| prefix | ms per token (median) |", "|---:|---:|"]
-    lines += [f"| {d['prefix']} | {1000 * d['median_s_per_token']:.2f} |" for d in decode]
+    if decode:
+        lines += ["", f"## Decode (greedy `step`, with LM head; {d0['tokens']} steps per prefix, prefixes alternated)", "",
+                  "| prefix | ms per token (median) |", "|---:|---:|"]
+        lines += [f"| {d['prefix']} | {1000 * d['median_s_per_token']:.2f} |" for d in decode]
+    at2048 = summary["speedup_vs_transformers_at_2048"]
     lines += ["", "## Summary", "",
               f"- Prefill at 2,048 tokens vs transformers' MambaModel: "
-              f"{summary['speedup_vs_transformers_at_2048'] or float('nan'):.2f}x faster (target >= 5x).",
-              f"- Decode per token at prefix {d1['prefix']} / at prefix {d0['prefix']}: "
-              f"{summary['decode_ratio_longest_vs_shortest_prefix']:.3f} (target <= 1.1).",
-              f"- Peak RSS of a process that loads the model and prefills {memory['length']} tokens: "
-              f"{memory['peak_rss_mib']:.0f} MiB (model alone {memory['rss_before_prefill_mib']:.0f} MiB; target < 2 GB).",
-              f"- Crossover with SmolLM2-135M (30 layers, d_model 576): our prefill is faster from "
-              f"{summary['crossover_length_vs_smollm2']} tokens on." if has_smol else "- SmolLM2 not measured (--quick)."]
+              + (f"{at2048:.2f}x faster (target >= 5x)." if at2048 else "not measured.")]
+    if decode:
+        lines.append(f"- Decode per token at prefix {d1['prefix']} / at prefix {d0['prefix']}: "
+                     f"{summary['decode_ratio_longest_vs_shortest_prefix']:.3f} (target <= 1.1).")
+    if memory:
+        lines.append(f"- Peak RSS of a fresh process that builds the model and prefills {memory['length']} tokens: "
+                     f"{memory['peak_rss_mib']:.0f} MiB (peak before the prefill, while building the model: "
+                     f"{memory['rss_before_prefill_mib']:.0f} MiB; target < 2 GB).")
+    cross = summary["crossover_length_vs_smollm2"]
+    lines.append(("- Crossover with SmolLM2-135M (30 layers, d_model 576): our prefill is faster from "
+                  f"{cross} tokens on (among the lengths measured)." if cross else
+                  "- Crossover with SmolLM2-135M (30 layers, d_model 576): not reached at the lengths measured "
+                  "(SmolLM2's prefill was at least as fast at every measured length).") if has_smol
+                 else "- SmolLM2 not measured (--quick).")
+    if not decode:
+        lines.append("- Decode and peak memory: not measured yet (run in progress or cut short).")
     missing = [n for n in args.lengths if n not in by_len]
     if missing:
         lines.append(f"- Not measured yet (run in progress or cut short): prefill at {missing} tokens.")

@@ -109,7 +109,7 @@ def _scan_chunk(u, dt, A, B, C, h):
     else:                                                             # strong decay: stable doubling
         v = torch.cat([v[:, :1] + torch.exp(dt[:, :1, :, None] * A) * h[:, None], v[:, 1:]], dim=1)
         hs = _chunk_doubling(torch.exp(dt[..., None] * A), v)
-    return _contract_C(hs, C), hs[:, -1]
+    return _contract_C(hs, C), hs[:, -1].clone()  # clone: a view would keep all of hs alive
 
 
 def selective_scan_chunked(u, delta, A, B, C, D=None, h0=None, chunk: int = 32):
