@@ -247,7 +247,7 @@ def write_report(args, rows, decode, memory, kernel, shape, load_start) -> None:
         lines += [f"| {d['prefix']} | {1000 * d['median_s_per_token']:.2f} |" for d in decode]
     at2048 = summary["speedup_vs_transformers_at_2048"]
     lines += ["", "## Summary", "",
-              f"- Prefill at 2,048 tokens vs transformers' MambaModel: "
+              "- Prefill at 2,048 tokens vs transformers' MambaModel: "
               + (f"{at2048:.2f}x faster (target >= 5x)." if at2048 else "not measured.")]
     if decode:
         lines.append(f"- Decode per token at prefix {d1['prefix']} / at prefix {d0['prefix']}: "

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from loramoe_tiny_models import CharTokenizer, tiny_model
 from medmoe.loramoe import LoraMoeConfig, LoraMoeModel

@@ -55,7 +55,6 @@ def test_pipeline_runs_end_to_end_and_reports_every_baseline(tiny_experts, tmp_p
 
 def test_routed_answerer_follows_the_gate(tiny_experts, tmp_path):
     from medmoe.data import load_dataset
-    from medmoe.router.answerer import RoutedAnswerer
 
     transformer, mamba = tiny_experts
     cfg = PipelineConfig(dataset="dental", transformer=transformer, mamba=mamba, big=None,

@@ -15,7 +15,6 @@ them is a clear error, see `load_eval_model`).
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, Sequence

@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from medmoe.errors import ModelError
-from medmoe.mamba.transfer import AttentionMamba, HybridSpec, _atomic_write, load_hybrid, save_hybrid
+from medmoe.mamba.transfer import AttentionMamba, HybridSpec, load_hybrid, save_hybrid
+from medmoe.paths import atomic_write_file
 
 LATEST = "latest.json"
 
@@ -108,10 +109,10 @@ def _save(out: Path, step: int, student, spec, tokenizer, opt, names, cfg: Disti
         for key, value in opt.state.get(param, {}).items():
             value = value.detach().float()
             opt_state[f"{name}::{key}"] = (value.reshape(1) if key == "step" else value).contiguous()
-    _atomic_write(ckpt / "optimizer.safetensors", lambda p: save_file(opt_state, p))
+    atomic_write_file(ckpt / "optimizer.safetensors", lambda p: save_file(opt_state, p))
     state = {"step": step, "config": asdict(cfg), "history": history}
-    _atomic_write(ckpt / "trainer_state.json", lambda p: Path(p).write_text(json.dumps(state, indent=1)))
-    _atomic_write(out / LATEST, lambda p: Path(p).write_text(json.dumps({"checkpoint": ckpt.name, "step": step})))
+    atomic_write_file(ckpt / "trainer_state.json", lambda p: Path(p).write_text(json.dumps(state, indent=1)))
+    atomic_write_file(out / LATEST, lambda p: Path(p).write_text(json.dumps({"checkpoint": ckpt.name, "step": step})))
     for old in out.glob("ckpt-*"):
         if old != ckpt:
             shutil.rmtree(old, ignore_errors=True)

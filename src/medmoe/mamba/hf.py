@@ -7,13 +7,12 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from medmoe.errors import ModelError
+from medmoe.paths import atomic_write_file
 from medmoe.mamba.config import MambaConfig
 from medmoe.mamba.model import MambaLM
 
@@ -103,8 +102,5 @@ def save_mamba(model: MambaLM, folder: str | Path) -> Path:
         state.pop("lm_head.weight", None)
     for name, write in (("model.safetensors", lambda p: save_file(state, p, metadata={"format": "pt"})),
                         ("config.json", lambda p: Path(p).write_text(json.dumps(model.config.to_hf_dict(), indent=2)))):
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.")
-        os.close(fd)
-        write(tmp)
-        os.replace(tmp, folder / name)
+        atomic_write_file(folder / name, write)
     return folder

@@ -26,8 +26,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -36,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medmoe.errors import ModelError
+from medmoe.paths import atomic_write_file
 from medmoe.mamba.scan import selective_scan
 
 SPEC_FILE = "medmoe_hybrid.json"
@@ -162,17 +161,6 @@ def _apply_spec(student, spec: HybridSpec, source_layers=None) -> None:
             if source_layers is not None else student.config.layer_types
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def save_hybrid(student, spec: HybridSpec, folder: str | Path, tokenizer=None) -> Path:
     """config.json (the teacher's architecture, cut to the kept layers) + model.safetensors +
     medmoe_hybrid.json (+ tokenizer files), each written atomically."""
@@ -183,9 +171,9 @@ def save_hybrid(student, spec: HybridSpec, folder: str | Path, tokenizer=None) -
     state = {k: v.detach().contiguous() for k, v in student.state_dict().items()}
     if getattr(student.config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)
-    _atomic_write(folder / "model.safetensors", lambda p: save_file(state, p, metadata={"format": "pt"}))
-    _atomic_write(folder / "config.json", lambda p: Path(p).write_text(student.config.to_json_string()))
-    _atomic_write(folder / SPEC_FILE, lambda p: Path(p).write_text(spec.to_json()))
+    atomic_write_file(folder / "model.safetensors", lambda p: save_file(state, p, metadata={"format": "pt"}))
+    atomic_write_file(folder / "config.json", lambda p: Path(p).write_text(student.config.to_json_string()))
+    atomic_write_file(folder / SPEC_FILE, lambda p: Path(p).write_text(spec.to_json()))
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     return folder

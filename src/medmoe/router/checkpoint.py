@@ -20,7 +20,7 @@ from medmoe.router.features import FeatureConfig, GateFeaturizer
 from medmoe.router.gate import GateConfig, TokenGate, torch_threads
 from medmoe.router.latency import LatencyModel
 from medmoe.paths import atomic_write_bytes
-from medmoe.router.results import atomic_write_text
+from medmoe.paths import atomic_write_text
 
 FORMAT_VERSION = 1
 

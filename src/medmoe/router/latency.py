@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from medmoe.errors import MedmoeError
-from medmoe.router.results import atomic_write_text
+from medmoe.paths import atomic_write_text
 
 
 @dataclass(frozen=True)

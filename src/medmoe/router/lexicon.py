@@ -27,7 +27,7 @@ from typing import Iterable
 
 from medmoe.data.record import Record
 from medmoe.errors import MedmoeError
-from medmoe.router.results import atomic_write_text
+from medmoe.paths import atomic_write_text
 
 WORD = re.compile(r"[a-z0-9]+")
 

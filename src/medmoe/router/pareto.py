@@ -28,7 +28,8 @@ from medmoe.router.baselines import Router
 from medmoe.router.calibrate import candidate_thresholds
 from medmoe.router.metrics import evaluate
 from medmoe.paths import atomic_write_bytes
-from medmoe.router.results import ExpertResults, atomic_write_text
+from medmoe.paths import atomic_write_text
+from medmoe.router.results import ExpertResults
 
 
 @dataclass

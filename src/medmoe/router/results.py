@@ -20,7 +20,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from medmoe.errors import DataError, MedmoeError
-from medmoe.paths import atomic_write_bytes
+from medmoe.paths import atomic_write_text
 
 EXPERTS: tuple[str, str] = ("transformer", "mamba")
 FIELDS = ("loss", "correct", "pred", "label_probs", "latency_ms")
@@ -173,8 +173,3 @@ class ExpertResults:
                 except json.JSONDecodeError as exc:
                     raise DataError.single(path, f"invalid JSON: {exc.msg}", line=line_no) from exc
         return cls.from_rows(rows, source=str(path))
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write UTF-8 text atomically (medmoe.paths.atomic_write_bytes)."""
-    atomic_write_bytes(Path(path), text.encode("utf-8"))

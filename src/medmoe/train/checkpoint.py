@@ -7,7 +7,6 @@ temporary file in the same folder and renamed with os.replace, so a kill never l
 
 from __future__ import annotations
 
-import os
 import random
 import re
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch
 from torch import nn
 
 from medmoe.errors import ModelError
+from medmoe.paths import atomic_write_file
 
 STEP_FILE = re.compile(r"^step-(\d+)\.pt$")
 
@@ -49,31 +49,18 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(state["numpy"])
 
 
-def atomic_torch_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def save_checkpoint(directory: Path, step: int, model: nn.Module, optimizer, scheduler, extra: dict | None = None, keep: int = 2) -> Path:
     """Write checkpoint `step-<step>.pt` atomically and keep only the newest `keep` checkpoints."""
     path = Path(directory) / f"step-{step}.pt"
-    atomic_torch_save(
-        {
-            "step": step,
-            "model": training_state(model),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": rng_state(),
-            "extra": extra or {},
-        },
-        path,
-    )
+    state = {
+        "step": step,
+        "model": training_state(model),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": rng_state(),
+        "extra": extra or {},
+    }
+    atomic_write_file(path, lambda tmp: torch.save(state, tmp))
     for old in list_checkpoints(directory)[:-keep]:
         old.unlink(missing_ok=True)
     return path
