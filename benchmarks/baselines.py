@@ -19,6 +19,7 @@ import json
 import platform
 import sys
 import traceback
+from collections import Counter
 from pathlib import Path
 
 REPORT = Path("reports/baselines")
@@ -71,6 +72,9 @@ def report(args: argparse.Namespace) -> None:
             if not rows:
                 continue
             summary = summarize_rows(rows) | {"planned": planned, "shots": settings["shots"], "model": settings["model"]}
+            if "accuracy" in summary:  # letter bias: a model that always answers "A" scores the share of A's
+                top, count = Counter(r["prediction"] for r in rows).most_common(1)[0]
+                summary["most_frequent_prediction"] = {"letter": top, "share": count / len(rows)}
             cells[f"{config.name}/{name}"] = summary
     header = "| model | shots | benchmark | n (planned) | metric | value [95% CI] | also |"
     lines = [header, "|---|---|---|---|---|---|---|"]
@@ -83,6 +87,8 @@ def report(args: argparse.Namespace) -> None:
             also.append(f"macro-F1 {s['macro_f1']:.3f}")
         if "bertscore_f1" in s:
             also.append(f"BERTScore-F1 {s['bertscore_f1']:.3f} [{s['bertscore_f1_ci'][0]:.3f}, {s['bertscore_f1_ci'][1]:.3f}] ({s['bertscore_encoder']})")
+        if "most_frequent_prediction" in s:
+            also.append(f"predicts {s['most_frequent_prediction']['letter']} {s['most_frequent_prediction']['share']:.0%}")
         also.append(f"p50 {s['latency_p50_ms']:.0f} ms")
         lines.append(f"| {s['model']} | {s['shots']} | {key.split('/')[1]} | {s['examples']} ({s['planned']}) | {metric} | "
                      f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] | {'; '.join(also)} |")

@@ -53,5 +53,29 @@ def eval_command(
     del result
 
 
+def export_lm_eval_task(
+    benchmark: str = typer.Argument(..., help="Benchmark name (option questions), cmb-exam:PATH or a file."),
+    output: Path = typer.Option(..., help="Folder for <task>.jsonl and <task>.yaml (lm-eval --include_path)."),
+    model: str = typer.Option("smollm2-135m", help="Model whose tokenizer decides the prompt style (plain prompts only)."),
+    rule: str = typer.Option("loglik", help="loglik (options as text) or letter (options as letters)."),
+    limit: Optional[int] = typer.Option(None, help="Fixed subsample of at most N examples."),
+) -> None:
+    """Write a local lm-evaluation-harness task with medmoe's prompts, to compare with lm-eval.
+
+    Then: medmoe-lm-eval --model medmoe --model_args model=MODEL --tasks TASK --include_path OUTPUT
+    (or lm-eval's own --model hf). Chat-template prompts cannot be exported (lm-eval joins prompt and
+    option with a space); models with a chat template are exported in the plain style.
+    """
+    from medmoe.eval.lmeval import export_task
+    from medmoe.eval.rules import CONTINUATIONS
+    from medmoe.models import load_tokenizer
+
+    tokenizer = load_tokenizer(model)
+    tokenizer.chat_template = None
+    task = export_task(benchmark, output, tokenizer, CONTINUATIONS[rule], limit)
+    console.print(f"task {task}: {output / (task + '.yaml')}")
+
+
 def register(app: typer.Typer) -> None:
     app.command("eval")(eval_command)
+    app.command("export-lm-eval")(export_lm_eval_task)

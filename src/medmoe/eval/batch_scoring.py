@@ -26,7 +26,7 @@ def _single_token_plan(tokenizer: Any, prompt: Prompt) -> tuple[list[int], list[
     pairs = [encode_pair(tokenizer, prompt.context, c) for c in prompt.continuations]
     if any(ctx != pairs[0][0] for ctx, _ in pairs) or any(len(cont) != 1 for _, cont in pairs):
         return None
-    return bos_ids(tokenizer) + pairs[0][0], [cont[0] for _, cont in pairs]
+    return bos_ids(tokenizer, pairs[0][0]) + pairs[0][0], [cont[0] for _, cont in pairs]
 
 
 def _accepts_logits_to_keep(model: Any) -> bool:

@@ -24,7 +24,7 @@ import torch
 from medmoe.errors import ModelError
 from medmoe.eval.batch_scoring import score_options_batch
 from medmoe.eval.prompts import Prompt
-from medmoe.eval.scoring import OptionScores, PrefixCache, score_options
+from medmoe.eval.scoring import OptionScores, PrefixCache, bos_ids, score_options
 
 
 @dataclass(frozen=True)
@@ -73,8 +73,6 @@ class HFEvalModel:
     @torch.inference_mode()
     def generate(self, context: str, max_new_tokens: int) -> Generation:
         """Greedy decoding (deterministic), stopping at EOS or the chat template's end of turn."""
-        from medmoe.eval.scoring import bos_ids
-
         ids = self.tokenizer(context, add_special_tokens=False)["input_ids"]
         ids = bos_ids(self.tokenizer, ids) + ids
         input_ids = torch.tensor([ids], device=next(self.model.parameters()).device)

@@ -9,6 +9,7 @@ than a silent mix of two runs.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -107,8 +108,6 @@ def _choice_row(record: Record, bench: Benchmark, rule: str, k: int, outcome: Ou
 
 
 def _open_row(model: EvalModel, record: Record, bench: Benchmark, scorer: BertScorer, max_new_tokens: int) -> dict[str, Any]:
-    import time
-
     prompt = build_prompt(record, model.tokenizer, (), "none")
     start = time.perf_counter()
     gen = model.generate(prompt.context, max_new_tokens)
@@ -160,8 +159,7 @@ def run_benchmark(
                     scorers[language] = bertscorer(language)
                 rows = [_open_row(model, chunk[0], bench, scorers[language], OPEN_MAX_NEW_TOKENS)]
             else:
-                k = shots
-                shot_lists = [bench.shots_for(r, k) for r in chunk]
+                shot_lists = [bench.shots_for(r, shots) for r in chunk]
                 outcomes = apply_rule(model, chunk, rule, shot_lists, bench.multi, max_new_tokens)
                 rows = [_choice_row(r, bench, rule, len(s), o) for r, s, o in zip(chunk, shot_lists, outcomes)]
             for row in rows:

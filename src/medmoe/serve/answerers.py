@@ -71,7 +71,8 @@ class CausalLMAnswerer:
 
     def prompt_tokens(self, record: Record) -> int:
         text = build_prompt(record, self.tokenizer).context if record.options else open_prompt(record, self.tokenizer)
-        return len(bos_ids(self.tokenizer)) + len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return len(bos_ids(self.tokenizer, ids)) + len(ids)
 
     def fit(self, record: Record) -> tuple[Record, int]:
         """(record that fits, number of context tokens dropped); InputTooLong if the question cannot fit."""
@@ -119,7 +120,8 @@ class CausalLMAnswerer:
     def _generate(self, records: Sequence[Record]) -> list[Answer]:
         """Greedy decoding for a batch of open questions, left-padded into one `generate` call."""
         tok = self.tokenizer
-        prompts = [bos_ids(tok) + tok(open_prompt(r, tok), add_special_tokens=False)["input_ids"] for r in records]
+        encoded = [tok(open_prompt(r, tok), add_special_tokens=False)["input_ids"] for r in records]
+        prompts = [bos_ids(tok, ids) + ids for ids in encoded]
         limits = [min(int(r.metadata.get("max_new_tokens", self.max_new_tokens)), self.max_new_tokens) for r in records]
         width = max(len(p) for p in prompts)
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
