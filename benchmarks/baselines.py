@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> None:
 
 def report(args: argparse.Namespace) -> None:
     from medmoe.eval.benchmarks import load_benchmark
-    from medmoe.eval.report import headline, summarize_rows
+    from medmoe.eval.report import headline, secondary_metrics, summarize_rows
     from medmoe.eval.runner import read_done
 
     cells, lines = {}, []
@@ -80,15 +80,7 @@ def report(args: argparse.Namespace) -> None:
     lines = [header, "|---|---|---|---|---|---|---|"]
     for key, s in cells.items():
         metric, value, ci = headline(s)
-        also = []
-        if "macro_accuracy" in s:
-            also.append(f"macro acc {s['macro_accuracy']:.3f} [{s['macro_accuracy_ci'][0]:.3f}, {s['macro_accuracy_ci'][1]:.3f}]")
-        if "macro_f1" in s:
-            also.append(f"macro-F1 {s['macro_f1']:.3f}")
-        if "bertscore_f1" in s:
-            also.append(f"BERTScore-F1 {s['bertscore_f1']:.3f} [{s['bertscore_f1_ci'][0]:.3f}, {s['bertscore_f1_ci'][1]:.3f}] ({s['bertscore_encoder']})")
-        if "most_frequent_prediction" in s:
-            also.append(f"predicts {s['most_frequent_prediction']['letter']} {s['most_frequent_prediction']['share']:.0%}")
+        also = secondary_metrics(s)
         also.append(f"p50 {s['latency_p50_ms']:.0f} ms")
         lines.append(f"| {s['model']} | {s['shots']} | {key.split('/')[1]} | {s['examples']} ({s['planned']}) | {metric} | "
                      f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] | {'; '.join(also)} |")

@@ -65,6 +65,22 @@ def _fmt(value: float, ci: Sequence[float]) -> str:
     return f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
+def secondary_metrics(s: dict[str, Any]) -> list[str]:
+    """The summary's metrics beside the headline one, as short strings for a table's "also" cell."""
+    extras = []
+    if "macro_accuracy" in s:
+        extras.append(f"macro acc {_fmt(s['macro_accuracy'], s['macro_accuracy_ci'])}")
+    if "macro_f1" in s:
+        extras.append(f"macro-F1 {_fmt(s['macro_f1'], s['macro_f1_ci'])}")
+    if "bertscore_f1" in s:
+        extras.append(f"BERTScore-F1 {_fmt(s['bertscore_f1'], s['bertscore_f1_ci'])} ({s['bertscore_encoder']})")
+    if "no_answer_rate" in s:
+        extras.append(f"no answer {s['no_answer_rate']:.1%}")
+    if "most_frequent_prediction" in s:
+        extras.append(f"predicts {s['most_frequent_prediction']['letter']} {s['most_frequent_prediction']['share']:.0%}")
+    return extras
+
+
 def markdown_table(summaries: dict[str, dict[str, Any]]) -> str:
     """One row per benchmark: n, headline metric with 95% interval, extras, latency."""
     lines = ["| benchmark | n | metric | value [95% CI] | also | latency p50 (ms) |", "|---|---|---|---|---|---|"]
@@ -72,15 +88,7 @@ def markdown_table(summaries: dict[str, dict[str, Any]]) -> str:
         if not s.get("examples"):
             continue
         metric, value, ci = headline(s)
-        extras = []
-        if "macro_accuracy" in s:
-            extras.append(f"macro acc {_fmt(s['macro_accuracy'], s['macro_accuracy_ci'])}")
-        if "macro_f1" in s:
-            extras.append(f"macro-F1 {_fmt(s['macro_f1'], s['macro_f1_ci'])}")
-        if "bertscore_f1" in s:
-            extras.append(f"BERTScore-F1 {_fmt(s['bertscore_f1'], s['bertscore_f1_ci'])} ({s['bertscore_encoder']})")
-        if "no_answer_rate" in s:
-            extras.append(f"no answer {s['no_answer_rate']:.1%}")
+        extras = secondary_metrics(s)
         lines.append(f"| {name} | {s['examples']} | {metric} | {_fmt(value, ci)} | {'; '.join(extras)} | {s['latency_p50_ms']:.0f} |")
     return "\n".join(lines) + "\n"
 
