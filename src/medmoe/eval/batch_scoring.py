@@ -12,13 +12,12 @@ an unbatched run's (up to float reduction order). The LM head runs only at the r
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, Sequence
 
 import torch
 
 from medmoe.eval.prompts import Prompt
-from medmoe.eval.scoring import OptionScores, bos_ids, encode_pair, option_lengths, score_options
+from medmoe.eval.scoring import OptionScores, accepts_logits_to_keep, bos_ids, encode_pair, option_lengths, score_options
 
 
 def _single_token_plan(tokenizer: Any, prompt: Prompt) -> tuple[list[int], list[int]] | None:
@@ -27,12 +26,6 @@ def _single_token_plan(tokenizer: Any, prompt: Prompt) -> tuple[list[int], list[
     if any(ctx != pairs[0][0] for ctx, _ in pairs) or any(len(cont) != 1 for _, cont in pairs):
         return None
     return bos_ids(tokenizer, pairs[0][0]) + pairs[0][0], [cont[0] for _, cont in pairs]
-
-
-def _accepts_logits_to_keep(model: Any) -> bool:
-    """HF causal LMs that can compute the LM head at chosen positions only (saves ~20% for SmolLM2:
-    its 49k-word head costs a fifth of the forward pass when run at every position)."""
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 @torch.inference_mode()
@@ -56,7 +49,7 @@ def score_options_batch(model: Any, tokenizer: Any, prompts: Sequence[Prompt]) -
         last_index = torch.tensor(lengths, device=device) - 1  # (b,)
         rows = torch.arange(len(batch), device=device)
         keep = torch.unique(last_index)  # (k,), sorted: the only positions whose logits are needed
-        kwargs = {"logits_to_keep": keep} if _accepts_logits_to_keep(model) else {}
+        kwargs = {"logits_to_keep": keep} if accepts_logits_to_keep(model) else {}
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False, **kwargs).logits
         column = torch.searchsorted(keep, last_index) if kwargs else last_index  # row i's last position in `logits`
         last = torch.log_softmax(logits[rows, column].float(), dim=-1)  # (b, V): next-token log-probs

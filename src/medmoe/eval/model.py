@@ -56,7 +56,8 @@ class HFEvalModel:
 
     def __init__(self, model: Any, tokenizer: Any, name: str = "model", share_prefix: bool = True):
         self.model, self.tokenizer, self.name = model, tokenizer, name
-        self.prefix = PrefixCache() if share_prefix else None
+        recurrent = any(getattr(m, "is_recurrent", False) for m in model.modules())  # a cropped SSM state is wrong
+        self.prefix = PrefixCache() if share_prefix and not recurrent else None
 
     def score_options(self, context: str, continuations: Sequence[str]) -> OptionScores:
         return score_options(self.model, self.tokenizer, context, continuations, self.prefix)

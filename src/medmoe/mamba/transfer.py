@@ -35,6 +35,7 @@ from torch import nn
 
 from medmoe.errors import ModelError
 from medmoe.paths import atomic_write_file
+from medmoe.mamba.block import LayerState
 from medmoe.mamba.scan import selective_scan
 
 SPEC_FILE = "medmoe_hybrid.json"
@@ -76,6 +77,8 @@ class AttentionMamba(nn.Module):
         self.A_log = nn.Parameter(torch.zeros(self.d_inner, head_dim))       # A = -exp(0) = -1
         self.D = nn.Parameter(torch.zeros(self.d_inner))
         self.scan_backend = "auto"
+        self.layer_idx = 0        # position in the student's decoder, set by _apply_spec
+        self.is_recurrent = True  # tells the harness not to reuse cropped caches (PrefixCache)
         self._init_new_parameters()
 
     @torch.no_grad()
@@ -107,17 +110,81 @@ class AttentionMamba(nn.Module):
         return t.view(b, l, self.kv_heads, 1, self.head_dim).expand(
             b, l, self.kv_heads, self.heads // self.kv_heads, self.head_dim).reshape(b, l, self.heads, self.head_dim)
 
-    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+    def forward(self, hidden_states: torch.Tensor, attention_mask=None, past_key_values=None, **kwargs):
+        """hidden (b, l, D) -> ((b, l, D), None), like the attention it replaces.
+
+        With a Hugging Face cache (`past_key_values`, e.g. during `generate`) the mixer keeps its
+        recurrent state there (`RecurrentStates`) and continues from it: decoding costs the same at
+        every position. Left padding (read from the 4D attention mask) is exact: padded positions
+        get u = 0, so the state stays zero until the first real token."""
         b, l, _ = hidden_states.shape
-        x = self._per_head(self.x_proj(hidden_states)).reshape(b, l, self.d_inner)    # (b, l, d)
-        x = F.conv1d(x.transpose(1, 2), self.conv1d.weight, self.conv1d.bias,
-                     padding=self.d_conv - 1, groups=self.d_inner)[..., :l].transpose(1, 2)
+        K = self.d_conv
+        state = RecurrentStates.of(past_key_values, self.layer_idx, b)
+        x = self._per_head(self.x_proj(hidden_states)).reshape(b, l, self.d_inner)   # (b, l, d)
+        keep = key_padding(attention_mask, l)                                         # (b, l) or None
+        if keep is not None:
+            x = x * keep[..., None]
+        history = state.conv if state is not None else x.new_zeros(b, K - 1, self.d_inner)
+        conv_in = torch.cat([history, x], dim=1)                                      # (b, K-1+l, d)
+        u = F.conv1d(conv_in.transpose(1, 2), self.conv1d.weight, self.conv1d.bias,
+                     groups=self.d_inner).transpose(1, 2)                             # (b, l, d)
+        if keep is not None:
+            u = u * keep[..., None]
         B = self._per_head(self.B_proj(hidden_states))                               # (b, l, H, P)
         C = self.C_proj(hidden_states).view(b, l, self.heads, self.head_dim)         # (b, l, H, P)
         delta = F.softplus(self.dt_proj(self.dt_in(hidden_states)))                  # (b, l, d)
         A = -torch.exp(self.A_log.float())                                           # (d, P)
-        y, _ = selective_scan(x, delta, A, B, C, self.D, backend=self.scan_backend)
+        y, h = selective_scan(u, delta, A, B, C, self.D, h0=None if state is None else state.ssm,
+                              backend=self.scan_backend)
+        if past_key_values is not None:
+            RecurrentStates.store(past_key_values, self.layer_idx, conv_in[:, -(K - 1):], h, hidden_states)
         return self.out_proj(y), None
+
+
+def key_padding(attention_mask, length: int) -> torch.Tensor | None:
+    """(b, l) 1.0 at real tokens, 0.0 at padding, from the 4D mask HF gives attention layers.
+
+    A real token always attends to itself and a padded one never does, so the diagonal of the last
+    `length` key columns is the padding mask. None when there is no mask (no padding)."""
+    if attention_mask is None or attention_mask.dim() != 4:
+        return None
+    m = attention_mask[:, 0, -length:, -length:].diagonal(dim1=-2, dim2=-1)         # (b, l)
+    keep = m if m.dtype == torch.bool else m == 0                                   # float masks: 0 = attend
+    return keep.to(torch.float32) if not keep.all() else None
+
+
+class RecurrentStates:
+    """The mixers' recurrent state, kept on a Hugging Face cache object next to its key/value layers.
+
+    Per mixer layer: the last K-1 conv inputs (b, K-1, d) and the SSM state (b, d, P) (N = P here).
+    Each mixer also appends a (b, 1, l, 1) placeholder to its cache layer so that the cache's
+    sequence length (which `generate` and the kept attention layers read) counts its tokens.
+    Cropping a cache (prefix reuse) cannot rewind a recurrent state: mixers say `is_recurrent`."""
+
+    ATTRIBUTE = "medmoe_recurrent_states"
+
+    @classmethod
+    def of(cls, cache, layer_idx: int, batch: int):
+        states = getattr(cache, cls.ATTRIBUTE, None) if cache is not None else None
+        if not states or layer_idx not in states:
+            return None
+        state = states[layer_idx]
+        if state.ssm.shape[0] != batch:  # a cache repeated for k continuations (batch_repeat_interleave)
+            if state.ssm.shape[0] != 1:
+                raise ModelError(f"recurrent state has batch {state.ssm.shape[0]}, the input {batch}")
+            state = LayerState(conv=state.conv.expand(batch, -1, -1), ssm=state.ssm.expand(batch, -1, -1).contiguous())
+        return state
+
+    @classmethod
+    def store(cls, cache, layer_idx: int, conv: torch.Tensor, ssm: torch.Tensor, like: torch.Tensor) -> None:
+        states = getattr(cache, cls.ATTRIBUTE, None)
+        if states is None:
+            states = {}
+            setattr(cache, cls.ATTRIBUTE, states)
+        states[layer_idx] = LayerState(conv=conv.detach(), ssm=ssm.detach())
+        if hasattr(cache, "update"):
+            placeholder = like.new_zeros(like.shape[0], 1, like.shape[1], 1)
+            cache.update(placeholder, placeholder, layer_idx)
 
 
 def _decoder(model) -> nn.Module:
@@ -155,6 +222,7 @@ def _apply_spec(student, spec: HybridSpec, source_layers=None) -> None:
             continue
         attn = source_layers[old_idx].self_attn if source_layers is not None else layer.self_attn
         layer.self_attn = AttentionMamba.from_attention(attn, student.config)
+        layer.self_attn.layer_idx = new_idx
     student.config.num_hidden_layers = len(spec.layers)
     if getattr(student.config, "layer_types", None):
         student.config.layer_types = [student.config.layer_types[i] for i in spec.layers] \

@@ -1,0 +1,117 @@
+"""The Mamba hybrid's recurrent cache: generation with the cache, left padding, option scoring.
+
+The reference is always a full forward over the whole sequence without any cache (no state carried),
+so every check compares the recurrent path against the parallel scan."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from medmoe.eval.model import HFEvalModel
+from medmoe.eval.scoring import score_options
+from medmoe.mamba.transfer import AttentionMamba, build_hybrid
+
+
+def _randomise_mixers(model) -> None:
+    """Fresh mixers pass x straight through (identity conv, D = 0): make every new parameter matter."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, AttentionMamba):
+                module.conv1d.weight.normal_(0, 0.5)
+                module.conv1d.bias.normal_(0, 0.1)
+                module.A_log.uniform_(-1.0, 1.0)
+                module.D.normal_(0, 0.5)
+                module.dt_proj.bias.uniform_(-1.0, 1.0)
+
+
+def _hybrid(attention_layers=()):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=True,
+                      pad_token_id=0, eos_token_id=63, bos_token_id=1)
+    student, _ = build_hybrid(LlamaForCausalLM(cfg).eval(), attention_layers=list(attention_layers))
+    _randomise_mixers(student)
+    return student.eval()
+
+
+def _greedy_without_cache(model, ids: torch.Tensor, steps: int) -> torch.Tensor:
+    """Greedy decoding that recomputes the whole sequence each step: the parallel-scan reference."""
+    for _ in range(steps):
+        with torch.no_grad():
+            nxt = model(input_ids=ids, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+        ids = torch.cat([ids, nxt], dim=1)
+    return ids
+
+
+@pytest.mark.parametrize("attention_layers", [(), (1,)], ids=["all-mamba", "one-attention-layer"])
+def test_generate_with_cache_equals_full_recompute(attention_layers):
+    model = _hybrid(attention_layers)
+    prompt = torch.randint(2, 60, (1, 12))
+    with torch.no_grad():
+        cached = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=24,
+                                do_sample=False, min_new_tokens=24)
+    assert torch.equal(cached, _greedy_without_cache(model, prompt, 24))
+
+
+def test_cached_logits_match_the_parallel_scan():
+    """Prefill 10 tokens with a cache, then feed 5 one at a time: logits equal a single forward."""
+    model = _hybrid()
+    ids = torch.randint(2, 60, (2, 15))
+    with torch.no_grad():
+        full = model(input_ids=ids, use_cache=False).logits
+        out = model(input_ids=ids[:, :10], use_cache=True)
+        steps, cache = [out.logits], out.past_key_values
+        for t in range(10, 15):
+            out = model(input_ids=ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+            steps.append(out.logits)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-4)
+
+
+def test_left_padded_batch_generates_like_each_prompt_alone():
+    model = _hybrid()
+    a, b = torch.randint(2, 60, (1, 9)), torch.randint(2, 60, (1, 5))
+    batch = torch.zeros(2, 9, dtype=torch.long)
+    mask = torch.zeros(2, 9, dtype=torch.long)
+    batch[0], mask[0] = a[0], 1
+    batch[1, 4:], mask[1, 4:] = b[0], 1
+    with torch.no_grad():
+        together = model.generate(input_ids=batch, attention_mask=mask, max_new_tokens=10, do_sample=False,
+                                  min_new_tokens=10)
+        alone_a = model.generate(input_ids=a, attention_mask=torch.ones_like(a), max_new_tokens=10,
+                                 do_sample=False, min_new_tokens=10)
+        alone_b = model.generate(input_ids=b, attention_mask=torch.ones_like(b), max_new_tokens=10,
+                                 do_sample=False, min_new_tokens=10)
+    assert torch.equal(together[0, 9:], alone_a[0, 9:])
+    assert torch.equal(together[1, 9:], alone_b[0, 5:])
+
+
+class _Tokenizer:
+    """Whitespace tokenizer over integer words: '5 7 9' -> [1, 5, 7, 9] with special tokens (BOS)."""
+
+    bos_token_id = 1
+    pad_token_id = 0
+    eos_token_id = 63
+
+    def __call__(self, text, add_special_tokens=False):
+        ids = [int(w) if w.isdigit() else 2 for w in text.split()]
+        return {"input_ids": [self.bos_token_id] + ids if add_special_tokens else ids}
+
+
+def test_multi_token_option_scores_use_the_recurrent_state():
+    """score_options scores multi-token options over the context's cache (repeated per option)."""
+    model = _hybrid()
+    tokenizer = _Tokenizer()
+    context, options = "5 7 9 11 13", [" 20 21 22", " 30", " 40 41"]
+    got = score_options(model, tokenizer, context, options).logprobs
+    for option, score in zip(options, got):
+        ids = torch.tensor([[1] + [int(w) for w in (context + option).split()]])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids, use_cache=False).logits[0].float(), -1)
+        n = len(option.split())
+        targets = ids[0, -n:]
+        expected = logp[-n - 1:-1].gather(-1, targets[:, None]).sum().item()
+        assert score == pytest.approx(expected, abs=1e-4)
+
+
+def test_harness_does_not_reuse_cropped_caches_for_recurrent_models():
+    assert HFEvalModel(_hybrid(), _Tokenizer()).prefix is None
