@@ -8,6 +8,7 @@ or option letters), and generation is greedy decoding.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ class Expert:
     source: str  # what it was loaded from
     model: Any
     tokenizer: Any
+    trained_on: dict | None = None  # a fine-tuned expert's data provenance (medmoe_training.json)
 
     @property
     def parameters(self) -> int:
@@ -45,7 +47,7 @@ def load_expert(name: str, source: str, tokenizer_source: str | None = None) -> 
     hybrid = mamba_folder(source) if Path(source).exists() else None
     if hybrid is None:
         model, tokenizer = load_causal_lm(source)
-        return Expert(name, source, model, tokenizer)
+        return Expert(name, source, model, tokenizer, _provenance(Path(source)))
     from medmoe.mamba.transfer import load_hybrid
 
     model, tokenizer, spec = load_hybrid(hybrid)
@@ -53,4 +55,22 @@ def load_expert(name: str, source: str, tokenizer_source: str | None = None) -> 
         tokenizer = load_tokenizer(tokenizer_source or spec.teacher)
     if tokenizer is None:
         raise ModelError(f"{hybrid}: no tokenizer saved and none given")
-    return Expert(name, str(hybrid), model, tokenizer)
+    return Expert(name, str(hybrid), model, tokenizer, _provenance(hybrid))
+
+
+def _provenance(folder: Path) -> dict | None:
+    from medmoe.train.finetune import TRAINING_FILE
+
+    path = folder / TRAINING_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def check_gate_records(experts: dict[str, Expert], dataset: str, n_gate: int) -> None:
+    """The gate learns from each expert's outcomes on the first n_gate train records, so no expert may
+    have been fine-tuned on those records (its outcomes there would be memorised, not predictive)."""
+    for expert in experts.values():
+        seen = expert.trained_on
+        if seen and seen.get("data") == dataset and n_gate > int(seen.get("skip_first", 0)):
+            raise ModelError(
+                f"{expert.source}: fine-tuned on {dataset} train records from #{seen.get('skip_first', 0)} on, but the "
+                f"gate would train on the first {n_gate}; use --train-limit {seen.get('skip_first', 0)} or less")

@@ -27,7 +27,7 @@ app = typer.Typer(
 )
 
 # One module per area; each defines register(app). Add a new area by adding its module name here.
-COMMAND_MODULES = ["mambaformer", "eval", "data", "models", "distill", "router", "finetune", "serve"]
+COMMAND_MODULES = ["mambaformer", "eval", "data", "models", "distill", "router", "train", "finetune", "serve"]
 
 for _name in COMMAND_MODULES:
     importlib.import_module(f"medmoe.cli.{_name}").register(app)

@@ -28,6 +28,7 @@ def finetune_command(
     warmup_steps: int = typer.Option(10),
     max_length: int = typer.Option(256, help="Tokens per example (the prompt is truncated on the left)."),
     limit: int = typer.Option(0, help="Use only the first N training examples (0 = all); say so when reporting."),
+    skip_first: int = typer.Option(0, help="Leave out the first N training examples (e.g. kept for the MambaFormer gate)."),
     eval_every: int = typer.Option(50, help="Evaluate held-out loss every N steps."),
     eval_examples: int = typer.Option(64, help="Training examples held out for periodic evaluation."),
     save_every: int = typer.Option(50, help="Write a checkpoint every N steps."),
@@ -55,7 +56,7 @@ def finetune_command(
     import torch
 
     from medmoe.train.base_models import load_base
-    from medmoe.train.data import load_examples
+    from medmoe.train.data import load_examples, select_examples
     from medmoe.train.distributed import init_from_env
     from medmoe.train.finetune import FinetuneConfig, finetune
 
@@ -65,7 +66,7 @@ def finetune_command(
     cfg = FinetuneConfig(
         method=method, output=str(output), steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
         warmup_steps=warmup_steps, max_length=max_length, seed=seed, eval_every=eval_every, eval_examples=eval_examples,
-        save_every=save_every, resume=resume, lora_rank=lora_rank, lora_dropout=dropout, target_modules=targets,
+        save_every=save_every, resume=resume, data=data, skip_first=skip_first, limit=limit, lora_rank=lora_rank, lora_dropout=dropout, target_modules=targets,
         loramoe=dict(num_experts=experts, top_k=top_k, rank=rank, alpha=alpha, dropout=dropout, router_kind=router, router_dim=router_dim,
                      contrastive_kind=contrastive if router == "prototype" or contrastive != "prototype" else "none",
                      contrastive_weight=contrastive_weight, balance_weight=balance_weight, z_loss_weight=z_weight,
@@ -73,9 +74,7 @@ def finetune_command(
     )
     rank_id, world = init_from_env()
     model, tokenizer = load_base(base)
-    examples = load_examples(data, tokenizer)
-    if limit > 0:
-        examples = examples[:limit]
+    examples = select_examples(load_examples(data, tokenizer), skip_first, limit)
     if rank_id == 0:
         typer.echo(f"{method} fine-tuning of {base} on {len(examples)} examples from {data}; {world} process(es)")
     result = finetune(cfg, model, tokenizer, train_examples=examples, rank=rank_id, world=world)

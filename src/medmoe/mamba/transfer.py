@@ -208,6 +208,7 @@ def build_hybrid(teacher, layers: list[int] | None = None, attention_layers: lis
     spec = HybridSpec(teacher=teacher_name, layers=layers, attention_layers=sorted(attention_layers))
     student = copy.deepcopy(teacher)
     _apply_spec(student, spec, source_layers=_decoder(teacher).layers)
+    student.hybrid_spec = spec  # lets a fine-tuning run save it back as a hybrid
     return student, spec
 
 
@@ -268,6 +269,7 @@ def load_hybrid(folder: str | Path):
         raise ModelError(f"{folder}: weights do not match (missing {missing[:5]}, unexpected {unexpected[:5]})")
     if getattr(config, "tie_word_embeddings", False):
         student.tie_weights()
+    student.hybrid_spec = spec
     tokenizer = None
     if (folder / "tokenizer_config.json").exists():
         from transformers import AutoTokenizer

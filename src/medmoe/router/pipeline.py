@@ -28,7 +28,7 @@ from medmoe.data.record import Record
 from medmoe.eval.metrics import macro_f1
 from medmoe.eval.model import HFEvalModel
 from medmoe.eval.runner import run_records
-from medmoe.experts import Expert, load_expert
+from medmoe.experts import Expert, check_gate_records, load_expert
 from medmoe.router.baselines import AlwaysMamba, AlwaysTransformer, LengthThreshold, OracleRouter, RandomRouter
 from medmoe.router.calibrate import calibrate_tau, threshold_sweep
 from medmoe.router.checkpoint import RouterCheckpoint
@@ -128,6 +128,7 @@ def run_pipeline(cfg: PipelineConfig, log: Callable[[str], None] = print) -> dic
     log(f"loading experts: E_T = {cfg.transformer}, E_M = {cfg.mamba}")
     experts = {"transformer": load_expert("transformer", cfg.transformer),
                "mamba": load_expert("mamba", cfg.mamba, tokenizer_source=cfg.transformer)}
+    check_gate_records(experts, cfg.dataset, len(splits["train"]))
     tables = {s: expert_table(experts, recs, out / s, f"{cfg.dataset} {s}") for s, recs in splits.items()}
 
     t_expert = experts["transformer"]

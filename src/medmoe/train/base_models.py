@@ -4,7 +4,10 @@ from __future__ import annotations
 
 
 def load_base(name: str):
-    """(model, tokenizer): a zoo name (smollm2-135m, gemma3-270m), a local folder or a hub id; fp32."""
-    from medmoe.models import load_causal_lm
+    """(model, tokenizer), fp32: a zoo name (smollm2-135m, gemma3-270m), a local folder, a hub id, or a
+    Mamba hybrid (a `medmoe distill` run or hybrid folder; fine-tuned with --method full, it is saved
+    again as a hybrid that `medmoe run --mamba` loads)."""
+    from medmoe.experts import load_expert
 
-    return load_causal_lm(name)
+    expert = load_expert("base", name)
+    return expert.model, expert.tokenizer

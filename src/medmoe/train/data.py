@@ -94,6 +94,15 @@ def load_examples(spec: str, tokenizer=None, split: str = "train") -> list[Examp
     return [example_from_record(r, tokenizer) for r in records]
 
 
+def select_examples(examples: list[Example], skip_first: int = 0, limit: int = 0) -> list[Example]:
+    """Leave out the first `skip_first` examples (held out for something else, e.g. the MambaFormer
+    gate, which trains on the first records of the same split), then keep at most `limit` (0 = all)."""
+    if skip_first >= len(examples):
+        raise DataError.single("--skip-first", f"{skip_first} leaves none of the {len(examples)} training examples")
+    chosen = examples[skip_first:]
+    return chosen[:limit] if limit > 0 else chosen
+
+
 def tokenize_examples(examples: list[Example], tokenizer, max_length: int) -> list[dict]:
     """input_ids and labels per example (prompt labels -100, EOS appended, prompt truncated on the left)."""
     features = []

@@ -24,6 +24,7 @@ from medmoe.train.data import Example, MicroBatches, collate, load_examples, tok
 from medmoe.train.distributed import all_reduce_gradients, barrier
 
 METHODS = ("loramoe", "lora", "full")
+TRAINING_FILE = "medmoe_training.json"  # next to a fine-tuned model: its data, and what was left out
 
 
 @dataclass
@@ -53,6 +54,9 @@ class FinetuneConfig:
     lora_dropout: float = 0.0
     target_modules: str | list[str] = "all-linear"
     loramoe: dict = field(default_factory=dict)  # LoraMoeConfig fields
+    data: str = ""  # provenance, written next to the result (TRAINING_FILE): which data ...
+    skip_first: int = 0  # ... which of its training examples were left out (the first N) ...
+    limit: int = 0  # ... and how many were used after those (0 = all)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -110,12 +114,19 @@ def evaluate_loss(model: nn.Module, features: list[dict], batch_size: int, pad_i
 def save_final(model: nn.Module, tokenizer, cfg: FinetuneConfig) -> Path:
     """The trained result: LoRA-MoE adapter, PEFT adapter, or the whole model (full)."""
     out = Path(cfg.output) / ("model" if cfg.method == "full" else "adapter")
+    hybrid_spec = getattr(model, "hybrid_spec", None)
     if cfg.method == "loramoe":
         model.save_adapter(out)
+    elif hybrid_spec is not None:  # a Mamba hybrid stays loadable as one (config + spec + weights)
+        from medmoe.mamba.transfer import save_hybrid
+
+        save_hybrid(model, hybrid_spec, out, tokenizer)
     else:
         model.save_pretrained(out)
     if hasattr(tokenizer, "save_pretrained"):
         tokenizer.save_pretrained(out)
+    provenance = {"method": cfg.method, "data": cfg.data, "skip_first": cfg.skip_first, "limit": cfg.limit}
+    (out / TRAINING_FILE).write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
     (Path(cfg.output) / "finetune_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n", encoding="utf-8")
     return out
 

@@ -1,0 +1,58 @@
+"""`medmoe train expert`: task fine-tuning of a Mamba hybrid expert on real data, saved as a hybrid,
+and the pipeline's guard against a gate trained on records the experts were fine-tuned on."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import typer
+from typer.testing import CliRunner
+
+from medmoe.cli.train import register
+from medmoe.data import load_dataset
+from medmoe.errors import ModelError
+from medmoe.experts import check_gate_records, load_expert
+from medmoe.mamba.transfer import build_hybrid, save_hybrid
+from tiny_lm import tiny_llama, tiny_tokenizer
+
+app = typer.Typer()
+app.callback()(lambda: None)
+register(app)
+
+
+@pytest.fixture()
+def hybrid_folder(tmp_path):
+    records = load_dataset("pubmedqa", "train")[:12]
+    text = " ".join(f"{r.context} {r.question}" for r in records)
+    tokenizer = tiny_tokenizer(extra_text=text)
+    student, spec = build_hybrid(tiny_llama(vocab=len(tokenizer)), teacher_name="tiny")
+    return save_hybrid(student, spec, tmp_path / "hybrid", tokenizer)
+
+
+def test_train_expert_fine_tunes_a_hybrid_and_saves_it_as_one(tmp_path, hybrid_folder):
+    out = tmp_path / "run"
+    before = load_expert("mamba", str(hybrid_folder)).model
+    result = CliRunner().invoke(app, ["train", "expert", "--source", str(hybrid_folder), "--dataset", "pubmedqa",
+                                      "--output", str(out), "--gate-holdout", "380", "--batch-size", "2",
+                                      "--grad-accum", "1", "--lr", "0.01", "--max-length", "64"])
+    assert result.exit_code == 0, result.output
+    assert "first 380 kept for the gate" in result.output
+    tuned = load_expert("mamba", str(out / "model"))
+    assert type(tuned.model.model.layers[0].self_attn).__name__ == "AttentionMamba"
+    assert tuned.trained_on == {"method": "full", "data": "pubmedqa", "skip_first": 380, "limit": 0}
+    ids = torch.tensor([[3, 4, 5, 6]])
+    with torch.no_grad():
+        assert not torch.allclose(tuned.model(ids).logits, before(ids).logits)
+    with pytest.raises(ModelError, match="--train-limit 380"):
+        check_gate_records({"mamba": tuned}, "pubmedqa", 381)
+    check_gate_records({"mamba": tuned}, "pubmedqa", 380)   # the held-out records are fine
+    check_gate_records({"mamba": tuned}, "dental", 700)     # another dataset is fine
+
+
+def test_gate_holdout_that_leaves_nothing_is_a_clear_error(tmp_path, hybrid_folder):
+    result = CliRunner().invoke(app, ["train", "expert", "--source", str(hybrid_folder), "--output", str(tmp_path / "r"),
+                                      "--gate-holdout", "100000"])
+    assert result.exit_code != 0
+    assert "leaves none" in str(result.exception) + result.output
