@@ -29,7 +29,6 @@ from medmoe.eval.metrics import macro_f1
 from medmoe.eval.model import HFEvalModel
 from medmoe.eval.runner import run_records
 from medmoe.experts import Expert, check_gate_records, load_expert
-from medmoe.router.baselines import AlwaysMamba, AlwaysTransformer, LengthThreshold, OracleRouter, RandomRouter
 from medmoe.router.calibrate import calibrate_tau, threshold_sweep
 from medmoe.router.checkpoint import RouterCheckpoint
 from medmoe.router.features import GateFeatures, GateFeaturizer, featurizer_for_tokenizer, pad_batch
@@ -37,9 +36,10 @@ from medmoe.router.lexicon import build_lexicon
 from medmoe.router.queries import query_text
 from medmoe.router.loss import LossConfig
 from medmoe.router.metrics import default_c_ref, evaluate
-from medmoe.router.pareto import OperatingPoint, baseline_points, pareto_report, sweep_points, write_report
+from medmoe.router.pareto import OperatingPoint, write_report
 from medmoe.router.results import ExpertOutcome, ExpertResults
 from medmoe.router.train import TrainConfig, gate_scores, train_gate
+from medmoe.router.workflow import baseline_routers, pareto_run
 
 
 @dataclass
@@ -155,23 +155,20 @@ def run_pipeline(cfg: PipelineConfig, log: Callable[[str], None] = print) -> dic
     checkpoint.save(out / "router")
 
     decisions = scores[cfg.beta]["test"] > checkpoint.tau
-    share = float(decisions.mean())
-    length = LengthThreshold().fit(dev)
-    routers = [AlwaysTransformer(), AlwaysMamba(), RandomRouter(share, seed=0), length, OracleRouter(beta=0.0, objective="accuracy")]
     big = None
     if cfg.big:
         big_expert = load_expert("big", cfg.big)
         big_rows = run_records(HFEvalModel(big_expert.model, big_expert.tokenizer, cfg.big), splits["test"], out / "test" / "big.jsonl", f"{cfg.dataset} test {cfg.big}")
         big = OperatingPoint(f"{cfg.big} alone", float(np.mean([r["correct"] for r in big_rows])),
                              float(np.percentile([r["latency_ms"] for r in big_rows], 50)), kind="baseline")
+    deployed_first = {cfg.beta: scores[cfg.beta]["test"], **{b: s["test"] for b, s in scores.items()}}
+    report = pareto_run(test, deployed_first, checkpoint.tau, dev, extra_points=[big] if big else [], gate_ms=gate_ms)
+    routers = baseline_routers(test, float(decisions.mean()), dev)  # the same baselines pareto_run drew
     rows = [summary_row(r.name, test, r.route(test), 0.0, big.latency_ms if big else None) for r in routers]
     rows.append(summary_row("mambaformer (calibrated)", test, decisions, gate_ms, big.latency_ms if big else None))
     gold = [rec.answer for rec in splits["test"]]
     for row in rows:
         row["macro_f1"] = macro_f1(gold, row.pop("preds"))
-    points = baseline_points(test, routers) + ([big] if big else [])
-    t_point, m_point = points[0], points[1]
-    report = pareto_report(sweep_points(test, {b: s["test"] for b, s in scores.items()}, gate_ms=gate_ms), points, t_point, m_point)
     report.update({"summary": rows, "tau": checkpoint.tau, "beta": cfg.beta, "gate_ms": gate_ms, "examples": {s: len(t) for s, t in tables.items()},
                    "big": asdict(big) if big else None, "config": asdict(cfg)})
     write_report(report, out, name="pareto", header=f"# MambaFormer on {cfg.dataset} test\n")

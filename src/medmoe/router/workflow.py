@@ -49,6 +49,20 @@ def fit_gate(train: ExpertResults, train_features: GateFeatures, dev: ExpertResu
                       evaluate(dev, dev_scores > tau, gate_ms=gate_ms).to_dict())
 
 
+def baseline_routers(test: ExpertResults, mix: float, dev: ExpertResults | None = None, seed: int = 0,
+                     oracle_beta: float = 1.0) -> list:
+    """Every baseline of a routing report, in this order: E_T only, E_M only, random at `mix`, the length
+    threshold fitted on `dev` (on `test` when no dev is given, and named so), the utility oracle
+    (argmax_e U_e with `oracle_beta`) and the accuracy oracle."""
+    length = LengthThreshold().fit(dev if dev is not None else test)
+    if dev is None:
+        length.name = "length-threshold (fit on test)"
+    utility_oracle = OracleRouter(beta=oracle_beta)
+    utility_oracle.name = f"oracle(beta={oracle_beta:g})"
+    return [AlwaysTransformer(), AlwaysMamba(), RandomRouter(mix, seed), length, utility_oracle,
+            OracleRouter(objective="accuracy")]
+
+
 def pareto_run(test: ExpertResults, scores_by_beta: Mapping[float, np.ndarray], tau: float, dev: ExpertResults | None = None,
                extra_points: Sequence[OperatingPoint] = (), seed: int = 0, gate_ms: float = 0.0,
                statistic: str = "p50", oracle_beta: float = 1.0) -> dict:
@@ -57,14 +71,8 @@ def pareto_run(test: ExpertResults, scores_by_beta: Mapping[float, np.ndarray], 
     utility oracle (argmax_e U_e with `oracle_beta`, C_ref = E_T's mean test latency), the accuracy oracle,
     and any extra points (e.g. the largest Transformer alone)."""
     first = np.asarray(next(iter(scores_by_beta.values())))
-    mix = float((first > tau).mean())
-    length = LengthThreshold().fit(dev if dev is not None else test)
-    if dev is None:
-        length.name = "length-threshold (fit on test)"
-    utility_oracle = OracleRouter(beta=oracle_beta)
-    utility_oracle.name = f"oracle(beta={oracle_beta:g})"
-    routers = [AlwaysTransformer(), AlwaysMamba(), RandomRouter(mix, seed), length, utility_oracle,
-               OracleRouter(objective="accuracy")]
+    routers = baseline_routers(test, float((first > tau).mean()), dev, seed, oracle_beta)
+    length = routers[3]
     baselines = baseline_points(test, routers, statistic=statistic) + list(extra_points)
     gate_points = sweep_points(test, scores_by_beta, gate_ms=gate_ms, statistic=statistic)
     report = pareto_report(gate_points, baselines, baselines[0], baselines[1])
