@@ -20,6 +20,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPORTS, write_report  # noqa: E402
 
 
+def provenance(args) -> str:
+    """One line per fine-tuned expert: what `medmoe train expert` wrote next to it."""
+    lines = []
+    for role, source in (("E_T", args.transformer), ("E_M", args.mamba)):
+        path = Path(source) / "medmoe_training.json"
+        if path.is_file():
+            t = json.loads(path.read_text())
+            lines.append(f"- {role} was fine-tuned ({t['method']}) on `{t['data']}` train records from #{t['skip_first']} on; "
+                         f"the gate trained on records before #{t['skip_first']}.\n")
+    return "".join(lines) + ("\n" if lines else "")
+
+
 def main() -> None:
     import torch
 
@@ -36,6 +48,7 @@ def main() -> None:
     parser.add_argument("--test-limit", type=int, default=200)
     parser.add_argument("--out", default="runs/mambaformer")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--describe", default="", help="how the experts were made (the commands), printed in the report")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cfg = PipelineConfig(dataset=args.dataset, transformer=args.transformer, mamba=args.mamba, big=args.big or None,
@@ -43,6 +56,7 @@ def main() -> None:
                          test_limit=args.test_limit or None, out=args.out)
     report = run_pipeline(cfg)
     distill = json.loads((Path(args.mamba) / "latest.json").read_text()) if (Path(args.mamba) / "latest.json").exists() else {}
+    made = f"distillation step {distill['step']}" if distill else "see below"
     rows = ["| router | accuracy | macro-F1 | p50 ms | p95 ms | share to E_M | speedup vs big (p50) |",
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in report["summary"]:
@@ -55,8 +69,10 @@ def main() -> None:
     body = (
         f"Dataset `{args.dataset}`: {report['examples']} examples per split (train/dev/test limits "
         f"{args.train_limit}/{args.dev_limit}/{args.test_limit}; 0 = full split). E_T = `{args.transformer}`; "
-        f"E_M = `{args.mamba}` (distillation step {distill.get('step', '?')}); big baseline = `{args.big}` alone. "
+        f"E_M = `{args.mamba}` ({made}); big baseline = `{args.big}` alone. "
         f"Calibrated tau = {report['tau']:.4f} (beta {report['beta']:g}); gate cost {report['gate_ms']:.2f} ms per query.\n\n"
+        + (f"How the experts were made: {args.describe}\n\n" if args.describe else "")
+        + provenance(args)
         + "\n".join(rows)
         + "\n\n## Pareto sweep (tau x beta) and baselines\n\n" + markdown_table(report)
         + f"\n![accuracy vs latency](mambaformer_{args.dataset}.png)\n"
