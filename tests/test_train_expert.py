@@ -36,12 +36,15 @@ def test_train_expert_fine_tunes_a_hybrid_and_saves_it_as_one(tmp_path, hybrid_f
     before = load_expert("mamba", str(hybrid_folder)).model
     result = CliRunner().invoke(app, ["train", "expert", "--source", str(hybrid_folder), "--dataset", "pubmedqa",
                                       "--output", str(out), "--gate-holdout", "380", "--batch-size", "2",
-                                      "--grad-accum", "1", "--lr", "0.01", "--max-length", "64"])
+                                      "--grad-accum", "1", "--lr", "0.01", "--max-length", "64", "--top-layers", "1"])
     assert result.exit_code == 0, result.output
     assert "first 380 kept for the gate" in result.output
     tuned = load_expert("mamba", str(out / "model"))
     assert type(tuned.model.model.layers[0].self_attn).__name__ == "AttentionMamba"
-    assert tuned.trained_on == {"method": "full", "data": "pubmedqa", "skip_first": 380, "limit": 0}
+    assert tuned.trained_on == {"method": "full", "data": "pubmedqa", "skip_first": 380, "limit": 0, "top_layers": 1}
+    frozen, trained = before.model.layers[0], tuned.model.model.layers[0]   # below the top layer: unchanged
+    assert torch.equal(frozen.mlp.up_proj.weight, trained.mlp.up_proj.weight)
+    assert not torch.equal(before.model.layers[-1].mlp.up_proj.weight, tuned.model.model.layers[-1].mlp.up_proj.weight)
     ids = torch.tensor([[3, 4, 5, 6]])
     with torch.no_grad():
         assert not torch.allclose(tuned.model(ids).logits, before(ids).logits)
