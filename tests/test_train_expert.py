@@ -41,10 +41,12 @@ def test_train_expert_fine_tunes_a_hybrid_and_saves_it_as_one(tmp_path, hybrid_f
     assert "first 380 kept for the gate" in result.output
     tuned = load_expert("mamba", str(out / "model"))
     assert type(tuned.model.model.layers[0].self_attn).__name__ == "AttentionMamba"
-    assert tuned.trained_on == {"method": "full", "data": "pubmedqa", "skip_first": 380, "limit": 0, "top_layers": 1}
+    assert tuned.trained_on == {"method": "full", "data": "pubmedqa", "skip_first": 380, "limit": 0, "top_layers": 1,
+                                 "freeze_mixers": True}
     frozen, trained = before.model.layers[0], tuned.model.model.layers[0]   # below the top layer: unchanged
     assert torch.equal(frozen.mlp.up_proj.weight, trained.mlp.up_proj.weight)
     assert not torch.equal(before.model.layers[-1].mlp.up_proj.weight, tuned.model.model.layers[-1].mlp.up_proj.weight)
+    assert torch.equal(before.model.layers[-1].self_attn.x_proj.weight, tuned.model.model.layers[-1].self_attn.x_proj.weight)
     ids = torch.tensor([[3, 4, 5, 6]])
     with torch.no_grad():
         assert not torch.allclose(tuned.model(ids).logits, before(ids).logits)

@@ -29,7 +29,8 @@ def train_expert(
     batch_size: int = typer.Option(4, help="Examples per micro-batch."),
     grad_accum: int = typer.Option(2, help="Micro-batches per optimizer step."),
     max_length: int = typer.Option(512, help="Tokens per example (the prompt is truncated on the left)."),
-    top_layers: int = typer.Option(4, help="Train only the last N decoder layers and the final norm (0 = every weight): the backward pass stops N layers deep."),
+    top_layers: int = typer.Option(2, help="Train only the last N decoder layers and the final norm (0 = every weight): the backward pass stops N layers deep."),
+    freeze_mixers: bool = typer.Option(True, help="In those layers train the MLPs and norms only (attention / Mamba mixers frozen): much cheaper on CPU."),
     threads: int = typer.Option(0, help="torch threads (0 = torch default)."),
     resume: bool = typer.Option(True, help="Resume from the newest checkpoint in OUTPUT, if any."),
     seed: int = typer.Option(0),
@@ -51,7 +52,7 @@ def train_expert(
         method="full", output=str(output), steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
         warmup_steps=max(1, steps // 10), max_length=max_length, seed=seed, eval_every=max(1, steps // 4),
         eval_examples=eval_examples, save_every=max(1, steps // 4), resume=resume, data=dataset, skip_first=gate_holdout,
-        top_layers=top_layers,
+        top_layers=top_layers, freeze_mixers=freeze_mixers,
     )
     typer.echo(f"fine-tuning {source} on {len(examples) - eval_examples} {dataset} train records "
                f"(first {gate_holdout} kept for the gate, {eval_examples} for held-out loss): {steps} steps")

@@ -55,6 +55,7 @@ class FinetuneConfig:
     target_modules: str | list[str] = "all-linear"
     loramoe: dict = field(default_factory=dict)  # LoraMoeConfig fields
     top_layers: int = 0  # method full: train only the last N decoder layers + final norm (0 = every weight)
+    freeze_mixers: bool = False  # with top_layers: keep those layers' attention / Mamba mixers frozen
     data: str = ""  # provenance, written next to the result (TRAINING_FILE): which data ...
     skip_first: int = 0  # ... which of its training examples were left out (the first N) ...
     limit: int = 0  # ... and how many were used after those (0 = all)
@@ -81,21 +82,25 @@ def prepare_model(model: nn.Module, cfg: FinetuneConfig) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(cfg.top_layers == 0)
     if cfg.top_layers:
-        for p in top_layer_parameters(model, cfg.top_layers):
+        for p in top_layer_parameters(model, cfg.top_layers, cfg.freeze_mixers):
             p.requires_grad_(True)
     return model
 
 
-def top_layer_parameters(model: nn.Module, n: int) -> list[nn.Parameter]:
+def top_layer_parameters(model: nn.Module, n: int, freeze_mixers: bool = False) -> list[nn.Parameter]:
     """The last n decoder layers and the final norm of a decoder-only HF model: fine-tuning only these
-    makes the backward pass stop n layers deep (a task head on frozen features, for small data)."""
+    makes the backward pass stop n layers deep (a task head on frozen features, for small data).
+    freeze_mixers: leave the token mixers (attention, or a hybrid's Mamba mixers) frozen too, so with
+    n = 1 no gradient goes through any mixer (the Mamba scan then runs its fast inference kernel)."""
     inner = getattr(model, "model", None)
     layers = getattr(inner, "layers", None)
     if layers is None or not hasattr(inner, "norm"):
         raise MedmoeError(f"{type(model).__name__}: --top-layers needs a decoder-only model with model.layers and model.norm")
     if not 1 <= n <= len(layers):
         raise MedmoeError(f"--top-layers {n}: the model has {len(layers)} layers")
-    return [p for layer in layers[-n:] for p in layer.parameters()] + list(inner.norm.parameters())
+    chosen = [p for layer in layers[-n:] for name, p in layer.named_parameters()
+              if not (freeze_mixers and name.startswith("self_attn."))]
+    return chosen + list(inner.norm.parameters())
 
 
 def _scheduler(optimizer, cfg: FinetuneConfig):
@@ -142,7 +147,7 @@ def save_final(model: nn.Module, tokenizer, cfg: FinetuneConfig) -> Path:
     if hasattr(tokenizer, "save_pretrained"):
         tokenizer.save_pretrained(out)
     provenance = {"method": cfg.method, "data": cfg.data, "skip_first": cfg.skip_first, "limit": cfg.limit,
-                  "top_layers": cfg.top_layers}
+                  "top_layers": cfg.top_layers, "freeze_mixers": cfg.freeze_mixers}
     (out / TRAINING_FILE).write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
     (Path(cfg.output) / "finetune_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n", encoding="utf-8")
     return out
