@@ -61,3 +61,18 @@ def test_gate_holdout_that_leaves_nothing_is_a_clear_error(tmp_path, hybrid_fold
                                       "--gate-holdout", "100000"])
     assert result.exit_code != 0
     assert "leaves none" in str(result.exception) + result.output
+
+
+def test_completion_loss_with_the_head_at_answer_positions_equals_the_full_loss():
+    """The LM head only where a completion token is predicted gives Hugging Face's own loss."""
+    from medmoe.train.data import collate
+    from medmoe.train.finetune import completion_loss
+
+    model = tiny_llama()
+    features = [{"input_ids": [5, 6, 7, 8, 9], "labels": [-100, -100, -100, 8, 9]},
+                {"input_ids": [5, 6, 7, 10, 11, 12, 13], "labels": [-100, -100, -100, -100, -100, 12, 13]}]
+    batch = collate(features, pad_id=0)
+    with torch.no_grad():
+        expected = model(**batch).loss
+        got = completion_loss(model, batch)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)

@@ -102,6 +102,8 @@ class LoraMoeModel(nn.Module):
         aux = self.aux_loss()
         if aux is not None and getattr(out, "loss", None) is not None:
             out["loss"] = out.loss + aux
+        elif aux is not None:  # no labels: the caller computes the task loss and adds this
+            out["aux_loss"] = aux
         return out
 
     def aux_loss(self) -> torch.Tensor | None:

@@ -103,6 +103,36 @@ def top_layer_parameters(model: nn.Module, n: int, freeze_mixers: bool = False) 
     return chosen + list(inner.norm.parameters())
 
 
+def _hf_forward(model: nn.Module):
+    """The Hugging Face forward under any wrapper (PEFT, LoRA-MoE), to ask what it accepts."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else getattr(model, "model", model)
+    return inner.forward if hasattr(inner, "forward") else model.forward
+
+
+def completion_loss(model: nn.Module, batch: dict, with_aux: bool = True) -> torch.Tensor:
+    """Mean cross-entropy over the completion tokens (labels != -100), plus LoRA-MoE's auxiliary losses.
+
+    The logit at position t predicts token t+1. Only the positions that predict a completion token in
+    some row, P = {t : labels[:, t+1] != -100}, go through the LM head (`logits_to_keep`): with a
+    one-word answer after a 400-token prompt that is a few positions instead of all of them, and the
+    49k-word head was most of a training step. Models without `logits_to_keep` use the full head."""
+    import inspect
+
+    labels = batch["labels"]
+    target = labels[:, 1:]                                                  # (b, n-1)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if "logits_to_keep" in inspect.signature(_hf_forward(model)).parameters:
+        positions = (target != -100).any(dim=0).nonzero()[:, 0]            # (k,): P
+        out = model(**inputs, logits_to_keep=positions)
+        logits, target = out.logits, target[:, positions]                   # (b, k, V), (b, k)
+    else:
+        out = model(**inputs)
+        logits = out.logits[:, :-1]                                         # (b, n-1, V)
+    loss = nn.functional.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=-100)
+    aux = out.get("aux_loss") if with_aux and hasattr(out, "get") else None
+    return loss + aux if aux is not None else loss
+
+
 def _scheduler(optimizer, cfg: FinetuneConfig):
     """Linear warm-up over warmup_steps, then cosine decay to 10% of the peak rate."""
 
@@ -123,11 +153,9 @@ def evaluate_loss(model: nn.Module, features: list[dict], batch_size: int, pad_i
     total, count = 0.0, 0
     for start in range(0, len(features), batch_size):
         batch = collate(features[start : start + batch_size], pad_id)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        labels = batch["labels"][:, 1:]
-        losses = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
-        total += float(losses)
-        count += int((labels != -100).sum())
+        count_here = int((batch["labels"][:, 1:] != -100).sum())
+        total += float(completion_loss(model, batch, with_aux=False)) * count_here
+        count += count_here
     model.train(was_training)
     return total / max(count, 1)
 
@@ -209,7 +237,7 @@ def finetune(
         step_loss = 0.0
         for micro in range(cfg.grad_accum):
             batch = batches.batch(step * cfg.grad_accum + micro)
-            loss = model(**batch).loss / cfg.grad_accum
+            loss = completion_loss(model, batch) / cfg.grad_accum
             loss.backward()
             step_loss += float(loss.detach())
         all_reduce_gradients(params, world)
