@@ -29,7 +29,7 @@ def train_expert(
     batch_size: int = typer.Option(4, help="Examples per micro-batch."),
     grad_accum: int = typer.Option(2, help="Micro-batches per optimizer step."),
     max_length: int = typer.Option(512, help="Tokens per example (the prompt is truncated on the left)."),
-    top_layers: int = typer.Option(2, help="Train only the last N decoder layers and the final norm (0 = every weight): the backward pass stops N layers deep."),
+    top_layers: int = typer.Option(1, help="Train only the last N decoder layers and the final norm (0 = every weight): the backward pass stops N layers deep."),
     freeze_mixers: bool = typer.Option(True, help="In those layers train the MLPs and norms only (attention / Mamba mixers frozen): much cheaper on CPU."),
     threads: int = typer.Option(0, help="torch threads (0 = torch default)."),
     resume: bool = typer.Option(True, help="Resume from the newest checkpoint in OUTPUT, if any."),
