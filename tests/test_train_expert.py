@@ -47,6 +47,7 @@ def test_train_expert_fine_tunes_a_hybrid_and_saves_it_as_one(tmp_path, hybrid_f
     assert torch.equal(frozen.mlp.up_proj.weight, trained.mlp.up_proj.weight)
     assert not torch.equal(before.model.layers[-1].mlp.up_proj.weight, tuned.model.model.layers[-1].mlp.up_proj.weight)
     assert torch.equal(before.model.layers[-1].self_attn.x_proj.weight, tuned.model.model.layers[-1].self_attn.x_proj.weight)
+    assert torch.equal(before.model.layers[-1].input_layernorm.weight, tuned.model.model.layers[-1].input_layernorm.weight)
     ids = torch.tensor([[3, 4, 5, 6]])
     with torch.no_grad():
         assert not torch.allclose(tuned.model(ids).logits, before(ids).logits)

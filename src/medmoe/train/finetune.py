@@ -90,16 +90,18 @@ def prepare_model(model: nn.Module, cfg: FinetuneConfig) -> nn.Module:
 def top_layer_parameters(model: nn.Module, n: int, freeze_mixers: bool = False) -> list[nn.Parameter]:
     """The last n decoder layers and the final norm of a decoder-only HF model: fine-tuning only these
     makes the backward pass stop n layers deep (a task head on frozen features, for small data).
-    freeze_mixers: leave the token mixers (attention, or a hybrid's Mamba mixers) frozen too, so with
-    n = 1 no gradient goes through any mixer (the Mamba scan then runs its fast inference kernel)."""
+    freeze_mixers: leave the token mixers (attention, or a hybrid's Mamba mixers) and their pre-norms
+    frozen too, so with n = 1 no gradient goes through any mixer (the Mamba scan then runs its fast
+    inference kernel instead of the autograd-capable chunked scan)."""
     inner = getattr(model, "model", None)
     layers = getattr(inner, "layers", None)
     if layers is None or not hasattr(inner, "norm"):
         raise MedmoeError(f"{type(model).__name__}: --top-layers needs a decoder-only model with model.layers and model.norm")
     if not 1 <= n <= len(layers):
         raise MedmoeError(f"--top-layers {n}: the model has {len(layers)} layers")
+    mixer_parts = ("self_attn.", "input_layernorm.")  # the mixer and the pre-norm that feeds it
     chosen = [p for layer in layers[-n:] for name, p in layer.named_parameters()
-              if not (freeze_mixers and name.startswith("self_attn."))]
+              if not (freeze_mixers and name.startswith(mixer_parts))]
     return chosen + list(inner.norm.parameters())
 
 
