@@ -29,8 +29,8 @@ def _ci(value: float, ci) -> str:
 
 
 def table(report: dict) -> str:
-    rows = ["| system | ROUGE-L [95% CI] | ROUGE-L minus E_T [95% CI] | BERTScore-F1 [95% CI] | answer accuracy | "
-            "p50 ms | p95 ms | new tokens/s | share to E_M |",
+    rows = [("| system | ROUGE-L [95% CI] | ROUGE-L minus E_T [95% CI] | BERTScore-F1 [95% CI] | answer accuracy | "
+             "p50 ms | p95 ms | new tokens/s | share to E_M |"),
             "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for name, s in report["systems"].items():
         rows.append(f"| {NAMES[name]} | {_ci(s['rouge_l'], s['rouge_l_ci'])} | "
@@ -41,12 +41,15 @@ def table(report: dict) -> str:
     return "\n".join(rows)
 
 
+def same_source(a: str, b: str) -> bool:
+    return a == b or (Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve())
+
+
 def checkpoint_mismatch(config: dict, args) -> str:
     """A warning line when the gate was trained for other experts than the ones given."""
-    same = lambda a, b: a == b or (Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve())  # noqa: E731
     wrong = [f"{role} {config.get(key)!r} (given {given!r})" for role, key, given in
              (("E_T", "transformer", args.transformer), ("E_M", "mamba", args.mamba))
-             if config.get(key) and not same(str(config[key]), given)]
+             if config.get(key) and not same_source(str(config[key]), given)]
     return f"**Warning:** the gate was trained for {', '.join(wrong)}.\n\n" if wrong else ""
 
 

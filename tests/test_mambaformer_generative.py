@@ -108,6 +108,7 @@ def test_explanation_prompt_asks_to_answer_and_explain(tiny_lm):
     prompt = build_prompt(record, tokenizer, (), "none", explain=True)
     assert prompt.context.startswith("Answer with the letter of the correct option. Then explain your answer briefly.")
     assert prompt.context.endswith("\nAnswer:") and record.explanation not in prompt.context
-    assert prompt.context.replace(" Then explain your answer briefly.", "") == build_prompt(record, tokenizer, (), "none").context
+    plain = build_prompt(record, tokenizer, (), "none").context
+    assert prompt.context.replace(" Then explain your answer briefly.", "") == plain
     with pytest.raises(ValueError, match="kind 'none'"):
         build_prompt(record, tokenizer, (), "letter", explain=True)

@@ -145,7 +145,8 @@ def generative_run(router: RoutedAnswerer, records: Sequence[Record], folder: Pa
     check_settings(folder, {"max_new_tokens": max_new_tokens, "prompt": "explain", **(settings or {})})
     rows = expert_rows(router, records, folder, max_new_tokens, bertscorer)
     routed, p_mamba, gate_ms = route_each(router, records)
-    oracle = ["mamba" if m["rouge_l"] > t["rouge_l"] else "transformer" for t, m in zip(rows["transformer"], rows["mamba"])]
+    oracle = ["mamba" if m["rouge_l"] > t["rouge_l"] else "transformer"  # ties: E_T
+              for t, m in zip(rows["transformer"], rows["mamba"])]
     zero = [0.0] * len(records)
     base = [r["rouge_l"] for r in rows["transformer"]]
     systems = {
