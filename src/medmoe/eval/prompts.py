@@ -11,6 +11,9 @@ Two styles, chosen by the tokenizer:
         space ("yes", "A"); " yes" with a space is a different token and gives nonsense scores there.
   plain (base models, e.g. Gemma-3-270M): "...\\nAnswer:" and continuations with a leading space.
 
+explain=True appends EXPLAIN to the instruction ("...option. Then explain your answer briefly."): the
+prompt of generated explanations (benchmarks/mambaformer_generative.py); always with kind "none".
+
 The instruction never depends on the gold answer: whether several answers may be given comes from
 the benchmark (CMExam: yes) or the question's own type (CMB-Exam's 多项选择题), not from the key.
 """
@@ -36,6 +39,7 @@ INSTRUCTIONS = {
         "open": "请根据病例回答问题。",
     },
 }
+EXPLAIN = {"en": "Then explain your answer briefly.", "zh": "然后简要解释原因。"}
 LABELS = {"en": ("Context", "Question", "Answer"), "zh": ("病例", "问题", "答案")}
 CONTINUATION_KINDS = ("letter", "text", "none")
 
@@ -80,12 +84,16 @@ def question_block(record: Record, answer: str | None = None) -> str:
     return "\n".join(parts)
 
 
-def instruction(record: Record, multi: bool = False) -> str:
+def instruction(record: Record, multi: bool = False, explain: bool = False) -> str:
     if not record.is_choice:
         kind = "open"
     else:
         kind = "yesno" if is_yesno(record) else "multi" if may_have_several_answers(record, multi) else "choice"
-    return INSTRUCTIONS[language_of(record)][kind]
+    language = language_of(record)
+    text = INSTRUCTIONS[language][kind]
+    if not explain:
+        return text
+    return text + ("" if language == "zh" else " ") + EXPLAIN[language]
 
 
 @dataclass(frozen=True)
@@ -100,18 +108,23 @@ def uses_chat(tokenizer: Any) -> bool:
 
 
 def build_prompt(
-    record: Record, tokenizer: Any, shots: Sequence[Record] = (), kind: str = "letter", multi: bool = False
+    record: Record, tokenizer: Any, shots: Sequence[Record] = (), kind: str = "letter", multi: bool = False,
+    explain: bool = False,
 ) -> Prompt:
     """The prompt for `record`; `kind` (letter | text | none) picks the continuations to score.
+
+    explain: ask for the answer and an explanation (generation only: requires kind "none").
 
     shots: few-shot examples, from train/dev splits only (benchmarks.py picks them); shown with
     their answers before the question.
     """
     if kind not in CONTINUATION_KINDS:
         raise ValueError(f"unknown continuation kind {kind!r}; one of {CONTINUATION_KINDS}")
+    if explain and kind != "none":
+        raise ValueError("an explanation prompt is generated from, not scored: use kind 'none'")
     answer_label = LABELS[language_of(record)][2]
     blocks = [question_block(s, gold_in_words(s, kind)) for s in shots] + [question_block(record)]
-    text = f"{instruction(record, multi)}\n\n" + "\n\n".join(blocks)
+    text = f"{instruction(record, multi, explain)}\n\n" + "\n\n".join(blocks)
     if kind == "none" or not record.is_choice:
         options: tuple[str, ...] = ()
     elif is_yesno(record):

@@ -70,12 +70,15 @@ class RoutedAnswerer:
     def answer(self, record: Record) -> Answer:
         return self.answer_batch([record])[0]
 
+    def route(self, records: Sequence[Record]) -> list[tuple[str, float]]:
+        """(expert, p_M) per record: the gate's hard decision at tau over each query's text."""
+        ids = self.tokenizer([query_text(r) for r in records], add_special_tokens=False)["input_ids"]
+        p_mamba, to_mamba = self.checkpoint.route(*pad_batch(ids), threads=1)
+        return [("mamba" if m else "transformer", p) for p, m in zip(p_mamba.tolist(), to_mamba.tolist())]
+
     def batch_key(self, record: Record) -> str:
         """The expert the gate picks: the server batches requests for the same expert together."""
-        ids = self.tokenizer([query_text(record)], add_special_tokens=False)["input_ids"]
-        with torch_threads(1):
-            _, to_mamba = self.checkpoint.route(*pad_batch(ids))
-        return "mamba" if bool(to_mamba[0]) else "transformer"
+        return self.route([record])[0][0]
 
 
 def load_routed_answerer(config) -> RoutedAnswerer:
