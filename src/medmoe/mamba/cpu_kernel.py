@@ -91,6 +91,7 @@ def _module():
     try:
         from torch.utils.cpp_extension import load_inline
 
+        _remove_stale_build_lock()
         return load_inline(
             name=_NAME, cpp_sources=[_SOURCE], functions=None, verbose=False,
             extra_cflags=["-O3", "-ffast-math", "-march=native", "-fopenmp"],
@@ -100,6 +101,22 @@ def _module():
         log.warning("medmoe: fused CPU selective-scan kernel unavailable (%s); using the chunked PyTorch scan",
                     str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         return None
+
+
+def _remove_stale_build_lock(max_age_s: float = 600.0) -> None:
+    """A build killed mid-way leaves torch's build lock behind, and every later process then waits on
+    it forever. A build takes well under a minute, so a lock older than max_age_s is stale: remove it."""
+    import time
+
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = os.path.join(_get_build_directory(_NAME, verbose=False), "lock")
+    try:
+        if time.time() - os.path.getmtime(lock) > max_age_s:
+            os.remove(lock)
+            log.warning("medmoe: removed a stale build lock %s (a kernel build was interrupted)", lock)
+    except FileNotFoundError:
+        pass
 
 
 def available() -> bool:
