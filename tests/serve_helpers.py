@@ -86,6 +86,50 @@ class FakeAnswerer:
                        top_features=[("length", 0.5)], latency_ms={"gate": 0.1, "expert": 1.0}) for r in records]
 
 
+class FakeStreamer(FakeAnswerer):
+    """Streams `pieces` text pieces per open record, one every `step_s` seconds, and stops a record
+    whose sink is cancelled; `steps` counts the pieces it computed."""
+
+    def __init__(self, pieces: int = 5, step_s: float = 0.05):
+        super().__init__()
+        self.pieces, self.step_s, self.steps = pieces, step_s, 0
+
+    def answer_batch(self, records: Sequence[Any], sinks: Sequence[Any] | None = None) -> list[Any]:
+        from medmoe.answer import Answer
+
+        sinks = sinks or [None] * len(records)
+        for k in range(self.pieces):
+            if all(s is None or s.cancelled for s in sinks):
+                break
+            time.sleep(self.step_s)
+            self.steps += 1
+            for sink in sinks:
+                if sink is not None and not sink.cancelled:
+                    sink.push(f"w{k} " if k < self.pieces - 1 else f"w{k}")
+        text = " ".join(f"w{k}" for k in range(self.pieces))
+        return [Answer(answer=text, expert="fake") for _ in records]
+
+
+def slowed(model: Any, seconds: float) -> list[int]:
+    """Make every forward call of `model` take at least `seconds`; returns a list counting the calls."""
+    calls: list[int] = []
+
+    def hook(module: Any, args: Any) -> None:
+        calls.append(1)
+        time.sleep(seconds)
+
+    model.register_forward_pre_hook(hook)
+    return calls
+
+
+def sse_data(text: str) -> list[str]:
+    """The data fields of a server-sent event stream, in order."""
+    assert text.endswith("\n\n"), text[-200:]
+    events = [block for block in text.split("\n\n") if block]
+    assert all(e.startswith("data: ") for e in events), events
+    return [e[len("data: "):] for e in events]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

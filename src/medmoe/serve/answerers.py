@@ -1,11 +1,14 @@
 """Answerers the server can load: a plain causal LM now; the routed MambaFormer system drops in.
 
-The server needs only `Answerer.answer_batch(records) -> answers` (medmoe.answer). Two optional
-methods make it better, and the server uses them when an answerer has them:
+The server needs only `Answerer.answer_batch(records) -> answers` (medmoe.answer). Three optional
+additions make it better, and the server uses them when an answerer has them:
   fit(record) -> (record, dropped_tokens): make a record fit the model's window (documented rule
       below) or raise InputTooLong;
   batch_key(record) -> str: requests with the same key are batched together (e.g. the expert a gate
-      picks; here "options" vs "open", since the two take different compute paths).
+      picks; here "options" vs "open", since the two take different compute paths);
+  answer_batch(records, sinks=...): one `medmoe.serve.streaming.TextSink` or None per record; the
+      generated text of a record with a sink is pushed to it token by token while the batch decodes
+      (`POST /v1/chat/completions` with `stream: true`).
 
 The rule for long inputs (docs/serving.md): the prompt may hold at most `max_input_tokens` tokens
 (and never more than the model's window minus `max_new_tokens`). When it is longer, the context
@@ -28,6 +31,7 @@ from medmoe.errors import MedmoeError
 from medmoe.eval.batch_scoring import score_options_batch
 from medmoe.eval.prompts import LABELS, build_prompt, language_of, question_block, uses_chat
 from medmoe.eval.scoring import bos_ids
+from medmoe.serve.streaming import RowStreams, TextSink
 
 CONTEXT_CUT_STEP = 16  # tokens removed per retry when a cut context re-tokenizes longer
 
@@ -91,7 +95,8 @@ class CausalLMAnswerer:
             keep = max(keep - CONTEXT_CUT_STEP, 0)
 
     # -- Answerer ----------------------------------------------------------------------------------
-    def answer_batch(self, records: Sequence[Record]) -> list[Answer]:
+    def answer_batch(self, records: Sequence[Record], sinks: Sequence[TextSink | None] | None = None) -> list[Answer]:
+        """Answer every record; open records with a sink have their text streamed to it."""
         start = time.perf_counter()
         answers: list[Answer | None] = [None] * len(records)
         choice = [i for i, r in enumerate(records) if r.options]
@@ -100,7 +105,8 @@ class CausalLMAnswerer:
             for i, answer in zip(choice, self._answer_options([records[i] for i in choice])):
                 answers[i] = answer
         if open_:
-            for i, answer in zip(open_, self._generate([records[i] for i in open_])):
+            open_sinks = [sinks[i] for i in open_] if sinks is not None else None
+            for i, answer in zip(open_, self._generate([records[i] for i in open_], open_sinks)):
                 answers[i] = answer
         elapsed = (time.perf_counter() - start) * 1000
         for answer in answers:
@@ -117,8 +123,11 @@ class CausalLMAnswerer:
         return out
 
     @torch.inference_mode()
-    def _generate(self, records: Sequence[Record]) -> list[Answer]:
-        """Greedy decoding for a batch of open questions, left-padded into one `generate` call."""
+    def _generate(self, records: Sequence[Record], sinks: Sequence[TextSink | None] | None = None) -> list[Answer]:
+        """Greedy decoding for a batch of open questions, left-padded into one `generate` call.
+
+        With sinks, a `RowStreams` streams each row's text and stops rows at their own limit or when
+        their client is gone; the tokens of the rows that run to the end are the same either way."""
         tok = self.tokenizer
         encoded = [tok(open_prompt(r, tok), add_special_tokens=False)["input_ids"] for r in records]
         prompts = [bos_ids(tok, ids) + ids for ids in encoded]
@@ -130,10 +139,14 @@ class CausalLMAnswerer:
         for row, p in enumerate(prompts):
             ids[row, width - len(p):] = torch.tensor(p)
             mask[row, width - len(p):] = 1
+        from transformers import StoppingCriteriaList
+
         device = next(self.model.parameters()).device
+        streams = RowStreams(tok, sinks, limits) if sinks is not None and any(s is not None for s in sinks) else None
+        streaming = {"streamer": streams, "stopping_criteria": StoppingCriteriaList([streams])} if streams is not None else {}
         generated = self.model.generate(
             input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max(limits),
-            do_sample=False, pad_token_id=pad, eos_token_id=tok.eos_token_id,
+            do_sample=False, pad_token_id=pad, eos_token_id=tok.eos_token_id, **streaming,
         )[:, width:]  # (b, new): only the continuation
         out = []
         for row, limit in enumerate(limits):
@@ -141,6 +154,8 @@ class CausalLMAnswerer:
             if tok.eos_token_id in tokens:
                 tokens = tokens[: tokens.index(tok.eos_token_id)]
             out.append(Answer(answer=tok.decode(tokens, skip_special_tokens=True).strip(), expert=self.name))
+            if streams is not None:
+                streams.finish(row, out[-1].answer)
         return out
 
 

@@ -16,7 +16,7 @@ import uuid
 from dataclasses import asdict
 from contextlib import asynccontextmanager
 from importlib import resources
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -29,6 +29,7 @@ from medmoe.serve.batching import BatcherStopped, BatchInfo, MicroBatcher, Queue
 from medmoe.serve.config import ServeConfig, build_answerer
 from medmoe.serve.guards import BodyGuard, RequestMetrics, error_body
 from medmoe.serve.metrics import ServerMetrics
+from medmoe.serve.streaming import END, TextSink
 from medmoe.serve.schemas import AnswerResponse, ChatRequest, ErrorResponse, Health, chat_chunk, chat_completion, make_answer_request
 
 log = logging.getLogger(__name__)
@@ -96,31 +97,49 @@ def create_app(answerer: Any, config: ServeConfig | None = None) -> FastAPI:
         summary = "; ".join(f"{f['field']}: {f['message']}" for f in fields)
         return JSONResponse(error_body(422, "invalid_request", summary, fields[0]["field"] if fields else None, fields=fields), status_code=422)
 
-    async def answer_record(record: Record) -> tuple[Record, Answer, BatchInfo, int, float]:
-        """Fit, queue, await: (fitted record, answer, batch info, dropped context tokens, start)."""
-        start = time.perf_counter()
-        dropped = 0
-        if fit is not None:
-            try:
-                record, dropped = fit(record)
-            except InputTooLong as exc:
-                raise ApiError(422, "input_too_long", str(exc), exc.field) from None
+    def fitted(record: Record) -> tuple[Record, int]:
+        """(record that fits the model's window, dropped context tokens); 422 when it cannot fit."""
+        if fit is None:
+            return record, 0
         try:
-            answer, info = await batcher.submit(record, config.request_timeout_s)
+            return fit(record)
+        except InputTooLong as exc:
+            raise ApiError(422, "input_too_long", str(exc), exc.field) from None
+
+    def admit(record: Record, sink: TextSink | None = None) -> Any:
+        """Queue the record (its job) or refuse it now: 503 + Retry-After."""
+        try:
+            return batcher.enqueue(record, config.request_timeout_s, sink)
         except QueueFull as exc:
             metrics.rejected.inc("queue_full")
             raise ApiError(503, "overloaded", str(exc), headers={"Retry-After": str(exc.retry_after_s)}) from None
+        except BatcherStopped as exc:
+            raise ApiError(503, "unavailable", str(exc), headers={"Retry-After": "5"}) from None
+
+    async def settle(job: Any, timeout_s: float) -> tuple[Answer, BatchInfo]:
+        """The job's answer, or the ApiError its failure maps to (504, 503, 500)."""
+        try:
+            answer, info = await batcher.wait(job, timeout_s)
         except RequestTimeout as exc:
             metrics.rejected.inc("timeout")
             raise ApiError(504, "timeout", str(exc)) from None
         except BatcherStopped as exc:
             raise ApiError(503, "unavailable", str(exc), headers={"Retry-After": "5"}) from None
+        except asyncio.CancelledError:
+            raise
         except Exception:
             log.exception("answering failed")
             metrics.rejected.inc("error")
             raise ApiError(500, "internal_error", "the model failed on this batch; see the server log") from None
         metrics.expert_answers.inc(answer.expert)
         metrics.queue_wait.observe(info.queue_ms / 1000)
+        return answer, info
+
+    async def answer_record(record: Record) -> tuple[Record, Answer, BatchInfo, int, float]:
+        """Fit, queue, await: (fitted record, answer, batch info, dropped context tokens, start)."""
+        start = time.perf_counter()
+        record, dropped = fitted(record)
+        answer, info = await settle(admit(record), config.request_timeout_s)
         return record, answer, info, dropped, start
 
     def latency(answer: Answer, info: BatchInfo, start: float) -> dict[str, float]:
@@ -151,7 +170,7 @@ def create_app(answerer: Any, config: ServeConfig | None = None) -> FastAPI:
     @app.post("/v1/chat/completions", responses=ERRORS, summary="OpenAI-compatible chat completion")
     async def chat(body: ChatRequest) -> Any:
         """The last user message is the question; earlier turns become its context. Greedy decoding.
-        With `stream: true` the answer arrives as server-sent events once its batch is done."""
+        With `stream: true` the answer arrives as server-sent events, token by token as it is generated."""
         users = [i for i, m in enumerate(body.messages) if m.role == "user"]
         if not users or not body.messages[users[-1]].text().strip():
             raise ApiError(422, "invalid_request", "messages: needs a user message with non-empty text", "messages")
@@ -164,21 +183,73 @@ def create_app(answerer: Any, config: ServeConfig | None = None) -> FastAPI:
         )
         if len(record.question) > config.max_question_chars or len(record.context or "") > config.max_context_chars:
             raise ApiError(422, "invalid_request", f"messages: the question is limited to {config.max_question_chars} characters, the earlier turns to {config.max_context_chars}", "messages")
-        record, result, info, dropped, start = await answer_record(record)
         model = body.model or expert_name
-        extra = {"expert": result.expert, "gate_probability": result.gate_probability,
-                 "top_features": [{"name": n, "contribution": c} for n, c in result.top_features],
-                 "latency_ms": latency(result, info, start), "batch_size": info.batch_size, "truncated_context_tokens": dropped}
+        if body.stream and batcher.streams:
+            return await stream_chat(record, model)
+        record, result, info, dropped, start = await answer_record(record)
+        extra = chat_extra(result, info, dropped, start)
         if not body.stream:
             return chat_completion(result.answer, model, extra)
-        return StreamingResponse(_sse(result.answer, model, extra), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        # an answerer that cannot stream: the whole answer, cut into word pieces, once it is done
+        pieces = [{"role": "assistant", "content": ""}] + [{"content": w} for w in _words(result.answer)]
+        return StreamingResponse(_sse(pieces, model, extra), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    async def _sse(text: str, model: str, extra: dict[str, Any]) -> AsyncIterator[bytes]:
+    def chat_extra(result: Answer, info: BatchInfo, dropped: int, start: float) -> dict[str, Any]:
+        return {"expert": result.expert, "gate_probability": result.gate_probability,
+                "top_features": [{"name": n, "contribution": c} for n, c in result.top_features],
+                "latency_ms": latency(result, info, start), "batch_size": info.batch_size, "truncated_context_tokens": dropped}
+
+    async def stream_chat(record: Record, model: str) -> StreamingResponse:
+        """Queue a streamed request; answer with its events once its first piece of text (or its
+        whole answer) is there, so that refusals and failures before that keep their HTTP status."""
+        start = time.perf_counter()
+        deadline = start + config.request_timeout_s
+        record, dropped = fitted(record)
+        sink = TextSink(asyncio.get_running_loop())
+        job = admit(record, sink)
+        job.future.add_done_callback(lambda _: sink.close())
+        try:
+            first = await sink.next(deadline)
+        except asyncio.TimeoutError:
+            first = END  # settle (below) answers 504 and withdraws the job
+        except asyncio.CancelledError:
+            batcher.withdraw(job, "cancelled")
+            raise
+        done = None  # nothing streamed: an empty answer, or the request failed (-> its HTTP status)
+        if first is END:
+            done = await settle(job, max(deadline - time.perf_counter(), 0.0))
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
-        pieces = [{"role": "assistant", "content": ""}] + [{"content": w} for w in _words(text)]
+        first_ms = (time.perf_counter() - start) * 1000
+
+        async def events() -> AsyncIterator[bytes]:
+            yield _event(chat_chunk(completion_id, model, {"role": "assistant", "content": ""}))
+            piece = first
+            try:
+                while piece is not END:
+                    yield _event(chat_chunk(completion_id, model, {"content": piece}))
+                    piece = await sink.next(deadline)
+                result, info = done or await settle(job, max(deadline - time.perf_counter(), 0.0))
+            except asyncio.TimeoutError:
+                batcher.withdraw(job, "timed_out")
+                metrics.rejected.inc("timeout")
+                yield _event(error_body(504, "timeout", f"not finished within {config.request_timeout_s:g} s"))
+            except ApiError as exc:
+                yield _event(error_body(exc.status, exc.kind, exc.message, exc.param))
+            else:
+                extra = chat_extra(result, info, dropped, start)
+                extra["latency_ms"]["first_token"] = round(first_ms, 2)
+                yield _event(chat_chunk(completion_id, model, {}, "stop", extra))
+            yield b"data: [DONE]\n\n"
+
+        # however the response ends (done, client gone, error), the job is withdrawn: its row stops decoding
+        return _ClosingStream(events(), on_close=lambda: batcher.withdraw(job, "cancelled"),
+                              media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    async def _sse(pieces: list[dict[str, Any]], model: str, extra: dict[str, Any]) -> AsyncIterator[bytes]:
+        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         for delta in pieces:
-            yield f"data: {json.dumps(chat_chunk(completion_id, model, delta))}\n\n".encode()
-        yield f"data: {json.dumps(chat_chunk(completion_id, model, {}, 'stop', extra))}\n\n".encode()
+            yield _event(chat_chunk(completion_id, model, delta))
+        yield _event(chat_chunk(completion_id, model, {}, "stop", extra))
         yield b"data: [DONE]\n\n"
 
     @app.get("/v1/models", summary="OpenAI-compatible model list")
@@ -214,6 +285,27 @@ def _fixed_file(content: bytes, media_type: str) -> Any:
         return Response(content, media_type=media_type, headers={"Cache-Control": "no-cache"})
 
     return serve
+
+
+class _ClosingStream(StreamingResponse):
+    """A StreamingResponse that calls `on_close` however it ends: finished, failed, or cancelled
+    because the client went away (Starlette then cancels the response, possibly before the body's
+    generator has started, so a `finally` inside the generator would not be enough)."""
+
+    def __init__(self, content: Any, on_close: Callable[[], None], **kwargs: Any):
+        super().__init__(content, **kwargs)
+        self.on_close = on_close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
+
+
+def _event(data: dict[str, Any]) -> bytes:
+    """One server-sent event."""
+    return f"data: {json.dumps(data)}\n\n".encode()
 
 
 def _words(text: str) -> list[str]:

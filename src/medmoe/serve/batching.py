@@ -3,18 +3,21 @@
 One worker thread owns the model (torch already uses every core inside one call, so a second
 worker would only contend). Requests wait in one bounded FIFO queue:
 
-  submit(record)       -> QueueFull (the server answers 503 + Retry-After) when the queue holds
+  enqueue(record, ..)  -> QueueFull (the server answers 503 + Retry-After) when the queue holds
                           `max_queue` requests, or when the batch running, the batches queued ahead
                           of it and its own ((ceil((depth + 1) / max_batch_size) + 1) x measured
                           seconds per batch) would take longer than the request timeout;
-                          otherwise the request is queued and its caller awaits its answer.
+                          otherwise the request is queued; `wait(job)` awaits its answer
+                          (`submit` = both). A streamed request carries a TextSink: the answerer
+                          pushes its text there while the batch decodes (medmoe.serve.streaming).
   worker               takes the oldest request's key, waits up to `max_wait_ms` (counted from that
                           request's arrival) for up to `max_batch_size` requests with the same key,
                           removes them from the queue under the lock, runs `answer_batch` once and
                           hands each answer to its own caller.
   timeout / disconnect -> a request still queued is removed (it never reaches the model); one already
                           in a batch has its answer dropped. Either way it is answered exactly once:
-                          by its answer, or by the timeout (504).
+                          by its answer, or by the timeout (504). A streamed request's sink is
+                          cancelled too, which stops its row's decoding at the next step.
 
 Exactly once: a request leaves the queue in exactly one place (taken into a batch, or withdrawn
 by its caller), under one lock; its future is resolved on the event loop, where a second resolution
@@ -24,6 +27,7 @@ is detected and counted (`stats.duplicates`, 0 unless there is a bug).
 from __future__ import annotations
 
 import asyncio
+import inspect
 import math
 import threading
 import time
@@ -68,6 +72,7 @@ class _Job:
     key: str
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
+    sink: Any = None  # medmoe.serve.streaming.TextSink for a streamed request
     enqueued: float = field(default_factory=time.perf_counter)
 
 
@@ -100,6 +105,7 @@ class MicroBatcher:
         self.on_batch = on_batch  # (batch size, batch seconds, oldest queue wait seconds), for metrics
         key_of = getattr(answerer, "batch_key", None)
         self._key_of: Callable[[Record], str] = key_of if callable(key_of) else (lambda r: "default")
+        self.streams = "sinks" in inspect.signature(answerer.answer_batch).parameters  # can stream text
         self._queue: deque[_Job] = deque()
         self._cond = threading.Condition()
         self._stopping = False
@@ -142,9 +148,13 @@ class MicroBatcher:
     def retry_after(self) -> int:
         return max(1, math.ceil(self.estimated_wait_s() / 2))  # about half the queue drained by then
 
-    async def submit(self, record: Record, timeout_s: float) -> tuple[Answer, BatchInfo]:
+    def enqueue(self, record: Record, timeout_s: float, sink: Any = None) -> _Job:
+        """Admit a request that must be answered within `timeout_s` (call on the event loop), or
+        refuse it now: QueueFull, BatcherStopped."""
+        if sink is not None and not self.streams:
+            raise ValueError(f"{type(self.answerer).__name__}.answer_batch takes no sinks: it cannot stream")
         loop = asyncio.get_running_loop()
-        job = _Job(record, self._key_of(record), loop, loop.create_future())
+        job = _Job(record, self._key_of(record), loop, loop.create_future(), sink)
         with self._cond:
             if self._stopping:
                 raise BatcherStopped("server is shutting down")
@@ -157,17 +167,29 @@ class MicroBatcher:
             self._queue.append(job)
             self.stats.accepted += 1
             self._cond.notify()
+        return job
+
+    async def wait(self, job: _Job, timeout_s: float) -> tuple[Answer, BatchInfo]:
+        """The job's answer; RequestTimeout after `timeout_s` (the job is withdrawn)."""
         try:
             return await asyncio.wait_for(asyncio.shield(job.future), timeout_s)
         except asyncio.TimeoutError:
-            self._withdraw(job, "timed_out")
+            self.withdraw(job, "timed_out")
             raise RequestTimeout(f"no answer within {timeout_s:g} s") from None
         except asyncio.CancelledError:
-            self._withdraw(job, "cancelled")
+            self.withdraw(job, "cancelled")
             raise
 
-    def _withdraw(self, job: _Job, outcome: str) -> None:
-        """The caller gave up: take the job out of the queue if it is still there, count the outcome."""
+    async def submit(self, record: Record, timeout_s: float) -> tuple[Answer, BatchInfo]:
+        return await self.wait(self.enqueue(record, timeout_s), timeout_s)
+
+    def withdraw(self, job: _Job, outcome: str) -> None:
+        """The caller gave up ("timed_out" or "cancelled"): take the job out of the queue if it is still
+        there, stop its stream, count the outcome. Does nothing for a job already resolved."""
+        if job.sink is not None:
+            job.sink.cancel()
+        if job.future.done():
+            return  # answered, failed or withdrawn before: counted there
         with self._cond:
             try:
                 self._queue.remove(job)
@@ -210,7 +232,11 @@ class MicroBatcher:
     def _answer(self, batch: Sequence[_Job]) -> None:
         start = time.perf_counter()
         try:
-            answers = self.answerer.answer_batch([j.record for j in batch])
+            records, sinks = [j.record for j in batch], [j.sink for j in batch]
+            if any(sink is not None for sink in sinks):
+                answers = self.answerer.answer_batch(records, sinks=sinks)
+            else:
+                answers = self.answerer.answer_batch(records)
             if len(answers) != len(batch):
                 raise RuntimeError(f"answerer returned {len(answers)} answers for {len(batch)} questions")
         except Exception as exc:  # the batch fails, the server keeps serving
