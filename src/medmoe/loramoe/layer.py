@@ -41,38 +41,46 @@ class RoutingContext:
     track_load: bool = False
 
 
-def expert_mix_dense(x, a, b, top_i, gates):
-    """All experts' A in one matmul, gates scattered (zero for unselected), all B in one matmul.
+def dense_gates(top_i: torch.Tensor, gates: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """G (N, E): the gates at each token's top-k experts, exact zeros elsewhere."""
+    zeros = torch.zeros(top_i.shape[0], num_experts, dtype=gates.dtype, device=gates.device)
+    return zeros.scatter(1, top_i, gates)
 
-    x (N, d_in), a (E, r, d_in), b (E, d_out, r), top_i/gates (N, k) -> (N, d_out).
-    Costs the same as one LoRA of rank E*r; with small r this beats any gather on CPU.
+
+def expert_mix_dense(x, a, b, top_i, gates, out, h=None):
+    """out + sum_{i in TopK} gates_i B_i A_i x: all experts' A in one matmul, B accumulated into out.
+
+    x (N, d_in), a (E, r, d_in), b (E, d_out, r), top_i/gates (N, k), out (N, d_out) -> (N, d_out).
+    h (N, E*r) = x A_flat^T when the caller already has it (fused with the router's projection).
+    Costs one LoRA of rank E*r; unselected experts get exact zero gates, so this equals the sparse sum.
     """
     num_experts, rank, d_in = a.shape
-    h = x @ a.reshape(num_experts * rank, d_in).t()  # (N, E*r)
-    dense_gates = torch.zeros(x.shape[0], num_experts, dtype=x.dtype, device=x.device)
-    dense_gates = dense_gates.scatter(1, top_i, gates.to(x.dtype))  # (N, E)
-    h = (h.view(-1, num_experts, rank) * dense_gates[:, :, None]).reshape(-1, num_experts * rank)
-    b_flat = b.permute(1, 0, 2).reshape(b.shape[1], num_experts * rank)  # (d_out, E*r)
-    return h @ b_flat.t()  # (N, d_out)
+    if h is None:
+        h = x @ a.reshape(num_experts * rank, d_in).t()  # H: (N, E*r)
+    g = dense_gates(top_i, gates, num_experts)  # G: (N, E)
+    h = (h.view(-1, num_experts, rank) * g[:, :, None]).view(-1, num_experts * rank)  # H': (N, E*r)
+    b_flat = b.permute(1, 0, 2).reshape(b.shape[1], num_experts * rank)  # B_flat: (d_out, E*r)
+    return torch.addmm(out, h, b_flat.t())  # out + H' B_flat^T in the same GEMM
 
 
-def expert_mix_gather(x, a, b, top_i, gates):
+def expert_mix_gather(x, a, b, top_i, gates, out):
     """Gather the top-k experts' weights per token and contract: (N, k, r, d_in) in memory."""
     h = torch.einsum("nd,nkrd->nkr", x, a[top_i])  # (N, k, r)
-    h = h * gates.to(x.dtype)[:, :, None]
-    return torch.einsum("nkr,nkor->no", h, b[top_i])  # (N, d_out)
+    h = h * gates[:, :, None]
+    return out + torch.einsum("nkr,nkor->no", h, b[top_i])  # (N, d_out)
 
 
-def expert_mix_loop(x, a, b, top_i, gates):
-    """Reference: a Python loop over experts, each on the tokens routed to it (as most LoRA-MoE code)."""
-    out = torch.zeros(x.shape[0], b.shape[1], dtype=x.dtype, device=x.device)
+def expert_mix_loop(x, a, b, top_i, gates, out):
+    """Reference: a Python loop over experts, each on the tokens routed to it, as LoRA-MoE code
+    usually does (Mixtral / MixLoRA style: zeros, then index_add_ of each expert's gated output)."""
+    delta = torch.zeros(x.shape[0], b.shape[1], dtype=x.dtype, device=x.device)
     for e in range(a.shape[0]):
-        token_idx, slot = (top_i == e).nonzero(as_tuple=True)
+        token_idx, slot = torch.where(top_i == e)
         if token_idx.numel() == 0:
             continue
-        h = x[token_idx] @ a[e].t() @ b[e].t()  # (n_e, d_out)
-        out = out.index_add(0, token_idx, h * gates[token_idx, slot].to(x.dtype)[:, None])
-    return out
+        h = x[token_idx] @ a[e].t() @ b[e].t()  # (n_e, d_out): B_e A_e x for the tokens routed to e
+        delta.index_add_(0, token_idx, h * gates[token_idx, slot, None])
+    return out + delta
 
 
 EXPERT_MIX = {"dense": expert_mix_dense, "gather": expert_mix_gather, "loop": expert_mix_loop}
@@ -131,16 +139,32 @@ class LoraMoeLinear(nn.Module):
         return f"experts={c.num_experts}, top_k={c.top_k}, rank={c.rank}, router={c.router_kind}, compute={c.compute}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)
-        shape = x.shape
-        x_flat = x.reshape(-1, shape[-1])  # (N, d_in)
-        logits, q = self.router(x_flat)  # (N, E) fp32, (N, d_q) fp32 or None
-        probs, gates, top_i = top_k_gates(logits, self.config.top_k)
-        x_drop = self.dropout(x_flat).to(self.lora_A.dtype)
-        delta = EXPERT_MIX[self.config.compute](x_drop, self.lora_A, self.lora_B, top_i, gates)
-        y = y + (delta * self.config.scaling).to(y.dtype).view(*shape[:-1], -1)
-        self._after_routing(x_drop, logits, probs, gates, top_i, q)
-        return y
+        y = self.base_layer(x)  # W_0 x + b
+        d_in, c = x.shape[-1], self.config
+        x_flat = x.reshape(-1, d_in)  # (N, d_in)
+        dropout_on = self.training and isinstance(self.dropout, nn.Dropout)
+        x_lora = self.dropout(x_flat) if dropout_on else x_flat  # dropout(x), the experts' input
+        router_w = self.router.projection  # W_q (d_q, d_in) or W_g (E, d_in), fp32
+        h = None
+        if c.compute == "dense" and not dropout_on and x_flat.dtype == self.lora_A.dtype == router_w.dtype:
+            # the router and the experts read the same x: one GEMM for W_q x and all experts' A x
+            e_r = c.num_experts * c.rank
+            fused = torch.cat([self.lora_A.reshape(e_r, d_in), router_w], dim=0)  # (E*r + d_q, d_in)
+            projected = x_flat @ fused.t()  # (N, E*r + d_q)
+            h, router_proj = projected[:, :e_r], projected[:, e_r:]  # H = x A_flat^T, W_q x
+        else:
+            router_proj = x_flat.float() @ router_w.t()  # fp32 routing whatever the model dtype
+            x_lora = x_lora.to(self.lora_A.dtype)
+        logits, q = self.router.head(router_proj)  # (N, E) fp32, (N, d_q) fp32 or None
+        probs, gates, top_i = top_k_gates(logits, c.top_k)
+        scaled_gates = (gates * c.scaling).to(self.lora_A.dtype)  # (alpha / r) ghat: the scale rides on the gates
+        y_flat = y.reshape(-1, y.shape[-1])  # (N, d_out)
+        if c.compute == "dense":
+            y_flat = expert_mix_dense(x_lora, self.lora_A, self.lora_B, top_i, scaled_gates, y_flat.to(self.lora_A.dtype), h)
+        else:
+            y_flat = EXPERT_MIX[c.compute](x_lora, self.lora_A, self.lora_B, top_i, scaled_gates, y_flat.to(self.lora_A.dtype))
+        self._after_routing(x_lora, logits, probs, gates, top_i, q)
+        return y_flat.to(y.dtype).view(y.shape)
 
     # --- routing statistics and auxiliary losses ------------------------------------------------
     def _token_mask(self, n_tokens: int) -> torch.Tensor | None:
