@@ -132,9 +132,9 @@ def test_unknown_config_key(tmp_path):
 def test_dense_with_active_dropout_matches_the_loop_reference():
     """With dropout on, the experts read dropout(x) and the router x: the unfused dense path."""
     x = torch.randn(2, 5, 12)
-    outs, grads = {}, {}
+    outs, grads, layers = {}, {}, {}
     for compute in ("dense", "loop"):
-        layer = _layer(compute, dropout=0.5)
+        layer = layers[compute] = _layer(compute, dropout=0.5)
         layer.train()
         torch.manual_seed(3)  # the same dropout mask for both
         y = layer(x)
@@ -144,5 +144,5 @@ def test_dense_with_active_dropout_matches_the_loop_reference():
     assert torch.allclose(outs["dense"], outs["loop"], atol=1e-5)
     for g, g_ref in zip(grads["dense"], grads["loop"]):
         assert torch.allclose(g, g_ref, atol=1e-4)
-    layer.eval()  # no dropout at inference: the fused path, and the equation again
-    assert torch.allclose(layer(x[0]), _equation_reference(layer, x[0]), atol=1e-5)
+    dense = layers["dense"].eval()  # no dropout at inference: the fused path, and the equation again
+    assert torch.allclose(dense(x[0]), _equation_reference(dense, x[0]), atol=1e-5)
