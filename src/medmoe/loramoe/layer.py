@@ -10,7 +10,7 @@ ghat gates renormalised over the top-k (N, k).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -39,6 +39,20 @@ class RoutingContext:
     token_mask: torch.Tensor | None = None
     compute_aux: bool = False
     track_load: bool = False
+    _index_of: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
+    _index: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
+
+    def real_token_index(self, n_tokens: int) -> torch.Tensor | None:
+        """(n_real,) positions of the real tokens among n_tokens, or None when every token counts
+        (no mask, a mask of another size, or no padding). Computed once per mask, not per layer."""
+        mask = self.token_mask
+        if mask is None or mask.numel() != n_tokens:
+            return None
+        if self._index_of is not mask:
+            mask = mask.to(torch.bool)
+            self._index = None if bool(mask.all()) else mask.nonzero().squeeze(1)
+            self._index_of = self.token_mask
+        return self._index
 
 
 def dense_gates(top_i: torch.Tensor, gates: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -167,40 +181,38 @@ class LoraMoeLinear(nn.Module):
         return y_flat.to(y.dtype).view(y.shape)
 
     # --- routing statistics and auxiliary losses ------------------------------------------------
-    def _token_mask(self, n_tokens: int) -> torch.Tensor | None:
-        mask = self.context.token_mask
-        if mask is not None and mask.numel() == n_tokens:
-            return mask.to(torch.bool)
-        return None
-
     def _after_routing(self, x, logits, probs, gates, top_i, q) -> None:
+        """Expert load and auxiliary losses over the real tokens. x, gates, q are indexed only at
+        the sampled contrastive anchors; logits, probs, top_i (N, E or k: small) at every real token."""
         ctx = self.context
         if not (ctx.compute_aux or ctx.track_load):
             self.aux_losses = {}
             return
-        mask = self._token_mask(logits.shape[0])
-        if mask is not None:
-            x, logits, probs, gates, top_i = x[mask], logits[mask], probs[mask], gates[mask], top_i[mask]
-            q = q[mask] if q is not None else None
+        real = ctx.real_token_index(logits.shape[0])  # None: every token is real
+        if real is not None:
+            logits, probs, top_i_real = logits[real], probs[real], top_i[real]
+        else:
+            top_i_real = top_i
         if ctx.track_load:
             with torch.no_grad():
-                self.expert_load += torch.bincount(top_i.reshape(-1), minlength=self.config.num_experts).to(self.expert_load.device)
-        self.aux_losses = self._aux_losses(x, logits, probs, gates, top_i, q) if ctx.compute_aux and logits.shape[0] > 0 else {}
-
-    def _aux_losses(self, x, logits, probs, gates, top_i, q) -> dict[str, torch.Tensor]:
+                self.expert_load += torch.bincount(top_i_real.reshape(-1), minlength=self.config.num_experts).to(self.expert_load.device)
+        if not ctx.compute_aux or logits.shape[0] == 0:
+            self.aux_losses = {}
+            return
         c = self.config
         losses: dict[str, torch.Tensor] = {}
         if c.balance_weight > 0:
-            losses["balance"] = switch_balance_loss(probs, top_i)
+            losses["balance"] = switch_balance_loss(probs, top_i_real)
         if c.z_loss_weight > 0:
             losses["z"] = router_z_loss(logits)
         if c.contrastive_weight > 0 and c.contrastive_kind != "none":
-            sample = self._sample_tokens(logits.shape[0])
+            sample = self._sample_tokens(logits.shape[0])  # among the real tokens
+            rows = real[sample] if real is not None else sample  # the same anchors among all N tokens
             if c.contrastive_kind == "prototype":
-                losses["contrastive"] = self._prototype_loss(q[sample], top_i[sample, 0])
+                losses["contrastive"] = self._prototype_loss(q[rows], top_i[rows, 0])
             else:
-                losses["contrastive"] = self._expert_output_loss(x[sample], gates[sample], top_i[sample])
-        return losses
+                losses["contrastive"] = self._expert_output_loss(x[rows], gates[rows], top_i[rows])
+        self.aux_losses = losses
 
     def _sample_tokens(self, n_tokens: int) -> torch.Tensor:
         """Indices of the contrastive anchors: a random subset of contrastive_tokens, or all tokens."""
