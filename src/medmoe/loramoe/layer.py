@@ -5,6 +5,9 @@
 Glossary (docs/loramoe.md): N tokens (flattened), d_in / d_out widths, E experts, r rank, k top-k,
 A: (E, r, d_in), B: (E, d_out, r) initialised to zero, g router probabilities (N, E) in fp32,
 ghat gates renormalised over the top-k (N, k).
+Default computation (compute="dense"): one GEMM gives the router's projection and all experts'
+A x, the gates (alpha / r folded in) zero the unselected experts, and B's GEMM accumulates into
+W_0 x + b (docs/loramoe.md, "Computation").
 """
 
 from __future__ import annotations
@@ -172,11 +175,9 @@ class LoraMoeLinear(nn.Module):
         logits, q = self.router.head(router_proj)  # (N, E) fp32, (N, d_q) fp32 or None
         probs, gates, top_i = top_k_gates(logits, c.top_k)
         scaled_gates = (gates * c.scaling).to(self.lora_A.dtype)  # (alpha / r) ghat: the scale rides on the gates
-        y_flat = y.reshape(-1, y.shape[-1])  # (N, d_out)
-        if c.compute == "dense":
-            y_flat = expert_mix_dense(x_lora, self.lora_A, self.lora_B, top_i, scaled_gates, y_flat.to(self.lora_A.dtype), h)
-        else:
-            y_flat = EXPERT_MIX[c.compute](x_lora, self.lora_A, self.lora_B, top_i, scaled_gates, y_flat.to(self.lora_A.dtype))
+        y_flat = y.reshape(-1, y.shape[-1]).to(self.lora_A.dtype)  # (N, d_out), W_0 x + b
+        mix_args = (x_lora, self.lora_A, self.lora_B, top_i, scaled_gates, y_flat)
+        y_flat = expert_mix_dense(*mix_args, h=h) if c.compute == "dense" else EXPERT_MIX[c.compute](*mix_args)
         self._after_routing(x_lora, logits, probs, gates, top_i, q)
         return y_flat.to(y.dtype).view(y.shape)
 
