@@ -127,3 +127,22 @@ def test_unknown_config_key(tmp_path):
     (tmp_path / "loramoe_config.json").write_text(json.dumps({"experts": 4}))
     with pytest.raises(ModelError, match="unknown LoRA-MoE config keys"):
         LoraMoeConfig.load(tmp_path)
+
+
+def test_dense_with_active_dropout_matches_the_loop_reference():
+    """With dropout on, the experts read dropout(x) and the router x: the unfused dense path."""
+    x = torch.randn(2, 5, 12)
+    outs, grads, layers = {}, {}, {}
+    for compute in ("dense", "loop"):
+        layer = layers[compute] = _layer(compute, dropout=0.5)
+        layer.train()
+        torch.manual_seed(3)  # the same dropout mask for both
+        y = layer(x)
+        y.square().sum().backward()
+        outs[compute] = y.detach()
+        grads[compute] = (layer.lora_A.grad, layer.lora_B.grad, layer.router.w_q.grad)
+    assert torch.allclose(outs["dense"], outs["loop"], atol=1e-5)
+    for g, g_ref in zip(grads["dense"], grads["loop"]):
+        assert torch.allclose(g, g_ref, atol=1e-4)
+    dense = layers["dense"].eval()  # no dropout at inference: the fused path, and the equation again
+    assert torch.allclose(dense(x[0]), _equation_reference(dense, x[0]), atol=1e-5)

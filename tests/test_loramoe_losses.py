@@ -58,6 +58,37 @@ def test_supervised_contrastive_averages_over_positives():
     assert loss.item() == pytest.approx(expected, rel=1e-6)
 
 
+def _supcon_by_pairs(anchors, anchor_labels, candidates, candidate_labels, temperature, anchors_in_candidates):
+    """The SupCon equation pair by pair: log-probabilities over j != a, averaged over positives."""
+    per_anchor = []
+    for a in range(anchors.shape[0]):
+        keep = [j for j in range(candidates.shape[0]) if not (anchors_in_candidates and j == a)]
+        logits = torch.stack([anchors[a] @ candidates[j] / temperature for j in keep])
+        log_prob = logits - logits.logsumexp(0)
+        positives = [i for i, j in enumerate(keep) if candidate_labels[j] == anchor_labels[a]]
+        if positives:
+            per_anchor.append(-log_prob[positives].mean())
+    return torch.stack(per_anchor).mean()
+
+
+@pytest.mark.parametrize("anchors_in_candidates", [True, False])
+def test_supervised_contrastive_matches_the_pairwise_equation_with_gradients(anchors_in_candidates):
+    torch.manual_seed(0)
+    q = nn.functional.normalize(torch.randn(6, 4), dim=-1).requires_grad_(True)
+    labels = torch.tensor([0, 1, 1, 3, 0, 3])  # label 3 has no other member: only with the extra ones below
+    extra = nn.functional.normalize(torch.randn(5, 4), dim=-1).requires_grad_(True)
+    extra_labels = torch.tensor([2, 0, 2, 1, 2])
+    candidates = torch.cat([q, extra]) if anchors_in_candidates else extra
+    cand_labels = torch.cat([labels, extra_labels]) if anchors_in_candidates else extra_labels
+    got = supervised_contrastive_loss(q, labels, candidates, cand_labels, 0.3, anchors_in_candidates)
+    grads = torch.autograd.grad(got, (q, extra))
+    want = _supcon_by_pairs(q, labels, candidates, cand_labels, 0.3, anchors_in_candidates)
+    want_grads = torch.autograd.grad(want, (q, extra))
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    for g, w in zip(grads, want_grads):
+        assert torch.allclose(g, w, atol=1e-5)
+
+
 def test_prototype_loss_uses_the_queue_as_extra_candidates():
     torch.manual_seed(0)
     q = nn.functional.normalize(torch.randn(5, 3), dim=-1)

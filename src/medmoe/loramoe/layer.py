@@ -5,12 +5,15 @@
 Glossary (docs/loramoe.md): N tokens (flattened), d_in / d_out widths, E experts, r rank, k top-k,
 A: (E, r, d_in), B: (E, d_out, r) initialised to zero, g router probabilities (N, E) in fp32,
 ghat gates renormalised over the top-k (N, k).
+Default computation (compute="dense"): one GEMM gives the router's projection and all experts'
+A x, the gates (alpha / r folded in) zero the unselected experts, and B's GEMM accumulates into
+W_0 x + b (docs/loramoe.md, "Computation").
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -39,40 +42,62 @@ class RoutingContext:
     token_mask: torch.Tensor | None = None
     compute_aux: bool = False
     track_load: bool = False
+    _index_of: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
+    _index: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
+
+    def real_token_index(self, n_tokens: int) -> torch.Tensor | None:
+        """(n_real,) positions of the real tokens among n_tokens, or None when every token counts
+        (no mask, a mask of another size, or no padding). Computed once per mask, not per layer."""
+        mask = self.token_mask
+        if mask is None or mask.numel() != n_tokens:
+            return None
+        if self._index_of is not mask:
+            mask = mask.to(torch.bool)
+            self._index = None if bool(mask.all()) else mask.nonzero().squeeze(1)
+            self._index_of = self.token_mask
+        return self._index
 
 
-def expert_mix_dense(x, a, b, top_i, gates):
-    """All experts' A in one matmul, gates scattered (zero for unselected), all B in one matmul.
+def dense_gates(top_i: torch.Tensor, gates: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """G (N, E): the gates at each token's top-k experts, exact zeros elsewhere."""
+    zeros = torch.zeros(top_i.shape[0], num_experts, dtype=gates.dtype, device=gates.device)
+    return zeros.scatter(1, top_i, gates)
 
-    x (N, d_in), a (E, r, d_in), b (E, d_out, r), top_i/gates (N, k) -> (N, d_out).
-    Costs the same as one LoRA of rank E*r; with small r this beats any gather on CPU.
+
+def expert_mix_dense(x, a, b, top_i, gates, out, h=None):
+    """out + sum_{i in TopK} gates_i B_i A_i x: all experts' A in one matmul, B accumulated into out.
+
+    x (N, d_in), a (E, r, d_in), b (E, d_out, r), top_i/gates (N, k), out (N, d_out) -> (N, d_out).
+    h (N, E*r) = x A_flat^T when the caller already has it (fused with the router's projection).
+    Costs one LoRA of rank E*r; unselected experts get exact zero gates, so this equals the sparse sum.
     """
     num_experts, rank, d_in = a.shape
-    h = x @ a.reshape(num_experts * rank, d_in).t()  # (N, E*r)
-    dense_gates = torch.zeros(x.shape[0], num_experts, dtype=x.dtype, device=x.device)
-    dense_gates = dense_gates.scatter(1, top_i, gates.to(x.dtype))  # (N, E)
-    h = (h.view(-1, num_experts, rank) * dense_gates[:, :, None]).reshape(-1, num_experts * rank)
-    b_flat = b.permute(1, 0, 2).reshape(b.shape[1], num_experts * rank)  # (d_out, E*r)
-    return h @ b_flat.t()  # (N, d_out)
+    if h is None:
+        h = x @ a.reshape(num_experts * rank, d_in).t()  # H: (N, E*r)
+    g = dense_gates(top_i, gates, num_experts)  # G: (N, E)
+    h = (h.view(-1, num_experts, rank) * g[:, :, None]).view(-1, num_experts * rank)  # H': (N, E*r)
+    b_flat = b.permute(1, 0, 2).reshape(b.shape[1], num_experts * rank)  # B_flat: (d_out, E*r)
+    return torch.addmm(out, h, b_flat.t())  # out + H' B_flat^T in the same GEMM
 
 
-def expert_mix_gather(x, a, b, top_i, gates):
+def expert_mix_gather(x, a, b, top_i, gates, out):
     """Gather the top-k experts' weights per token and contract: (N, k, r, d_in) in memory."""
     h = torch.einsum("nd,nkrd->nkr", x, a[top_i])  # (N, k, r)
-    h = h * gates.to(x.dtype)[:, :, None]
-    return torch.einsum("nkr,nkor->no", h, b[top_i])  # (N, d_out)
+    h = h * gates[:, :, None]
+    return out + torch.einsum("nkr,nkor->no", h, b[top_i])  # (N, d_out)
 
 
-def expert_mix_loop(x, a, b, top_i, gates):
-    """Reference: a Python loop over experts, each on the tokens routed to it (as most LoRA-MoE code)."""
-    out = torch.zeros(x.shape[0], b.shape[1], dtype=x.dtype, device=x.device)
+def expert_mix_loop(x, a, b, top_i, gates, out):
+    """Reference: a Python loop over experts, each on the tokens routed to it, as LoRA-MoE code
+    usually does (Mixtral / MixLoRA style: zeros, then index_add_ of each expert's gated output)."""
+    delta = torch.zeros(x.shape[0], b.shape[1], dtype=x.dtype, device=x.device)
     for e in range(a.shape[0]):
-        token_idx, slot = (top_i == e).nonzero(as_tuple=True)
+        token_idx, slot = torch.where(top_i == e)
         if token_idx.numel() == 0:
             continue
-        h = x[token_idx] @ a[e].t() @ b[e].t()  # (n_e, d_out)
-        out = out.index_add(0, token_idx, h * gates[token_idx, slot].to(x.dtype)[:, None])
-    return out
+        h = x[token_idx] @ a[e].t() @ b[e].t()  # (n_e, d_out): B_e A_e x for the tokens routed to e
+        delta.index_add_(0, token_idx, h * gates[token_idx, slot, None])
+    return out + delta
 
 
 EXPERT_MIX = {"dense": expert_mix_dense, "gather": expert_mix_gather, "loop": expert_mix_loop}
@@ -131,52 +156,64 @@ class LoraMoeLinear(nn.Module):
         return f"experts={c.num_experts}, top_k={c.top_k}, rank={c.rank}, router={c.router_kind}, compute={c.compute}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)
-        shape = x.shape
-        x_flat = x.reshape(-1, shape[-1])  # (N, d_in)
-        logits, q = self.router(x_flat)  # (N, E) fp32, (N, d_q) fp32 or None
-        probs, gates, top_i = top_k_gates(logits, self.config.top_k)
-        x_drop = self.dropout(x_flat).to(self.lora_A.dtype)
-        delta = EXPERT_MIX[self.config.compute](x_drop, self.lora_A, self.lora_B, top_i, gates)
-        y = y + (delta * self.config.scaling).to(y.dtype).view(*shape[:-1], -1)
-        self._after_routing(x_drop, logits, probs, gates, top_i, q)
-        return y
+        y = self.base_layer(x)  # W_0 x + b
+        d_in, c = x.shape[-1], self.config
+        x_flat = x.reshape(-1, d_in)  # (N, d_in)
+        dropout_on = self.training and isinstance(self.dropout, nn.Dropout)
+        x_lora = self.dropout(x_flat) if dropout_on else x_flat  # dropout(x), the experts' input
+        router_w = self.router.projection  # W_q (d_q, d_in) or W_g (E, d_in), fp32
+        h = None
+        if c.compute == "dense" and not dropout_on and x_flat.dtype == self.lora_A.dtype == router_w.dtype:
+            # the router and the experts read the same x: one GEMM for W_q x and all experts' A x
+            e_r = c.num_experts * c.rank
+            fused = torch.cat([self.lora_A.reshape(e_r, d_in), router_w], dim=0)  # (E*r + d_q, d_in)
+            projected = x_flat @ fused.t()  # (N, E*r + d_q)
+            h, router_proj = projected[:, :e_r], projected[:, e_r:]  # H = x A_flat^T, W_q x
+        else:
+            router_proj = x_flat.float() @ router_w.t()  # fp32 routing whatever the model dtype
+            x_lora = x_lora.to(self.lora_A.dtype)
+        logits, q = self.router.head(router_proj)  # (N, E) fp32, (N, d_q) fp32 or None
+        probs, gates, top_i = top_k_gates(logits, c.top_k)
+        scaled_gates = (gates * c.scaling).to(self.lora_A.dtype)  # (alpha / r) ghat: the scale rides on the gates
+        y_flat = y.reshape(-1, y.shape[-1]).to(self.lora_A.dtype)  # (N, d_out), W_0 x + b
+        mix_args = (x_lora, self.lora_A, self.lora_B, top_i, scaled_gates, y_flat)
+        y_flat = expert_mix_dense(*mix_args, h=h) if c.compute == "dense" else EXPERT_MIX[c.compute](*mix_args)
+        self._after_routing(x_lora, logits, probs, gates, top_i, q)
+        return y_flat.to(y.dtype).view(y.shape)
 
     # --- routing statistics and auxiliary losses ------------------------------------------------
-    def _token_mask(self, n_tokens: int) -> torch.Tensor | None:
-        mask = self.context.token_mask
-        if mask is not None and mask.numel() == n_tokens:
-            return mask.to(torch.bool)
-        return None
-
     def _after_routing(self, x, logits, probs, gates, top_i, q) -> None:
+        """Expert load and auxiliary losses over the real tokens. x, gates, q are indexed only at
+        the sampled contrastive anchors; logits, probs, top_i (N, E or k: small) at every real token."""
         ctx = self.context
         if not (ctx.compute_aux or ctx.track_load):
             self.aux_losses = {}
             return
-        mask = self._token_mask(logits.shape[0])
-        if mask is not None:
-            x, logits, probs, gates, top_i = x[mask], logits[mask], probs[mask], gates[mask], top_i[mask]
-            q = q[mask] if q is not None else None
+        real = ctx.real_token_index(logits.shape[0])  # None: every token is real
+        if real is not None:
+            logits, probs, top_i_real = logits[real], probs[real], top_i[real]
+        else:
+            top_i_real = top_i
         if ctx.track_load:
             with torch.no_grad():
-                self.expert_load += torch.bincount(top_i.reshape(-1), minlength=self.config.num_experts).to(self.expert_load.device)
-        self.aux_losses = self._aux_losses(x, logits, probs, gates, top_i, q) if ctx.compute_aux and logits.shape[0] > 0 else {}
-
-    def _aux_losses(self, x, logits, probs, gates, top_i, q) -> dict[str, torch.Tensor]:
+                self.expert_load += torch.bincount(top_i_real.reshape(-1), minlength=self.config.num_experts).to(self.expert_load.device)
+        if not ctx.compute_aux or logits.shape[0] == 0:
+            self.aux_losses = {}
+            return
         c = self.config
         losses: dict[str, torch.Tensor] = {}
         if c.balance_weight > 0:
-            losses["balance"] = switch_balance_loss(probs, top_i)
+            losses["balance"] = switch_balance_loss(probs, top_i_real)
         if c.z_loss_weight > 0:
             losses["z"] = router_z_loss(logits)
         if c.contrastive_weight > 0 and c.contrastive_kind != "none":
-            sample = self._sample_tokens(logits.shape[0])
+            sample = self._sample_tokens(logits.shape[0])  # among the real tokens
+            rows = real[sample] if real is not None else sample  # the same anchors among all N tokens
             if c.contrastive_kind == "prototype":
-                losses["contrastive"] = self._prototype_loss(q[sample], top_i[sample, 0])
+                losses["contrastive"] = self._prototype_loss(q[rows], top_i[rows, 0])
             else:
-                losses["contrastive"] = self._expert_output_loss(x[sample], gates[sample], top_i[sample])
-        return losses
+                losses["contrastive"] = self._expert_output_loss(x[rows], gates[rows], top_i[rows])
+        self.aux_losses = losses
 
     def _sample_tokens(self, n_tokens: int) -> torch.Tensor:
         """Indices of the contrastive anchors: a random subset of contrastive_tokens, or all tokens."""

@@ -37,30 +37,39 @@ def supervised_contrastive_loss(
     candidate_labels: torch.Tensor,
     temperature: float,
     anchors_in_candidates: bool = True,
+    num_classes: int | None = None,
 ) -> torch.Tensor:
     """Supervised InfoNCE (SupCon, Khosla et al. 2020) of anchors against candidates.
 
     L = mean_a  -1/|P(a)| sum_{p in P(a)} log( exp(q_a . k_p / T) / sum_{j != a} exp(q_a . k_j / T) )
-    with P(a) the candidates sharing a's label, excluding a itself.
-    anchors: (n, d) normalised; candidates: (m, d) normalised; when anchors_in_candidates, the
-    first n candidates are the anchors themselves and the diagonal is excluded.
+      = mean_a  [ log sum_{j != a} exp(q_a . k_j / T)  -  q_a . (sum_{p in P(a)} k_p) / (T |P(a)|) ]
+    with P(a) the candidates sharing a's label, excluding a itself. The second form is what is
+    computed: the positives enter through per-label sums of the candidates (C, d), so the only
+    (n, m) work is the similarity matrix and its log-sum-exp (no (n, m) masks).
+    anchors: (n, d) normalised; candidates: (m, d) normalised; labels: non-negative ints below
+    num_classes (default: the largest label + 1). When anchors_in_candidates, the first n
+    candidates are the anchors themselves and each is excluded from its own row.
     Anchors without any positive are skipped; returns 0 if none has one.
     """
-    sim = anchors @ candidates.t() / temperature  # (n, m)
     n = anchors.shape[0]
-    positives = anchor_labels[:, None] == candidate_labels[None, :]  # (n, m)
-    if anchors_in_candidates:  # exclude each anchor's similarity to itself (the diagonal of the first n columns)
-        diag = torch.arange(n, device=anchors.device)
-        sim = sim.index_put((diag, diag), torch.tensor(float("-inf"), dtype=sim.dtype, device=sim.device))
-        positives = positives.index_put((diag, diag), torch.tensor(False, device=sim.device))
-    log_prob = sim - sim.logsumexp(dim=-1, keepdim=True)  # (n, m)
-    log_prob = torch.where(positives, log_prob, torch.zeros((), dtype=sim.dtype, device=sim.device))  # also clears -inf
-    n_pos = positives.sum(dim=-1)  # (n,)
+    scaled = anchors / temperature  # (n, d): 1/T applied to the anchors, not to the (n, m) matrix
+    sim = scaled @ candidates.t()  # (n, m): q_a . k_j / T
+    if anchors_in_candidates:  # j != a: the anchor's similarity to itself leaves the normaliser
+        sim[:, :n].diagonal().fill_(float("-inf"))
+    log_norm = sim.logsumexp(dim=-1)  # (n,)
+    if num_classes is None:
+        num_classes = int(torch.cat([anchor_labels, candidate_labels]).max()) + 1
+    class_sums = torch.zeros(num_classes, candidates.shape[1], dtype=candidates.dtype, device=candidates.device)
+    class_sums = class_sums.index_add(0, candidate_labels, candidates)  # (C, d): sum of the candidates per label
+    class_counts = torch.bincount(candidate_labels, minlength=num_classes)  # (C,)
+    positive_sum, n_pos = class_sums[anchor_labels], class_counts[anchor_labels]  # (n, d), (n,)
+    if anchors_in_candidates:
+        positive_sum, n_pos = positive_sum - candidates[:n], n_pos - 1
     has_pos = n_pos > 0
     if not bool(has_pos.any()):
         return anchors.sum() * 0.0
-    per_anchor = -log_prob.sum(dim=-1)[has_pos] / n_pos[has_pos]
-    return per_anchor.mean()
+    per_anchor = log_norm - (scaled * positive_sum).sum(dim=-1) / n_pos.clamp(min=1)  # (n,)
+    return per_anchor[has_pos].mean()
 
 
 def prototype_contrastive_loss(
@@ -87,7 +96,7 @@ def prototype_contrastive_loss(
     part_labels.append(expert_ids)
     candidates = torch.cat(parts, dim=0)  # (n + m_queue + E, d_q)
     candidate_labels = torch.cat(part_labels, dim=0)
-    return supervised_contrastive_loss(q, labels, candidates, candidate_labels, temperature)
+    return supervised_contrastive_loss(q, labels, candidates, candidate_labels, temperature, num_classes=num_experts)
 
 
 def expert_output_contrastive_loss(outputs: torch.Tensor, gates_dense: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -34,6 +34,11 @@ class PrototypeRouter(nn.Module):
         nn.init.normal_(self.w_q, std=1.0 / math.sqrt(self.w_q.shape[1]))
         nn.init.normal_(self.keys)
 
+    @property
+    def projection(self) -> torch.Tensor:
+        """W_q (d_q, d_in): the router's only linear map of x (the layer may fuse it with A)."""
+        return self.w_q
+
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """q(x) = normalize(W_q x): (N, d_in) -> (N, d_q), fp32."""
         return F.normalize(x.float() @ self.w_q.t(), dim=-1)
@@ -41,10 +46,14 @@ class PrototypeRouter(nn.Module):
     def normalized_keys(self) -> torch.Tensor:
         return F.normalize(self.keys, dim=-1)  # (E, d_q)
 
+    def head(self, projected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """From W_q x (N, d_q) fp32 to (logits (N, E), embedding q (N, d_q)), both fp32."""
+        q = F.normalize(projected, dim=-1)
+        return q @ self.normalized_keys().t() / self.temperature, q
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (logits (N, E) fp32, embedding q (N, d_q) fp32)."""
-        q = self.embed(x)
-        return q @ self.normalized_keys().t() / self.temperature, q
+        return self.head(x.float() @ self.w_q.t())
 
 
 class LinearRouter(nn.Module):
@@ -55,8 +64,17 @@ class LinearRouter(nn.Module):
         self.w_g = nn.Parameter(torch.empty(num_experts, d_in, dtype=torch.float32))  # W_g: E x d_in
         nn.init.normal_(self.w_g, std=1.0 / math.sqrt(d_in))
 
+    @property
+    def projection(self) -> torch.Tensor:
+        """W_g (E, d_in): the router's only linear map of x (the layer may fuse it with A)."""
+        return self.w_g
+
+    def head(self, projected: torch.Tensor) -> tuple[torch.Tensor, None]:
+        """The projection W_g x (N, E) fp32 is the logits."""
+        return projected, None
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return x.float() @ self.w_g.t(), None
+        return self.head(x.float() @ self.w_g.t())
 
 
 def build_router(kind: str, d_in: int, num_experts: int, router_dim: int, temperature: float) -> nn.Module:
