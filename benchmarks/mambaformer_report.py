@@ -27,7 +27,8 @@ def provenance(args) -> str:
         path = Path(source) / "medmoe_training.json"
         if path.is_file():
             t = json.loads(path.read_text())
-            lines.append(f"- {role} was fine-tuned ({t['method']}) on `{t['data']}` train records from #{t['skip_first']} on; "
+            what = f"the MLP and norms of its last {t['top_layers']} layer(s)" if t.get("top_layers") else "every weight"
+            lines.append(f"- {role} was fine-tuned ({what}) on `{t['data']}` train records from #{t['skip_first']} on; "
                          f"the gate trained on records before #{t['skip_first']}.\n")
     return "".join(lines) + ("\n" if lines else "")
 
