@@ -98,7 +98,7 @@ def select_examples(examples: list[Example], skip_first: int = 0, limit: int = 0
     """Leave out the first `skip_first` examples (held out for something else, e.g. the MambaFormer
     gate, which trains on the first records of the same split), then keep at most `limit` (0 = all)."""
     if skip_first >= len(examples):
-        raise DataError.single("--skip-first", f"{skip_first} leaves none of the {len(examples)} training examples")
+        raise DataError.single("training data", f"leaving out the first {skip_first} examples leaves none of the {len(examples)}")
     chosen = examples[skip_first:]
     return chosen[:limit] if limit > 0 else chosen
 
