@@ -115,3 +115,23 @@ def test_multi_token_option_scores_use_the_recurrent_state():
 
 def test_harness_does_not_reuse_cropped_caches_for_recurrent_models():
     assert HFEvalModel(_hybrid(), _Tokenizer()).prefix is None
+
+
+def test_batched_scoring_continues_the_shared_prefix_state():
+    """score_options_batch runs the prompts' common prefix once and continues each row from the
+    mixers' recurrent state: the scores equal scoring each prompt alone."""
+    from medmoe.eval.batch_scoring import score_options_batch
+    from medmoe.eval.prompts import Prompt
+
+    model = _hybrid()
+    tokenizer = _Tokenizer()
+    prefix = "5 7 9 11 13 15 17 19 21 23"
+    prompts = [Prompt(f"{prefix} {tail}", (" 30", " 31", " 32"), ()) for tail in ("40", "41 42 43", "44 45")]
+    from medmoe.eval.batch_scoring import _shared_prefix
+
+    contexts = [[1] + [int(w) for w in p.context.split()] for p in prompts]
+    assert _shared_prefix(model, contexts, "cpu")[0] == 11  # BOS + the 10 shared words run once
+    batched = score_options_batch(model, tokenizer, prompts)
+    for prompt, got in zip(prompts, batched):
+        alone = score_options(model, tokenizer, prompt.context, prompt.continuations)
+        assert got.logprobs == pytest.approx(alone.logprobs, abs=1e-4)

@@ -8,7 +8,8 @@ grows with the tokens run, so a batch is arranged to run as few tokens as possib
   shared prefix   the contexts' longest common token prefix (the system prompt and instruction,
                   ~30 tokens of a ~90-token SmolLM2 dental prompt) runs once, as a (1, k) pass whose
                   KV cache every row then attends to. Used only when the model keeps keys/values for
-                  every layer in a repeatable cache (checked after the prefix pass); else k = 0.
+                  every layer in a repeatable cache (checked after the prefix pass; a Mamba hybrid
+                  qualifies, its mixers keep their recurrent state on the cache); else k = 0.
   length groups   the rest of each context (its suffix) is sorted by length and cut into sub-batches
                   whose padding stays within `max_waste` of their real tokens (`length_groups`); one
                   padded batch of 16 wasted ~30% of its compute on pads.
