@@ -162,8 +162,9 @@ def run_pipeline(cfg: PipelineConfig, log: Callable[[str], None] = print) -> dic
         big = OperatingPoint(f"{cfg.big} alone", float(np.mean([r["correct"] for r in big_rows])),
                              float(np.percentile([r["latency_ms"] for r in big_rows], 50)), kind="baseline")
     deployed_first = {cfg.beta: scores[cfg.beta]["test"], **{b: s["test"] for b, s in scores.items()}}
-    report = pareto_run(test, deployed_first, checkpoint.tau, dev, extra_points=[big] if big else [], gate_ms=gate_ms)
-    routers = baseline_routers(test, float(decisions.mean()), dev)  # the same baselines pareto_run drew
+    routers = baseline_routers(test, float(decisions.mean()), dev)
+    report = pareto_run(test, deployed_first, checkpoint.tau, dev, extra_points=[big] if big else [], gate_ms=gate_ms,
+                        routers=routers)
     rows = [summary_row(r.name, test, r.route(test), 0.0, big.latency_ms if big else None) for r in routers]
     rows.append(summary_row("mambaformer (calibrated)", test, decisions, gate_ms, big.latency_ms if big else None))
     gold = [rec.answer for rec in splits["test"]]

@@ -65,13 +65,15 @@ def baseline_routers(test: ExpertResults, mix: float, dev: ExpertResults | None 
 
 def pareto_run(test: ExpertResults, scores_by_beta: Mapping[float, np.ndarray], tau: float, dev: ExpertResults | None = None,
                extra_points: Sequence[OperatingPoint] = (), seed: int = 0, gate_ms: float = 0.0,
-               statistic: str = "p50", oracle_beta: float = 1.0) -> dict:
+               statistic: str = "p50", oracle_beta: float = 1.0, routers: Sequence | None = None) -> dict:
     """Sweep the gate(s) over tau on `test`; baselines: E_T only, E_M only, random at the mix of the first
     gate at its tau, the length threshold fitted on `dev` (on `test` when no dev is given, marked so), the
     utility oracle (argmax_e U_e with `oracle_beta`, C_ref = E_T's mean test latency), the accuracy oracle,
-    and any extra points (e.g. the largest Transformer alone)."""
+    and any extra points (e.g. the largest Transformer alone). `routers`: those baselines, already built
+    by `baseline_routers` (a caller that also tabulates them passes its own)."""
     first = np.asarray(next(iter(scores_by_beta.values())))
-    routers = baseline_routers(test, float((first > tau).mean()), dev, seed, oracle_beta)
+    if routers is None:
+        routers = baseline_routers(test, float((first > tau).mean()), dev, seed, oracle_beta)
     length = routers[3]
     baselines = baseline_points(test, routers, statistic=statistic) + list(extra_points)
     gate_points = sweep_points(test, scores_by_beta, gate_ms=gate_ms, statistic=statistic)

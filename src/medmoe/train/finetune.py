@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from medmoe.errors import MedmoeError
+from medmoe.eval.scoring import accepts_logits_to_keep
 from medmoe.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from medmoe.train.data import Example, MicroBatches, collate, load_examples, tokenize_examples
 from medmoe.train.distributed import all_reduce_gradients, barrier
@@ -105,10 +106,9 @@ def top_layer_parameters(model: nn.Module, n: int, freeze_mixers: bool = False) 
     return chosen + list(inner.norm.parameters())
 
 
-def _hf_forward(model: nn.Module):
-    """The Hugging Face forward under any wrapper (PEFT, LoRA-MoE), to ask what it accepts."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else getattr(model, "model", model)
-    return inner.forward if hasattr(inner, "forward") else model.forward
+def _hf_model(model: nn.Module) -> nn.Module:
+    """The Hugging Face model under any wrapper (PEFT, LoRA-MoE), to ask what its forward accepts."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else getattr(model, "model", model)
 
 
 def completion_loss(model: nn.Module, batch: dict, with_aux: bool = True) -> torch.Tensor:
@@ -118,12 +118,10 @@ def completion_loss(model: nn.Module, batch: dict, with_aux: bool = True) -> tor
     some row, P = {t : labels[:, t+1] != -100}, go through the LM head (`logits_to_keep`): with a
     one-word answer after a 400-token prompt that is a few positions instead of all of them, and the
     49k-word head was most of a training step. Models without `logits_to_keep` use the full head."""
-    import inspect
-
     labels = batch["labels"]
     target = labels[:, 1:]                                                  # (b, n-1)
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    if "logits_to_keep" in inspect.signature(_hf_forward(model)).parameters:
+    if accepts_logits_to_keep(_hf_model(model)):
         positions = (target != -100).any(dim=0).nonzero()[:, 0]            # (k,): P
         out = model(**inputs, logits_to_keep=positions)
         logits, target = out.logits, target[:, positions]                   # (b, k, V), (b, k)
