@@ -82,6 +82,17 @@ def load_smollm2():
                                                     dtype=torch.float32).eval()
 
 
+def high_water_mib() -> float:
+    """This process's peak resident memory (VmHWM), in MiB.
+
+    Not getrusage's ru_maxrss: Linux carries that across fork + exec, so a child started by a parent
+    holding 3.6 GB of models reports the parent's peak. VmHWM belongs to the new address space."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: best effort
+
+
 def memory_probe(length: int) -> None:
     """Child process: build our model, run one prefill of `length` tokens, print peak RSS in MiB."""
     from medmoe.mamba.config import MambaConfig
@@ -97,10 +108,10 @@ def memory_probe(length: int) -> None:
             layer.mixer.A_log.copy_(torch.log(torch.arange(1, 17.0)).expand_as(layer.mixer.A_log))
     if model.config.tie_embeddings:
         model.lm_head.weight = model.backbone.embeddings.weight
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    before = high_water_mib()
     with torch.no_grad():
         model(torch.randint(0, 50000, (1, length)), last_only=True)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = high_water_mib()
     print(json.dumps({"length": length, "peak_rss_mib": peak, "rss_before_prefill_mib": before}))
 
 

@@ -3,6 +3,7 @@
     medmoe finetune --base smollm2-135m --method loramoe --data pubmedqa --output runs/pubmedqa-moe
     medmoe eval --model smollm2-135m --adapter runs/pubmedqa-moe/adapter --benchmarks pubmedqa
     torchrun --nproc-per-node 2 -m medmoe finetune ...      # data parallel (gloo on CPU, nccl on GPU)
+    medmoe routing --adapter runs/pubmedqa-moe/adapter --data pubmedqa,dental --out reports/routing_en
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import typer
 
 def register(app: typer.Typer) -> None:
     app.command("finetune")(finetune_command)
+    app.command("routing")(routing_command)
 
 
 def finetune_command(
@@ -81,3 +83,44 @@ def finetune_command(
     if rank_id == 0:
         last = max(result["losses"]) if result["losses"] else cfg.steps
         typer.echo(f"done: step {last}, loss {result['losses'].get(last, float('nan')):.4f}; saved {result['adapter']}")
+
+
+def routing_command(
+    adapter: Path = typer.Option(..., "--adapter", help="A LoRA-MoE adapter folder (`medmoe finetune` output's adapter/)."),
+    base: str = typer.Option("smollm2-135m", "--base", help="The adapter's base model: zoo name, local folder or hub id."),
+    data: str = typer.Option("pubmedqa,dental", "--data", help="Comma-separated bundled datasets or record files."),
+    split: str = typer.Option("test", help="Split of the bundled datasets."),
+    group_by: str = typer.Option("dataset", help="'dataset', or a metadata field such as 'subject' (CMMLU)."),
+    per_group: int = typer.Option(50, help="Texts per group (0 = all)."),
+    max_length: int = typer.Option(256, help="Tokens read per text."),
+    out: Path = typer.Option(Path("runs/routing"), "--out", help="Writes OUT.png (heatmaps) and OUT.json (shares)."),
+    threads: int = typer.Option(0, help="torch threads (0 = torch default)."),
+) -> None:
+    """Routing analytics of a LoRA-MoE adapter: expert load per layer, and which experts specialise on
+    which group (dataset or subject); a PNG of both heatmaps and the numbers as JSON."""
+    import torch
+
+    from medmoe.data import load_dataset
+    from medmoe.errors import ModelError
+    from medmoe.loramoe.analytics import plot_routing, record_groups, routing_profile
+    from medmoe.paths import atomic_write_json
+    from medmoe.train.adapters import load_tuned
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    if not (adapter / "loramoe_config.json").is_file():
+        raise ModelError(f"{adapter}: no loramoe_config.json; routing analytics need a LoRA-MoE adapter folder")
+    model, tokenizer = load_tuned(base, adapter)
+    datasets = {name.strip(): load_dataset(name.strip(), split=split) for name in data.split(",") if name.strip()}
+    try:
+        groups = record_groups(datasets, group_by, per_group)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--group-by") from None
+    profile = routing_profile(model, tokenizer, groups, max_length=max_length)
+    png = plot_routing(profile, out.with_suffix(".png"))
+    atomic_write_json(out.with_suffix(".json"), {"adapter": str(adapter), "base": base, "data": data, "split": split,
+                                                  "group_by": group_by, **profile.to_dict()})
+    spec = profile.specialisation()
+    for group, row in zip(profile.groups, spec):
+        typer.echo(f"{group}: most preferred expert {int(row.argmax())} ({row.max():.2f}x its mean share)")
+    typer.echo(f"wrote {png} and {out.with_suffix('.json')}")

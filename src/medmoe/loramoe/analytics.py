@@ -2,6 +2,7 @@
 
     profile = routing_profile(model, tokenizer, {"anatomy": texts_a, "virology": texts_v})
     plot_routing(profile, "reports/routing.png")
+    groups = record_groups({"cmmlu-med": records}, by="subject", per_group=50)
 
 For each group of texts (a subject, a dataset), the share of (token, slot) assignments each expert
 receives in each layer; specialisation of expert i on group s is its share in s divided by its mean
@@ -39,6 +40,27 @@ class RoutingProfile:
     def to_dict(self) -> dict:
         return {"groups": self.groups, "layers": self.layers, "tokens": self.tokens, "load": self.load.round(5).tolist(),
                 "specialisation": self.specialisation().round(4).tolist()}
+
+
+def record_text(record) -> str:
+    """What the model reads of a record, for routing statistics: question, options, then context."""
+    options = " ".join(f"{letter}. {text}" for letter, text in zip(record.letters, record.options))
+    return " ".join(part for part in (record.question, options, record.context or "") if part)
+
+
+def record_groups(datasets: dict, by: str = "dataset", per_group: int = 0) -> dict[str, list[str]]:
+    """Texts of the records of each dataset ({name: records}), grouped by dataset name or by a
+    metadata field such as CMMLU's "subject"; the first `per_group` texts of each group (0 = all)."""
+    groups: dict[str, list[str]] = {}
+    for name, records in datasets.items():
+        for record in records:
+            key = name if by == "dataset" else record.metadata.get(by)
+            if key is None:
+                raise ValueError(f"record {record.id} has no metadata field '{by}' to group by")
+            texts = groups.setdefault(str(key), [])
+            if not per_group or len(texts) < per_group:
+                texts.append(record_text(record))
+    return dict(sorted(groups.items()))
 
 
 @torch.no_grad()
