@@ -1,18 +1,28 @@
 """SparseDoctor results table: base zero-shot vs PEFT LoRA (same trainable budget) vs LoRA-MoE
-without contrastive loss vs without queue vs the full method, on a dataset's test split.
+without contrastive loss vs without queue vs the full method, on several test sets, one run.
 
-Bounded CPU runs: training uses the first --train-limit training examples for --steps steps and the
-test split is subsampled to --eval-limit examples (both stated in the report). Every number comes
-with its example count and a 95% bootstrap interval; per-example predictions go to JSONL.
+Bounded CPU runs: each variant trains on the first --train-limit training examples of each
+--train-data set (mixed), for --steps steps; every test set is the fixed sha256 subsample of
+`medmoe eval --limit` (NAME:LIMIT, 0 = all), stated in the report. Evaluation is `medmoe eval`'s
+harness (zero-shot, letter rule; CMB-Clin generated and scored with ROUGE-L and BERTScore), so every
+number comes with its example count and a 95% bootstrap interval, and the per-example predictions
+stay in --workdir. The full method's routing analytics (expert load per layer, specialisation per
+--routing-groups group) are plotted next to the report.
 
-    PYTHONPATH=src python benchmarks/loramoe_results.py --base smollm2-135m --train-data pubmedqa \
-        --eval pubmedqa --eval pubmedqa:dental --steps 60 --train-limit 240 --eval-limit 200
+    # English: SmolLM2-135M on PubMedQA + Dental
+    PYTHONPATH=src python benchmarks/loramoe_results.py --base smollm2-135m --train-data pubmedqa,dental \
+        --eval pubmedqa:200 --eval dental:200 --name loramoe_results_en
+    # Chinese: Gemma-3-270M on CMExam, CMMLU-Med (per subject), CMB-Clin
+    PYTHONPATH=src python benchmarks/loramoe_results.py --base gemma3-270m --train-data cmexam --steps 30 \
+        --eval cmexam:120 --eval cmmlu-med:135 --eval cmb-clin:16 --routing-data cmmlu-med \
+        --routing-groups subject --name loramoe_results_zh
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
 import time
 from pathlib import Path
@@ -22,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_report  # noqa: E402
 
+REPORTS = Path(__file__).resolve().parents[1] / "reports"
 VARIANTS = {
     "lora": {},
     "loramoe_no_contrastive": {"contrastive_kind": "none", "contrastive_weight": 0.0},
@@ -38,52 +49,119 @@ def matched_lora_rank(base, moe_params: int) -> int:
     return max(1, round(moe_params / width))
 
 
-def evaluate(model, tokenizer, dataset: str, limit: int, out: Path) -> dict:
-    from medmoe.data import load_dataset
-    from medmoe.eval.model import HFEvalModel
-    from medmoe.eval.report import summarize_rows
-    from medmoe.eval.runner import run_records
+def mixed_examples(specs: list[str], tokenizer, limit: int, seed: int = 0) -> list:
+    """The first `limit` training examples of each set, shuffled together with a fixed seed."""
+    from medmoe.train.data import load_examples
 
-    records = load_dataset(dataset, split="test")
-    subset = records[:limit] if limit else records
-    rows = run_records(HFEvalModel(model, tokenizer, out.parent.name), subset, out, f"{dataset} ({out.parent.name})")
-    s = summarize_rows(rows)
-    return {"examples": s["examples"], "test_size": len(records), "accuracy": s["accuracy"], "ci": list(s["accuracy_ci"])}
+    examples = [e for spec in specs for e in load_examples(spec, tokenizer)[:limit]]
+    random.Random(seed).shuffle(examples)
+    return examples
+
+
+def evaluate(model, tokenizer, name: str, spec: str, folder: Path) -> dict:
+    """One test set through the `medmoe eval` harness; the summary with its example count."""
+    from medmoe.eval.benchmarks import load_benchmark
+    from medmoe.eval.harness import evaluate as harness_evaluate
+    from medmoe.eval.model import HFEvalModel
+
+    bench, _, limit = spec.partition(":")
+    limit = int(limit) if limit and int(limit) > 0 else None
+    lm = HFEvalModel(model, tokenizer, name)
+    summary = harness_evaluate(lm, [bench], folder / bench, rule="letter", limit=limit, batch_size=8)["benchmarks"][bench]
+    summary["test_size"] = len(load_benchmark(bench).records)
+    return summary
+
+
+def cell(s: dict) -> str:
+    n = f"({s['examples']}/{s['test_size']})"
+    if "accuracy" in s:
+        return f"{s['accuracy']:.3f} [{s['accuracy_ci'][0]:.3f}, {s['accuracy_ci'][1]:.3f}] {n}"
+    return f"R-L {s['rouge_l']:.3f} [{s['rouge_l_ci'][0]:.3f}, {s['rouge_l_ci'][1]:.3f}], BS {s['bertscore_f1']:.3f} {n}"
+
+
+def headline(s: dict) -> float:
+    """The number averaged across test sets: accuracy, or ROUGE-L for open questions."""
+    return s["accuracy"] if "accuracy" in s else s["rouge_l"]
+
+
+def report_lines(args, results: dict, meta: dict) -> list[str]:
+    sets = [e.partition(":")[0] for e in args.eval]
+    lines = [f"Base `{args.base}`. Each trained variant: the first {args.train_limit} training examples of each of "
+             f"`{args.train_data}` (train splits, shuffled together), {args.steps} steps of batch {args.batch_size} x "
+             f"accumulation {args.grad_accum}, lr {args.lr}, max length {args.max_length}, seed 0. Test sets: the fixed "
+             f"sha256 subsamples of `medmoe eval --limit` ({', '.join(args.eval)}; 0 = all). Zero-shot, letter rule "
+             "(CMB-Clin: generated, ROUGE-L and BERTScore). 95% bootstrap intervals; (n evaluated / test split size).\n",
+             "| variant | trainable params | train s | " + " | ".join(sets) + " | mean |",
+             "| --- | ---: | ---: | " + " | ".join("---" for _ in sets) + " | ---: |"]
+    for variant, by_set in results.items():
+        mean = sum(headline(s) for s in by_set.values()) / len(by_set)
+        lines.append(f"| {variant} | {meta[variant]['trainable_params']:,} | {meta[variant].get('train_s', 0):.0f} | "
+                     + " | ".join(cell(s) for s in by_set.values()) + f" | {mean:.3f} |")
+    grouped = [b for b in sets if "per_group" in next(iter(results.values()))[b]]
+    for bench in grouped:
+        groups = list(next(iter(results.values()))[bench]["per_group"])
+        lines += [f"\n### {bench} per subject (accuracy; macro = mean over subjects)\n",
+                  "| variant | " + " | ".join(groups) + " | macro |", "| --- | " + " | ".join("---:" for _ in groups) + " | ---: |"]
+        for variant, by_set in results.items():
+            s = by_set[bench]
+            lines.append(f"| {variant} | " + " | ".join(f"{s['per_group'][g]['accuracy']:.3f} ({s['per_group'][g]['examples']})" for g in groups)
+                         + f" | {s['macro_accuracy']:.3f} |")
+    if "lora" in results and "loramoe_full" in results:
+        full, lora = results["loramoe_full"], results["lora"]
+        wins = [b for b in sets if headline(full[b]) >= headline(lora[b])]
+        mean_gap = sum(headline(full[b]) - headline(lora[b]) for b in sets) / len(sets)
+        met = len(wins) == len(sets) and mean_gap > 0
+        lines.append(f"\nTarget (full method >= PEFT LoRA on every test set and better on average): "
+                     f"{'met' if met else 'NOT met'}. Full >= LoRA on {len(wins)}/{len(sets)} sets "
+                     f"({', '.join(wins) or 'none'}); mean difference {mean_gap:+.3f}. Differences smaller than "
+                     "the intervals are not evidence either way.")
+    return lines
+
+
+def routing_plot(model, tokenizer, args) -> dict:
+    """The full method's routing analytics, plotted as reports/<name>_routing.png."""
+    from medmoe.data import load_dataset
+    from medmoe.loramoe.analytics import plot_routing, record_groups, routing_profile
+
+    datasets = {name: load_dataset(name, split="test") for name in args.routing_data.split(",")}
+    profile = routing_profile(model, tokenizer, record_groups(datasets, args.routing_groups, per_group=40), max_length=256)
+    plot_routing(profile, REPORTS / f"{args.name}_routing.png")
+    return profile.to_dict()
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--base", default="smollm2-135m")
-    p.add_argument("--train-data", default="pubmedqa", help="bundled dataset (train split) or file")
-    p.add_argument("--eval", action="append", default=None, help="test sets (bundled names); repeatable")
-    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--train-data", default="pubmedqa,dental", help="comma-separated bundled datasets (train splits) or files")
+    p.add_argument("--eval", action="append", default=None, help="NAME[:LIMIT] test set of `medmoe eval`; repeatable")
+    p.add_argument("--steps", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--max-length", type=int, default=320)
-    p.add_argument("--train-limit", type=int, default=240)
-    p.add_argument("--eval-limit", type=int, default=200)
+    p.add_argument("--train-limit", type=int, default=200, help="training examples per --train-data set")
     p.add_argument("--variants", default=",".join(["base", *VARIANTS]))
+    p.add_argument("--routing-data", default="pubmedqa,dental", help="test sets whose texts the routing plot groups")
+    p.add_argument("--routing-groups", default="dataset", help="'dataset' or a metadata field (CMMLU: subject)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--name", default="loramoe_results_en")
     p.add_argument("--workdir", default="runs/loramoe_results")
     args = p.parse_args()
+    args.eval = args.eval or ["pubmedqa:200", "dental:200"]
     torch.set_num_threads(args.threads)
-    evals = args.eval or ["pubmedqa"]
 
     from medmoe.train.base_models import load_base
-    from medmoe.train.data import load_examples
     from medmoe.train.finetune import FinetuneConfig, finetune
 
     work = Path(args.workdir) / args.name
-    results: dict[str, dict] = {}
-    meta: dict[str, dict] = {}
+    results, meta, routing = {}, {}, None
     moe_params = None
     for variant in args.variants.split(","):
         model, tokenizer = load_base(args.base)
-        start = time.time()
+        meta[variant] = {"train_examples": 0, "steps": 0, "trainable_params": 0}
         if variant != "base":
-            examples = load_examples(args.train_data, tokenizer)[: args.train_limit]
+            start = time.time()
+            examples = mixed_examples(args.train_data.split(","), tokenizer, args.train_limit)
             method = "lora" if variant == "lora" else "loramoe"
             cfg = FinetuneConfig(method=method, output=str(work / variant), steps=args.steps, batch_size=args.batch_size,
                                  grad_accum=args.grad_accum, lr=args.lr, max_length=args.max_length, eval_examples=0,
@@ -98,25 +176,21 @@ def main() -> None:
                     del probe
                 cfg.lora_rank = matched_lora_rank(model, moe_params)
             model = finetune(cfg, model, tokenizer, train_examples=examples)["model"]
-            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            meta[variant] = {"train_examples": len(examples), "steps": args.steps, "trainable_params": trainable,
-                             "train_s": round(time.time() - start, 1), **({"lora_rank": cfg.lora_rank} if method == "lora" else {})}
-        else:
-            meta[variant] = {"train_examples": 0, "steps": 0, "trainable_params": 0}
+            meta[variant] = {"train_examples": len(examples), "steps": args.steps, "train_s": round(time.time() - start, 1),
+                             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                             **({"lora_rank": cfg.lora_rank} if method == "lora" else {})}
         model.eval()
-        results[variant] = {d: evaluate(model, tokenizer, d, args.eval_limit, work / variant / f"pred_{d}.jsonl") for d in evals}
-        print(variant, json.dumps(results[variant]), flush=True)
+        results[variant] = {e.partition(":")[0]: evaluate(model, tokenizer, variant, e, work / variant) for e in args.eval}
+        print(variant, json.dumps({b: round(headline(s), 4) for b, s in results[variant].items()}), flush=True)
+        if variant == "loramoe_full":
+            routing = routing_plot(model, tokenizer, args)
 
-    lines = [f"Base `{args.base}`; training on the first {args.train_limit} examples of `{args.train_data}` (train split), "
-             f"{args.steps} steps of batch {args.batch_size} x accumulation {args.grad_accum}, lr {args.lr}; "
-             f"test sets subsampled to the first {args.eval_limit} examples (0 = all). Zero-shot option scoring.\n",
-             "| variant | trainable params | " + " | ".join(f"{d} acc [95% CI] (n)" for d in evals) + " | mean |",
-             "| --- | ---: | " + " | ".join("---" for _ in evals) + " | ---: |"]
-    for variant, by_set in results.items():
-        cells = [f"{r['accuracy']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] ({r['examples']}/{r['test_size']})" for r in by_set.values()]
-        mean = sum(r["accuracy"] for r in by_set.values()) / len(by_set)
-        lines.append(f"| {variant} | {meta[variant]['trainable_params']:,} | " + " | ".join(cells) + f" | {mean:.3f} |")
-    path = write_report(args.name, f"SparseDoctor results ({args.base})", "\n".join(lines), {"args": vars(args), "results": results, "runs": meta})
+    lines = report_lines(args, results, meta)
+    if routing:
+        lines.append(f"\nRouting analytics of the full method (40 test texts per group of `{args.routing_data}` by "
+                     f"{args.routing_groups}): `reports/{args.name}_routing.png`; shares in the JSON report.")
+    path = write_report(args.name, f"SparseDoctor results ({args.base})", "\n".join(lines),
+                        {"args": vars(args), "results": results, "runs": meta, "routing": routing})
     print("\n".join(lines))
     print(f"wrote {path}")
 
