@@ -13,8 +13,8 @@ stay in --workdir. The full method's routing analytics (expert load per layer, s
     PYTHONPATH=src python benchmarks/loramoe_results.py --base smollm2-135m --train-data pubmedqa,dental \
         --eval pubmedqa:200 --eval dental:200 --name loramoe_results_en
     # Chinese: Gemma-3-270M on CMExam, CMMLU-Med (per subject), CMB-Clin
-    PYTHONPATH=src python benchmarks/loramoe_results.py --base gemma3-270m --train-data cmexam --steps 30 \
-        --eval cmexam:120 --eval cmmlu-med:135 --eval cmb-clin:16 --routing-data cmmlu-med \
+    PYTHONPATH=src python benchmarks/loramoe_results.py --base gemma3-270m --train-data cmexam --steps 25 \
+        --eval cmexam:100 --eval cmmlu-med:108 --eval cmb-clin:12 --routing-data cmmlu-med \
         --routing-groups subject --name loramoe_results_zh
 """
 

@@ -96,7 +96,7 @@ def plot_routing(profile: RoutingProfile, path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_load, ax_spec) = plt.subplots(1, 2, figsize=(13, max(4, 0.12 * len(profile.layers) + 2)))
+    fig, (ax_load, ax_spec) = plt.subplots(1, 2, figsize=(13, min(12, max(4, 0.04 * len(profile.layers) + 3))))
     im = ax_load.imshow(profile.overall_load(), aspect="auto", cmap="viridis")
     ax_load.set(title="Expert load per layer (share of assignments)", xlabel="expert", ylabel="layer")
     step = max(1, len(profile.layers) // 30)
