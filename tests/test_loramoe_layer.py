@@ -159,7 +159,7 @@ def test_fused_functions_pass_gradcheck():
 
     torch.manual_seed(0)
     n, d_in, d_out, e, r, d_q = 5, 6, 4, 3, 2, 3
-    f64 = dict(dtype=torch.float64, requires_grad=True)
+    f64 = {"dtype": torch.float64, "requires_grad": True}
     x, w0, bias = torch.randn(n, d_in, **f64), torch.randn(d_out, d_in, **f64), torch.randn(d_out, **f64)
     w_lora = torch.randn(e * r + d_q, d_in, **f64)
     assert torch.autograd.gradcheck(lambda *a: FusedProjection.apply(*a, d_q), (x, w0, bias, w_lora))

@@ -8,10 +8,10 @@ W_0 (d_out, d_in) and b (d_out,) the base linear, A_flat (E*r, d_in) the experts
 W_r (d_q, d_in) the router's projection, W_lora = [A_flat ; W_r] (E*r + d_q, d_in),
 B_t (E*r, d_out) with row e*r + j = column j of B_e, G (N, E) the scaled gates (zero off the top-k).
 
-    Y_0 = x W_0^T + b                                      the base GEMM (N, d_out), bit-identical to nn.Linear
-    [H | P] = x W_lora^T                                   one GEMM: (N, E*r + d_q)
-    H' = H * G   (G broadcast over r)                     (N, E*r)
-    y  = Y_0 + H' B_t                                      one addmm: (N, d_out)
+    Y_0     = x W_0^T + b            the base GEMM (N, d_out), bit-identical to nn.Linear
+    [H | P] = x W_lora^T             one GEMM: (N, E*r + d_q)
+    H'      = H * G                  G broadcast over r: (N, E*r)
+    y       = Y_0 + H' B_t           one addmm: (N, d_out)
 
 Backward, from dy (N, d_out) and dP (N, d_q) (the router head's gradient, through autograd):
 
