@@ -9,6 +9,7 @@ Compared, alternately (A B C A B C ...) after a warm-up, median of --repeats:
 Targets (issue): MoE step <= 1.25x PEFT LoRA; >= 2x faster than the loop; inference <= 1.3x base.
 
     PYTHONPATH=src python benchmarks/loramoe_speed.py      # the issue's settings: 4 x 256 tokens, 2 threads, 5 repeats
+    PYTHONPATH=src python benchmarks/loramoe_speed.py --layer-only   # part 1 only: print the layer table (~20 s)
 
 About 3 minutes on a quiet 2-core machine (each variant runs 1 warm-up + 5 timed steps).
 """
@@ -32,10 +33,11 @@ from medmoe.loramoe import LoraMoeConfig, LoraMoeLinear, LoraMoeModel  # noqa: E
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def layer_kernels(tokens: int, repeats: int) -> dict:
+def layer_kernels(tokens: int, repeats: int) -> tuple[dict, dict]:
     """Forward + backward of one LoRA-MoE layer per compute kind (router included), next to the
-    frozen base linear alone, at SmolLM2's input widths."""
-    results = {}
+    frozen base linear alone, at SmolLM2's input widths. Returns the median seconds per shape and
+    kind, and per shape the loop / dense ratio (ratio of medians, median of per-round ratios)."""
+    results, loop_over_dense = {}, {}
     for d_in, d_out in [(576, 576), (1536, 576)]:
         torch.manual_seed(0)
         x = torch.randn(tokens, d_in, requires_grad=True)
@@ -55,7 +57,19 @@ def layer_kernels(tokens: int, repeats: int) -> dict:
 
         times = alternate({k: run(layer) for k, layer in layers.items()}, repeats)
         results[f"{d_in}x{d_out}"] = {k: statistics.median(v) for k, v in times.items()}
-    return results
+        loop_over_dense[f"{d_in}x{d_out}"] = ratio_summary(times, "loop", "dense")
+    return results, loop_over_dense
+
+
+def kernel_table(kernels: dict, loop_over_dense: dict) -> list[str]:
+    """The per-layer table (markdown lines)."""
+    lines = ["| d_in x d_out | base linear | dense | gather | loop | loop / dense (median of rounds) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for shape, r in kernels.items():
+        ratio = loop_over_dense[shape]
+        lines.append(f"| {shape} | {r['base']:.4f} | {r['dense']:.4f} | {r['gather']:.4f} | {r['loop']:.4f} "
+                     f"| {ratio['ratio_of_medians']:.2f} ({ratio['median_round_ratio']:.2f}) |")
+    return lines
 
 
 def build_variants(base, seed: int = 0):
@@ -99,15 +113,19 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--layer-only", action="store_true", help="time one layer per compute kind, print the table, write no report")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
+    tokens = args.batch * args.seq
+    if args.layer_only:
+        print("\n".join(kernel_table(*layer_kernels(tokens, args.repeats))))
+        return
 
     from medmoe.train.base_models import load_base
 
-    tokens = args.batch * args.seq
     print(f"layer kernels at {tokens} tokens ...", flush=True)
-    kernels = layer_kernels(tokens, args.repeats)
+    kernels, loop_over_dense = layer_kernels(tokens, args.repeats)
     print(kernels, flush=True)
 
     base, _ = load_base(args.base)
@@ -156,12 +174,10 @@ def main() -> None:
         lines.append(f"| {name} | {statistics.median(t):.3f} | {', '.join(f'{x:.2f}' for x in t)} |")
     lines.append(f"\nMedian of per-round ratios: MoE / base {vs_base['median_round_ratio']:.3f}.\n")
     lines.append(f"## One layer (fwd + bwd, {tokens} tokens, 8 experts, top-2, rank 8, router included), median seconds\n")
-    lines.append("| d_in x d_out | base linear | dense | gather | loop |\n| --- | ---: | ---: | ---: | ---: |")
-    for shape, r in kernels.items():
-        lines.append(f"| {shape} | {r['base']:.4f} | {r['dense']:.4f} | {r['gather']:.4f} | {r['loop']:.4f} |")
+    lines += kernel_table(kernels, loop_over_dense)
     lines.append(f"\nWhole benchmark: {time.perf_counter() - started:.0f} s.")
     data = {"args": vars(args), "ratios": checks, "targets_met": met, "train_step_s": train_times,
-            "forward_s": fwd_times, "trainable_params": trainable, "kernels_median_s": kernels,
+            "forward_s": fwd_times, "trainable_params": trainable, "kernels_median_s": kernels, "kernels_loop_over_dense": loop_over_dense,
             "round_ratios": {"moe_over_lora": vs_lora, "loop_over_moe": vs_loop, "moe_over_base": vs_base}}
     path = write_report("loramoe_speed", "LoRA-MoE speed (SmolLM2-135M, CPU)", "\n".join(lines), data)
     print("\n".join(lines))

@@ -75,9 +75,11 @@ def test_fresh_layer_is_the_base_layer():
 
 def test_top_k_gates_renormalise():
     logits = torch.tensor([[0.0, 1.0, 2.0, 3.0], [3.0, 0.0, 0.0, 0.0]])
-    probs, gates, top_i = top_k_gates(logits, 2)
-    assert torch.allclose(probs.sum(-1), torch.ones(2))
+    gates, top_i = top_k_gates(logits, 2)
     assert top_i[0].tolist() == [3, 2]
+    probs = logits.softmax(-1)  # the definition: renormalise the top-k of softmax(logits)
+    top_p = probs.gather(1, top_i)
+    assert torch.allclose(gates, top_p / top_p.sum(-1, keepdim=True))
     e = torch.exp(torch.tensor([3.0, 2.0]))
     assert torch.allclose(gates[0], e / e.sum())
     assert torch.allclose(gates.sum(-1), torch.ones(2))
@@ -146,3 +148,69 @@ def test_dense_with_active_dropout_matches_the_loop_reference():
         assert torch.allclose(g, g_ref, atol=1e-4)
     dense = layers["dense"].eval()  # no dropout at inference: the fused path, and the equation again
     assert torch.allclose(dense(x[0]), _equation_reference(dense, x[0]), atol=1e-5)
+
+
+# --- the fused dense path (fused.py): hand-written backward pinned against autograd and the loop ---
+
+
+def test_fused_functions_pass_gradcheck():
+    """FusedProjection and ExpertMix backward against finite differences, fp64, bias and all inputs."""
+    from medmoe.loramoe.fused import ExpertMix, FusedProjection
+
+    torch.manual_seed(0)
+    n, d_in, d_out, e, r, d_q = 5, 6, 4, 3, 2, 3
+    f64 = {"dtype": torch.float64, "requires_grad": True}
+    x, w0, bias = torch.randn(n, d_in, **f64), torch.randn(d_out, d_in, **f64), torch.randn(d_out, **f64)
+    w_lora = torch.randn(e * r + d_q, d_in, **f64)
+    assert torch.autograd.gradcheck(lambda *a: FusedProjection.apply(*a, d_q), (x, w0, bias, w_lora))
+    y0, h = torch.randn(n, d_out, **f64), torch.randn(n, e * r, **f64)
+    gates, b_t = torch.rand(n, e, **f64), torch.randn(e * r, d_out, **f64)
+    assert torch.autograd.gradcheck(ExpertMix.apply, (y0, h, gates, b_t))
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+@pytest.mark.parametrize("router_kind", ["prototype", "linear"])
+def test_fused_layer_matches_the_loop_reference(dtype, tol, router_kind):
+    """Output and every gradient (x, A, B, router) of the fused path equal the per-expert loop's."""
+    contrastive = "prototype" if router_kind == "prototype" else "none"
+    x = torch.randn(3, 7, 12, dtype=dtype)
+    results = {}
+    for compute in ("dense", "loop"):
+        layer = _layer(compute, router_kind=router_kind, contrastive_kind=contrastive).to(dtype)
+        assert layer._fusable(x.reshape(-1, 12)) == (compute == "dense")
+        x_in = x.clone().requires_grad_(True)
+        y = layer(x_in)
+        (y * torch.linspace(-1, 1, y.shape[-1], dtype=dtype)).square().sum().backward()
+        results[compute] = [y.detach(), x_in.grad] + [p.grad for p in layer.parameters() if p.requires_grad]
+    for got, ref in zip(results["dense"], results["loop"]):
+        assert got is not None and ref is not None
+        assert (got - ref).abs().max() <= tol * ref.abs().max()
+
+
+def test_fused_layer_auxiliary_losses_match_the_loop_reference():
+    """Balance, z and contrastive losses (router inputs collected by the layer) and their gradients."""
+    x = torch.randn(2, 9, 12)
+    results = {}
+    for compute in ("dense", "loop"):
+        layer = _layer(compute, contrastive_tokens=None, queue_size=0)
+        layer.context.compute_aux = layer.context.track_load = True
+        layer(x)
+        losses = layer.aux_losses
+        assert set(losses) == {"balance", "z", "contrastive"}
+        sum(losses.values()).backward()
+        results[compute] = [losses[k].detach() for k in sorted(losses)] + [layer.router.w_q.grad, layer.router.keys.grad, layer.expert_load.clone()]
+    for got, ref in zip(results["dense"], results["loop"]):
+        assert torch.allclose(got, ref, atol=1e-6)
+
+
+def test_fused_path_is_skipped_for_hooked_or_subclassed_bases():
+    x = torch.randn(4, 12)
+    layer = _layer("dense")
+    assert layer._fusable(x)
+    handle = layer.base_layer.register_forward_hook(lambda module, inputs, out: out * 2)
+    assert not layer._fusable(x)
+    assert torch.allclose(layer(x), _equation_reference(layer, x) + layer.base_layer(x) / 2, atol=1e-5)
+    handle.remove()
+    layer.train()
+    layer.dropout = nn.Dropout(0.5)
+    assert not layer._fusable(x)

@@ -5,9 +5,9 @@
 Glossary (docs/loramoe.md): N tokens (flattened), d_in / d_out widths, E experts, r rank, k top-k,
 A: (E, r, d_in), B: (E, d_out, r) initialised to zero, g router probabilities (N, E) in fp32,
 ghat gates renormalised over the top-k (N, k).
-Default computation (compute="dense"): one GEMM gives the router's projection and all experts'
-A x, the gates (alpha / r folded in) zero the unselected experts, and B's GEMM accumulates into
-W_0 x + b (docs/loramoe.md, "Computation").
+Default computation (compute="dense", fused.py): one GEMM gives W_0 x + b, all experts' A x and the
+router's projection; the gates (alpha / r folded in) zero the unselected experts, and B's GEMM
+accumulates into W_0 x + b; the backward is hand-written (docs/loramoe.md, "Computation").
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from medmoe.loramoe.config import LoraMoeConfig
+from medmoe.loramoe.fused import ExpertMix, FusedProjection
 from medmoe.loramoe.losses import (
     expert_output_contrastive_loss,
     prototype_contrastive_loss,
@@ -64,16 +65,16 @@ def dense_gates(top_i: torch.Tensor, gates: torch.Tensor, num_experts: int) -> t
     return zeros.scatter(1, top_i, gates)
 
 
-def expert_mix_dense(x, a, b, top_i, gates, out, h=None):
+def expert_mix_dense(x, a, b, top_i, gates, out):
     """out + sum_{i in TopK} gates_i B_i A_i x: all experts' A in one matmul, B accumulated into out.
 
     x (N, d_in), a (E, r, d_in), b (E, d_out, r), top_i/gates (N, k), out (N, d_out) -> (N, d_out).
-    h (N, E*r) = x A_flat^T when the caller already has it (fused with the router's projection).
-    Costs one LoRA of rank E*r; unselected experts get exact zero gates, so this equals the sparse sum.
+    The dense path when the fused one (fused.py) does not apply (active dropout, bf16, a subclassed
+    or hooked base). Costs one LoRA of rank E*r; unselected experts get exact zero gates, so this
+    equals the sparse sum.
     """
     num_experts, rank, d_in = a.shape
-    if h is None:
-        h = x @ a.reshape(num_experts * rank, d_in).t()  # H: (N, E*r)
+    h = x @ a.reshape(num_experts * rank, d_in).t()  # H: (N, E*r)
     g = dense_gates(top_i, gates, num_experts)  # G: (N, E)
     h = (h.view(-1, num_experts, rank) * g[:, :, None]).view(-1, num_experts * rank)  # H': (N, E*r)
     b_flat = b.permute(1, 0, 2).reshape(b.shape[1], num_experts * rank)  # B_flat: (d_out, E*r)
@@ -156,42 +157,64 @@ class LoraMoeLinear(nn.Module):
         return f"experts={c.num_experts}, top_k={c.top_k}, rank={c.rank}, router={c.router_kind}, compute={c.compute}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_flat = x.reshape(-1, x.shape[-1])  # (N, d_in)
+        if self._fusable(x_flat):
+            return self._forward_fused(x_flat).view(*x.shape[:-1], self.out_features)
+        c = self.config
         y = self.base_layer(x)  # W_0 x + b
-        d_in, c = x.shape[-1], self.config
-        x_flat = x.reshape(-1, d_in)  # (N, d_in)
         dropout_on = self.training and isinstance(self.dropout, nn.Dropout)
         x_lora = self.dropout(x_flat) if dropout_on else x_flat  # dropout(x), the experts' input
-        router_w = self.router.projection  # W_q (d_q, d_in) or W_g (E, d_in), fp32
-        h = None
-        if c.compute == "dense" and not dropout_on and x_flat.dtype == self.lora_A.dtype == router_w.dtype:
-            # the router and the experts read the same x: one GEMM for W_q x and all experts' A x
-            e_r = c.num_experts * c.rank
-            fused = torch.cat([self.lora_A.reshape(e_r, d_in), router_w], dim=0)  # (E*r + d_q, d_in)
-            projected = x_flat @ fused.t()  # (N, E*r + d_q)
-            h, router_proj = projected[:, :e_r], projected[:, e_r:]  # H = x A_flat^T, W_q x
-        else:
-            router_proj = x_flat.float() @ router_w.t()  # fp32 routing whatever the model dtype
-            x_lora = x_lora.to(self.lora_A.dtype)
+        router_w = self.router.projection  # fp32 (routing in fp32 whatever the model dtype), unless cast on purpose
+        router_proj = x_flat.to(router_w.dtype) @ router_w.t()
+        x_lora = x_lora.to(self.lora_A.dtype)
         logits, q = self.router.head(router_proj)  # (N, E) fp32, (N, d_q) fp32 or None
-        probs, gates, top_i = top_k_gates(logits, c.top_k)
+        gates, top_i = top_k_gates(logits, c.top_k)
         scaled_gates = (gates * c.scaling).to(self.lora_A.dtype)  # (alpha / r) ghat: the scale rides on the gates
         y_flat = y.reshape(-1, y.shape[-1]).to(self.lora_A.dtype)  # (N, d_out), W_0 x + b
-        mix_args = (x_lora, self.lora_A, self.lora_B, top_i, scaled_gates, y_flat)
-        y_flat = expert_mix_dense(*mix_args, h=h) if c.compute == "dense" else EXPERT_MIX[c.compute](*mix_args)
-        self._after_routing(x_lora, logits, probs, gates, top_i, q)
+        y_flat = EXPERT_MIX[c.compute](x_lora, self.lora_A, self.lora_B, top_i, scaled_gates, y_flat)
+        self._after_routing(x_lora, logits, gates, top_i, q)
         return y_flat.to(y.dtype).view(y.shape)
 
+    def _fusable(self, x_flat: torch.Tensor) -> bool:
+        """The fused path (fused.py) needs the default compute, no active dropout (the experts and the
+        router must read the same x), a plain nn.Linear base without hooks, and one dtype throughout."""
+        base = self.base_layer
+        return (
+            self.config.compute == "dense"
+            and not (self.training and isinstance(self.dropout, nn.Dropout))
+            and type(base) is nn.Linear
+            and not base._forward_hooks
+            and not base._forward_pre_hooks
+            and x_flat.dtype == base.weight.dtype == self.lora_A.dtype == self.router.projection.dtype
+        )
+
+    def _forward_fused(self, x_flat: torch.Tensor) -> torch.Tensor:
+        """x (N, d_in) -> y (N, d_out) with three GEMMs forward and five backward (docs/loramoe.md)."""
+        c, base = self.config, self.base_layer
+        e_r = c.num_experts * c.rank
+        router_w = self.router.projection  # W_r: W_q (d_q, d_in) or W_g (E, d_in)
+        w_lora = torch.cat([self.lora_A.reshape(e_r, -1), router_w])  # W_lora = [A_flat ; W_r]
+        y0, h, router_proj = FusedProjection.apply(x_flat, base.weight, base.bias, w_lora, router_w.shape[0])
+        logits, q = self.router.head(router_proj)  # (N, E), (N, d_q) or None
+        gates, top_i = top_k_gates(logits, c.top_k)  # ghat (N, k), indices (N, k)
+        g = dense_gates(top_i, gates * c.scaling, c.num_experts)  # G (N, E): (alpha / r) ghat, 0 off the top-k
+        b_t = self.lora_B.transpose(1, 2).reshape(e_r, -1)  # B_t (E*r, d_out): row e*r + j = B_e[:, j]
+        y = ExpertMix.apply(y0, h, g, b_t)  # W_0 x + b + (H * G) B_t
+        self._after_routing(x_flat, logits, gates, top_i, q)
+        return y
+
     # --- routing statistics and auxiliary losses ------------------------------------------------
-    def _after_routing(self, x, logits, probs, gates, top_i, q) -> None:
+    def _after_routing(self, x, logits, gates, top_i, q) -> None:
         """Expert load and auxiliary losses over the real tokens. x, gates, q are indexed only at
-        the sampled contrastive anchors; logits, probs, top_i (N, E or k: small) at every real token."""
+        the sampled contrastive anchors; logits, top_i (N, E or k: small) at every real token.
+        The router probabilities g = softmax(logits) are computed here, only for the balance loss."""
         ctx = self.context
         if not (ctx.compute_aux or ctx.track_load):
             self.aux_losses = {}
             return
         real = ctx.real_token_index(logits.shape[0])  # None: every token is real
         if real is not None:
-            logits, probs, top_i_real = logits[real], probs[real], top_i[real]
+            logits, top_i_real = logits[real], top_i[real]
         else:
             top_i_real = top_i
         if ctx.track_load:
@@ -203,7 +226,7 @@ class LoraMoeLinear(nn.Module):
         c = self.config
         losses: dict[str, torch.Tensor] = {}
         if c.balance_weight > 0:
-            losses["balance"] = switch_balance_loss(probs, top_i_real)
+            losses["balance"] = switch_balance_loss(logits.softmax(dim=-1), top_i_real)
         if c.z_loss_weight > 0:
             losses["z"] = router_z_loss(logits)
         if c.contrastive_weight > 0 and c.contrastive_kind != "none":

@@ -85,12 +85,13 @@ def build_router(kind: str, d_in: int, num_experts: int, router_dim: int, temper
     raise ValueError(f"unknown router kind {kind!r}")
 
 
-def top_k_gates(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Softmax, top-k, renormalise over the selected experts.
+def top_k_gates(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k experts and their gates renormalised over the top k.
 
-    logits: (N, E) fp32 -> probs g (N, E), gates ghat (N, k) summing to 1 per token, indices (N, k).
+    logits: (N, E) fp32 -> gates ghat (N, k) summing to 1 per token, indices (N, k), best first.
+    ghat_i = g_i / sum_{j in TopK} g_j with g = softmax(logits) equals the softmax of the k selected
+    logits (the partition function cancels), so the full softmax over E is not computed here; the
+    balance loss computes g where it needs it.
     """
-    probs = logits.softmax(dim=-1)
-    top_p, top_i = probs.topk(k, dim=-1)
-    gates = top_p / top_p.sum(dim=-1, keepdim=True)
-    return probs, gates, top_i
+    top_logits, top_i = logits.topk(k, dim=-1)  # softmax is monotonic: the same experts as topk(g)
+    return top_logits.softmax(dim=-1), top_i
