@@ -18,7 +18,6 @@ SiLU(z) gate inside the scan kernel (cpu_kernel.py, docs/mamba.md). MEDMOE_MAMBA
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -52,7 +51,7 @@ class MambaMixer(nn.Module):
         self.D = nn.Parameter(torch.ones(d))
         self.out_proj = nn.Linear(d, config.d_model, bias=config.bias)
         self.scan_backend = "auto"
-        self.fused = True  # use the fused CPU inference path when it applies (see _use_fused)
+        self.fused = True  # use the fused CPU inference path when it applies (cpu_kernel.use_fused)
 
     def new_state(self, batch: int, dtype=torch.float32, device=None) -> LayerState:
         return LayerState(conv=torch.zeros(batch, self.d_conv - 1, self.d_inner, dtype=dtype, device=device),
@@ -67,7 +66,7 @@ class MambaMixer(nn.Module):
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         """hidden (b, l, D) -> (b, l, D). With `state`, continues from it and leaves it updated.
         mask (b, l) of 0/1 zeroes padded positions (as Hugging Face does for left padding)."""
-        if self._use_fused(hidden):
+        if cpu_kernel.use_fused(self, hidden):
             return self._forward_fused(hidden, state, mask)
         b, l, _ = hidden.shape
         if mask is not None:
@@ -92,14 +91,6 @@ class MambaMixer(nn.Module):
             state.ssm = h
         return self.out_proj(y * F.silu(z))
 
-    def _use_fused(self, hidden: torch.Tensor) -> bool:
-        """Fused kernels: CPU, fp32, no gradient wanted, scan backend auto/cpu, kernel built, not switched off."""
-        return (self.fused and self.scan_backend in ("auto", "cpu") and hidden.device.type == "cpu"
-                and hidden.dtype == torch.float32 and self.in_proj.weight.dtype == torch.float32
-                and not (torch.is_grad_enabled()
-                         and (hidden.requires_grad or any(p.requires_grad for p in self.parameters())))
-                and os.environ.get("MEDMOE_MAMBA_FUSED", "1") != "0" and cpu_kernel.available())
-
     def _forward_fused(self, hidden: torch.Tensor, state: LayerState | None, mask: torch.Tensor | None) -> torch.Tensor:
         """Same result as the unfused `forward` (tests/test_mamba_fused.py), fewer full-tensor passes:
         in_proj's output is never split into copies, and conv + bias + SiLU + mask, and softplus(dt + bias)
@@ -113,7 +104,7 @@ class MambaMixer(nn.Module):
         u = cpu_kernel.causal_conv(x, self.conv1d.weight, self.conv1d.bias,
                                    None if state is None else state.conv, keep)   # (b, l, d) = SiLU(conv(x)) * mask
         if state is not None and K > 1:
-            state.conv = torch.cat([state.conv, x], dim=1)[:, -(K - 1):].contiguous()   # last K-1 conv inputs
+            state.conv = torch.cat([state.conv, x[:, -(K - 1):]], dim=1)[:, -(K - 1):].contiguous()  # last K-1 inputs
         xdbl = self.x_proj(u)                                                     # (b, l, R + 2N)
         dt = F.linear(xdbl[..., :R], self.dt_proj.weight)                         # (b, l, d), bias added in the kernel
         B, C = xdbl[..., None, R:R + N], xdbl[..., None, R + N:]                  # (b, l, 1, N) views

@@ -230,6 +230,17 @@ def available() -> bool:
     return _module() is not None
 
 
+def use_fused(mixer: torch.nn.Module, x: torch.Tensor) -> bool:
+    """Whether `mixer` (MambaMixer or AttentionMamba) should take its fused inference path for input x:
+    CPU, fp32, no gradient wanted, scan backend auto/cpu, `mixer.fused` set, MEDMOE_MAMBA_FUSED not 0,
+    and the kernel built. Otherwise the mixer runs its unfused sequence of PyTorch ops."""
+    return (getattr(mixer, "fused", True) and getattr(mixer, "scan_backend", "auto") in ("auto", "cpu")
+            and x.device.type == "cpu" and x.dtype == torch.float32
+            and all(p.dtype == torch.float32 for p in mixer.parameters())
+            and not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in mixer.parameters())))
+            and os.environ.get("MEDMOE_MAMBA_FUSED", "1") != "0" and available())
+
+
 def _f32(t: torch.Tensor | None) -> torch.Tensor:
     """fp32, detached, contiguous; None -> an empty tensor (the kernels' "absent")."""
     return torch.empty(0) if t is None else t.detach().float().contiguous()
