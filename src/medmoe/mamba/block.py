@@ -9,6 +9,11 @@ Parameter names match Hugging Face's MambaMixer, so its state dict loads unchang
     delta  = softplus(dt_proj(dt))                (b, l, d)
     y      = selective_scan(x, delta, A=-exp(A_log), B, C, D)
     out    = out_proj(y * SiLU(z))                (b, l, D)
+
+On CPU in inference (no gradient, fp32) `forward` runs `_forward_fused`: the conv, SiLU and mask in
+one kernel that reads x straight from in_proj's output, and softplus(+bias), the D skip and the
+SiLU(z) gate inside the scan kernel (cpu_kernel.py, docs/mamba.md). MEDMOE_MAMBA_FUSED=0, or
+`mixer.fused = False`, keeps the unfused path below (which the chunked / reference scans use anyway).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medmoe.mamba import cpu_kernel
 from medmoe.mamba.config import MambaConfig
 from medmoe.mamba.scan import selective_scan, selective_state_step
 
@@ -45,6 +51,7 @@ class MambaMixer(nn.Module):
         self.D = nn.Parameter(torch.ones(d))
         self.out_proj = nn.Linear(d, config.d_model, bias=config.bias)
         self.scan_backend = "auto"
+        self.fused = True  # use the fused CPU inference path when it applies (cpu_kernel.use_fused)
 
     def new_state(self, batch: int, dtype=torch.float32, device=None) -> LayerState:
         return LayerState(conv=torch.zeros(batch, self.d_conv - 1, self.d_inner, dtype=dtype, device=device),
@@ -59,6 +66,8 @@ class MambaMixer(nn.Module):
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         """hidden (b, l, D) -> (b, l, D). With `state`, continues from it and leaves it updated.
         mask (b, l) of 0/1 zeroes padded positions (as Hugging Face does for left padding)."""
+        if cpu_kernel.use_fused(self, hidden):
+            return self._forward_fused(hidden, state, mask)
         b, l, _ = hidden.shape
         if mask is not None:
             hidden = hidden * mask[..., None].to(hidden.dtype)
@@ -81,6 +90,30 @@ class MambaMixer(nn.Module):
         if state is not None:
             state.ssm = h
         return self.out_proj(y * F.silu(z))
+
+    def _forward_fused(self, hidden: torch.Tensor, state: LayerState | None, mask: torch.Tensor | None) -> torch.Tensor:
+        """Same result as the unfused `forward` (tests/test_mamba_fused.py), fewer full-tensor passes:
+        in_proj's output is never split into copies, and conv + bias + SiLU + mask, and softplus(dt + bias)
+        + scan + D skip + SiLU(z) gate, each run as one kernel pass."""
+        d, N, R, K = self.d_inner, self.d_state, self.dt_rank, self.d_conv
+        keep = None if mask is None else mask.to(torch.float32)                   # (b, l)
+        if keep is not None:
+            hidden = hidden * keep[..., None]
+        xz = self.in_proj(hidden)                                                 # (b, l, 2d)
+        x, z = xz[..., :d], xz[..., d:]                                           # strided views, no copy
+        u = cpu_kernel.causal_conv(x, self.conv1d.weight, self.conv1d.bias,
+                                   None if state is None else state.conv, keep)   # (b, l, d) = SiLU(conv(x)) * mask
+        if state is not None and K > 1:
+            state.conv = torch.cat([state.conv, x[:, -(K - 1):]], dim=1)[:, -(K - 1):].contiguous()  # last K-1 inputs
+        xdbl = self.x_proj(u)                                                     # (b, l, R + 2N)
+        dt = F.linear(xdbl[..., :R], self.dt_proj.weight)                         # (b, l, d), bias added in the kernel
+        B, C = xdbl[..., None, R:R + N], xdbl[..., None, R + N:]                  # (b, l, 1, N) views
+        A = -torch.exp(self.A_log.float())                                        # (d, N)
+        y, h = cpu_kernel.scan_gated(u, dt, self.dt_proj.bias, A, B, C, self.D, z,
+                                     h0=None if state is None else state.ssm)     # (b, l, d) = (scan + D u) * SiLU(z)
+        if state is not None:
+            state.ssm = h
+        return self.out_proj(y)
 
     @torch.no_grad()
     def step(self, hidden: torch.Tensor, state: LayerState) -> torch.Tensor:

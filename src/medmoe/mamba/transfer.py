@@ -35,6 +35,7 @@ from torch import nn
 
 from medmoe.errors import ModelError
 from medmoe.paths import atomic_write_file
+from medmoe.mamba import cpu_kernel
 from medmoe.mamba.block import LayerState
 from medmoe.mamba.scan import selective_scan
 
@@ -77,6 +78,7 @@ class AttentionMamba(nn.Module):
         self.A_log = nn.Parameter(torch.zeros(self.d_inner, head_dim))       # A = -exp(0) = -1
         self.D = nn.Parameter(torch.zeros(self.d_inner))
         self.scan_backend = "auto"
+        self.fused = True         # fused CPU inference kernels when they apply (cpu_kernel.use_fused)
         self.layer_idx = 0        # position in the student's decoder, set by _apply_spec
         self.is_recurrent = True  # tells the harness not to reuse cropped caches (PrefixCache)
         self._init_new_parameters()
@@ -124,20 +126,29 @@ class AttentionMamba(nn.Module):
         keep = key_padding(attention_mask, l)                                         # (b, l) or None
         if keep is not None:
             x = x * keep[..., None]
+        fused = cpu_kernel.use_fused(self, hidden_states)
         history = state.conv if state is not None else x.new_zeros(b, K - 1, self.d_inner)
-        conv_in = torch.cat([history, x], dim=1)                                      # (b, K-1+l, d)
-        u = F.conv1d(conv_in.transpose(1, 2), self.conv1d.weight, self.conv1d.bias,
-                     groups=self.d_inner).transpose(1, 2)                             # (b, l, d)
-        if keep is not None:
-            u = u * keep[..., None]
+        if fused:  # conv + bias + mask in one kernel pass, straight from x and the state
+            u = cpu_kernel.causal_conv(x, self.conv1d.weight, self.conv1d.bias, history, keep, silu=False)
+        else:
+            conv_in = torch.cat([history, x], dim=1)                                  # (b, K-1+l, d)
+            u = F.conv1d(conv_in.transpose(1, 2), self.conv1d.weight, self.conv1d.bias,
+                         groups=self.d_inner).transpose(1, 2)                         # (b, l, d)
+            if keep is not None:
+                u = u * keep[..., None]
         B = self._per_head(self.B_proj(hidden_states))                               # (b, l, H, P)
         C = self.C_proj(hidden_states).view(b, l, self.heads, self.head_dim)         # (b, l, H, P)
-        delta = F.softplus(self.dt_proj(self.dt_in(hidden_states)))                  # (b, l, d)
         A = -torch.exp(self.A_log.float())                                           # (d, P)
-        y, h = selective_scan(u, delta, A, B, C, self.D, h0=None if state is None else state.ssm,
-                              backend=self.scan_backend)
+        h0 = None if state is None else state.ssm
+        if fused:  # softplus(dt + bias) inside the scan kernel
+            dt = F.linear(self.dt_in(hidden_states), self.dt_proj.weight)            # (b, l, d), no bias
+            y, h = cpu_kernel.scan_gated(u, dt, self.dt_proj.bias, A, B, C, self.D, None, h0)
+        else:
+            delta = F.softplus(self.dt_proj(self.dt_in(hidden_states)))              # (b, l, d)
+            y, h = selective_scan(u, delta, A, B, C, self.D, h0=h0, backend=self.scan_backend)
         if past_key_values is not None:
-            RecurrentStates.store(past_key_values, self.layer_idx, conv_in[:, -(K - 1):], h, hidden_states)
+            conv_tail = torch.cat([history, x[:, -(K - 1):]], dim=1)[:, -(K - 1):]     # last K-1 conv inputs
+            RecurrentStates.store(past_key_values, self.layer_idx, conv_tail, h, hidden_states)
         return self.out_proj(y), None
 
 
