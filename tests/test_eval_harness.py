@@ -132,8 +132,10 @@ def test_open_benchmark_generates_and_scores_text(tmp_path, tiny):
         def score(self, candidate, reference):
             return 0.5, 0.5, 0.5
 
-    bench = load_benchmark("cmb-clin", limit=2)
-    rows = run_benchmark(tiny, bench, tmp_path / "o.jsonl", "letter", bertscorer=lambda lang: Fixed())
+    bench = load_benchmark("cmb-clin", limit=3)
+    # batch_size applies to option questions only: open ones are generated one by one, none skipped
+    rows = run_benchmark(tiny, bench, tmp_path / "o.jsonl", "letter", batch_size=8, bertscorer=lambda lang: Fixed())
+    assert [r["id"] for r in rows] == [r.id for r in bench.records]
     assert rows[0]["rule"] == "generate" and 0 <= rows[0]["rouge_l"] <= 1 and rows[0]["bertscore_f1"] == 0.5
     assert BertScorer  # the real scorer is tested in test_textmetrics.py
 

@@ -148,7 +148,7 @@ def run_benchmark(
     done = read_done(output)
     todo = [r for r in bench.records if r.id not in done]
     scorers: dict[str, BertScorer] = {}
-    step = batch_size if rule != "generate" else 1
+    step = batch_size if rule != "generate" and bench.task != "open" else 1  # open questions: one at a time
     with progress_bar(bench.name) as bar, output.open("a", encoding="utf-8") as sink:
         task = bar.add_task(bench.name, total=len(bench.records), completed=len(bench.records) - len(todo))
         for start in range(0, len(todo), step):
