@@ -10,7 +10,7 @@ from medmoe.eval.benchmarks import load_benchmark, subsample
 from medmoe.eval.harness import evaluate
 from medmoe.eval.model import HFEvalModel, load_eval_model
 from medmoe.eval.prompts import build_prompt
-from medmoe.eval.runner import run_benchmark
+from medmoe.eval.runner import read_done, run_benchmark
 from tiny_lm import tiny_llama, tiny_tokenizer
 
 FILE_ROWS = [
@@ -97,6 +97,7 @@ def test_interrupted_run_resumes_and_two_runs_agree(tmp_path, user_file):
     resumed = run_benchmark(model, bench, out, "loglik", bertscorer=no_bertscore)
     assert Counting.calls == 3  # only the unfinished examples were scored again
     assert [r["prediction"] for r in resumed] == [r["prediction"] for r in full]
+    assert list(read_done(out)) == [r["id"] for r in full]  # the torn line is gone: the file reads cleanly
     again = run_benchmark(model, bench, tmp_path / "b.jsonl", "loglik", bertscorer=no_bertscore)
     assert [(r["prediction"], r["scores"]) for r in again] == [(r["prediction"], r["scores"]) for r in full]  # bit for bit
 

@@ -1,4 +1,5 @@
-"""`medmoe eval`: a model on several medical benchmarks, with per-example JSONL, intervals and a plot."""
+"""`medmoe eval`: a model (or the routed MambaFormer system) on several medical benchmarks, with
+per-example JSONL, intervals and a plot."""
 
 from __future__ import annotations
 
@@ -9,24 +10,27 @@ import typer
 from rich.console import Console
 
 console = Console()
+DEFAULT_MODEL = "smollm2-135m"
 
 
 def eval_command(
-    model: str = typer.Option("smollm2-135m", help="Bundled short name, Hugging Face hub id or local path (the base model when --adapter is given)."),
+    model: Optional[str] = typer.Option(None, help=f"Bundled short name, Hugging Face hub id or local path (the base model when --adapter is given) [default: {DEFAULT_MODEL}]."),
     benchmarks: str = typer.Option(
         "pubmedqa", help="Comma-separated: pubmedqa, medmcqa, dental, cmmlu-med, cmexam, cmb-clin, cmb-exam:PATH, or file paths."
     ),
     shots: int = typer.Option(0, help="Few-shot examples per question (from train/dev splits only)."),
     rule: str = typer.Option("letter", help="Scoring rule: letter, loglik, loglik-norm or generate (docs/evaluation.md)."),
     limit: Optional[int] = typer.Option(None, help="Fixed subsample of at most N examples per benchmark (sha256 order of ids)."),
-    output: Optional[Path] = typer.Option(None, help="Results folder [default: runs/eval-MODEL-RULE-Kshot]."),
+    output: Optional[Path] = typer.Option(None, help="Results folder [default: runs/eval-MODEL-RULE-Kshot; with --router DIR: runs/eval-routed-PARENT-NAME of DIR]."),
     adapter: Optional[str] = typer.Option(None, help="A `medmoe finetune` output folder: LoRA-MoE adapter, PEFT LoRA adapter, or full model."),
     batch_size: int = typer.Option(1, help="Examples per forward pass for single-token rules (latency is then amortized)."),
     max_new_tokens: int = typer.Option(32, help="Generation length for --rule generate."),
     shots_from: Optional[str] = typer.Option(None, help="Few-shot pool for cmb-exam:PATH and user files (a dataset file)."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads [default: all cores]."),
+    router: Optional[Path] = typer.Option(None, help="Evaluate the routed MambaFormer system instead of one model: a gate folder written by `medmoe run` (it names its two experts). Not with --model/--adapter."),
 ) -> None:
-    """Evaluate a model on medical benchmarks; writes predictions, summary.json, report.md and a plot.
+    """Evaluate a model, or the routed MambaFormer system (--router), on medical benchmarks; writes
+    predictions, summary.json, report.md and a plot.
 
     Interrupted runs resume: run the same command again.
     """
@@ -40,17 +44,41 @@ def eval_command(
         check_rule(rule)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--rule") from None
+    if router is not None:
+        check_router_options(model, adapter, rule, shots)
     if threads:
         torch.set_num_threads(threads)
     names = [b.strip() for b in benchmarks.split(",") if b.strip()]
-    folder = output or Path("runs") / f"eval-{Path(model).name}-{rule}-{shots}shot"
-    with console.status(f"loading {model}..."):
-        lm = load_eval_model(model, adapter)
-    result = evaluate(lm, names, folder, rule, shots, limit, batch_size, max_new_tokens, shots_from,
-                      settings={"adapter": adapter})
+    if router is not None:
+        from medmoe.router.answerer import RoutedAnswerer
+
+        folder = output or Path("runs") / f"eval-routed-{router.resolve().parent.name}-{router.name}"
+        with console.status(f"loading the gate {router} and its experts..."):
+            lm = RoutedAnswerer.load(router)
+        settings = {"router": str(router.resolve()), "tau": lm.checkpoint.tau,
+                    "experts": {name: e.source for name, e in lm.experts.items()}}
+    else:
+        model = model or DEFAULT_MODEL
+        folder = output or Path("runs") / f"eval-{Path(model).name}-{rule}-{shots}shot"
+        with console.status(f"loading {model}..."):
+            lm = load_eval_model(model, adapter)
+        settings = {"adapter": adapter}
+    result = evaluate(lm, names, folder, rule, shots, limit, batch_size, max_new_tokens, shots_from, settings=settings)
     console.print((folder / "report.md").read_text(encoding="utf-8"))
     console.print(f"results: {folder} (summary.json, report.md, results.png, <benchmark>/predictions.jsonl)")
     del result
+
+
+def check_router_options(model: str | None, adapter: str | None, rule: str, shots: int) -> None:
+    """--router names the whole system: no --model/--adapter, and the experts' pipeline scoring only."""
+    from medmoe.router.answerer import RULE
+
+    if model is not None or adapter is not None:
+        raise typer.BadParameter("--router evaluates the routed system, whose gate folder names both experts; "
+                                 "give either --router or --model/--adapter, not both", param_hint="--router")
+    if rule != RULE or shots:
+        raise typer.BadParameter(f"the routed system is scored as its experts were when the gate was trained: "
+                                 f"--rule {RULE}, --shots 0 (got --rule {rule}, --shots {shots})", param_hint="--router")
 
 
 def export_lm_eval_task(

@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable
 
+from medmoe.errors import MedmoeError
 from medmoe.eval.benchmarks import load_benchmark
 from medmoe.eval.model import EvalModel
 from medmoe.eval.report import markdown_table, plot, summarize_rows
@@ -44,14 +45,17 @@ def evaluate(
     bertscorer: Callable[[str], Any] = load_bertscorer,
 ) -> dict[str, Any]:
     """Run every benchmark (resuming what `output` already holds); write and return the summary."""
+    benches = {name: load_benchmark(name, limit, shots_from) for name in benchmarks}
+    open_ended = [name for name, bench in benches.items() if bench.task == "open"]
+    if open_ended and not hasattr(model, "generate"):
+        raise MedmoeError(f"{model.name} answers option questions only; open-ended benchmarks: {', '.join(open_ended)}")
     output.mkdir(parents=True, exist_ok=True)
     run = {"model": model.name, "rule": rule, "shots": shots, "limit": limit, "max_new_tokens": max_new_tokens,
            "shots_from": shots_from, **(settings or {})}
     claim_folder(output)
     check_settings(output, run)
     summaries: dict[str, dict[str, Any]] = {}
-    for name in benchmarks:
-        bench = load_benchmark(name, limit, shots_from)
+    for name, bench in benches.items():
         rows = run_benchmark(model, bench, output / folder_name(name) / "predictions.jsonl", rule, shots,
                              batch_size, max_new_tokens, bertscorer)
         summary = summarize_rows(rows)

@@ -8,9 +8,10 @@ Every system medmoe evaluates implements the same three things, so `medmoe eval`
 and may report per call what the router did (`last_route()`: expert, gate probability, expert load),
 which the harness writes into each example's JSONL row. Plain models report nothing.
 
-Plugging in: LoRA adapters (PEFT folders) load with `--adapter PATH`; LoRA-MoE adapters and the
-routed MambaFormer system implement this protocol in their own packages (not landed yet: asking for
-them is a clear error, see `load_eval_model`).
+Plugging in: LoRA, LoRA-MoE and full fine-tunes load with `--adapter PATH`. The routed MambaFormer
+system (`medmoe.router.answerer.RoutedAnswerer`, `--router DIR`) picks its expert from each question's
+record, which a prompt string does not carry: it provides `score_records(records, ...)` instead of the
+scoring calls, and `medmoe.eval.rules.apply_rule` asks it through that (option questions only).
 """
 
 from __future__ import annotations
@@ -91,8 +92,8 @@ class HFEvalModel:
 def load_eval_model(name: str, adapter: str | None = None) -> EvalModel:
     """A bundled name, hub id or local folder (optionally with a `medmoe finetune` adapter) as an EvalModel."""
     if name.startswith("routed:"):
-        raise ModelError("the routed MambaFormer system is evaluated by `medmoe run` (it needs the gate's "
-                         "per-query features, which this harness does not pass yet)")
+        raise ModelError(f"'{name}': evaluate the routed MambaFormer system with `medmoe eval --router DIR` "
+                         "(DIR: the gate folder written by `medmoe run`)")
     from medmoe.train.adapters import load_tuned
 
     if adapter and not Path(adapter).exists():

@@ -4,7 +4,8 @@ Option questions: accuracy (exact match of the letter set) with a 95% bootstrap 
 benchmarks (CMMLU subjects) add per-group accuracy, micro (= overall accuracy) and macro (mean of
 group accuracies, stratified bootstrap); PubMedQA adds macro-F1; generated answers add how often the
 extractor found no answer. Open questions: mean ROUGE-L and BERTScore-F1 with bootstrap intervals.
-Latency p50/p95 and mean prompt tokens for all.
+Latency p50/p95 and mean prompt tokens for all. A routed system's rows (`route` with an expert) add the
+share sent to the Mamba expert, the gate's latency p50/p95 (included in latency_ms) and per-expert accuracy.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ def summarize_rows(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "latency_p95_ms": percentile(latency, 95),
         "prompt_tokens_mean": sum(r["prompt_tokens"] for r in rows) / len(rows),
     }
+    if all((r.get("route") or {}).get("expert") for r in rows):
+        out.update(routing_summary(rows))
     if "rouge_l" in rows[0]:
         for key in ("rouge_l", "bertscore_f1"):
             values = [r[key] for r in rows]
@@ -54,6 +57,21 @@ def summarize_rows(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def routing_summary(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """For a routed system's rows (each with `route`: expert, gate_ms): the share sent to E_M, the gate's
+    own latency p50/p95 (already inside each row's latency_ms) and accuracy per expert."""
+    experts = [r["route"]["expert"] for r in rows]
+    gate = [r["route"].get("gate_ms", 0.0) for r in rows]
+    per_expert: dict[str, dict[str, Any]] = {}
+    for name in sorted(set(experts)):
+        mine = [r for r, e in zip(rows, experts) if e == name]
+        per_expert[name] = {"examples": len(mine)}
+        if "correct" in mine[0]:
+            per_expert[name]["accuracy"] = sum(float(r["correct"]) for r in mine) / len(mine)
+    return {"share_mamba": experts.count("mamba") / len(rows), "gate_latency_p50_ms": percentile(gate, 50),
+            "gate_latency_p95_ms": percentile(gate, 95), "per_expert": per_expert}
+
+
 def headline(summary: dict[str, Any]) -> tuple[str, float, tuple[float, float]]:
     """(metric name, value, interval) that stands for a benchmark in tables and plots."""
     if "accuracy" in summary:
@@ -76,6 +94,8 @@ def secondary_metrics(s: dict[str, Any]) -> list[str]:
         extras.append(f"BERTScore-F1 {_fmt(s['bertscore_f1'], s['bertscore_f1_ci'])} ({s['bertscore_encoder']})")
     if "no_answer_rate" in s:
         extras.append(f"no answer {s['no_answer_rate']:.1%}")
+    if "share_mamba" in s:
+        extras.append(f"to Mamba {s['share_mamba']:.0%} (gate p50 {s['gate_latency_p50_ms']:.1f} ms)")
     if "most_frequent_prediction" in s:
         extras.append(f"predicts {s['most_frequent_prediction']['letter']} {s['most_frequent_prediction']['share']:.0%}")
     return extras

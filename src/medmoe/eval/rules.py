@@ -76,9 +76,13 @@ def apply_rule(
     """Apply `rule` to a batch of option questions; shots[i] are record i's few-shot examples.
 
     Likelihood rules over single-token continuations run as one batched forward; latency_ms is then
-    the batch's wall time divided by its size (amortized per example).
+    the batch's wall time divided by its size (amortized per example). A system that decides per
+    question, from the record itself, which model answers (the routed MambaFormer) provides
+    `score_records(records, rule, shots, multi, max_new_tokens)` and is asked through it instead.
     """
     check_rule(rule)
+    if hasattr(model, "score_records"):
+        return model.score_records(records, rule, shots, multi, max_new_tokens)
     kind = CONTINUATIONS[rule]
     prompts = [build_prompt(r, model.tokenizer, s, kind, multi) for r, s in zip(records, shots)]
     start = time.perf_counter()

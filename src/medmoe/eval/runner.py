@@ -52,6 +52,23 @@ def read_done(path: Path) -> dict[str, dict[str, Any]]:
     return done
 
 
+def end_cleanly(path: Path) -> None:
+    """Make a predictions file end with a newline before rows are appended to it: a torn last line from
+    a crash is cut off (read_done ignores it), a complete one missing its newline gets it."""
+    data = path.read_bytes() if path.exists() else b""
+    if not data or data.endswith(b"\n"):
+        return
+    start = data.rfind(b"\n") + 1
+    try:
+        json.loads(data[start:])
+    except ValueError:
+        with path.open("r+b") as handle:
+            handle.truncate(start)
+        return
+    with path.open("ab") as handle:
+        handle.write(b"\n")
+
+
 _CLAIMS: dict[Path, Any] = {}  # folder -> open lock file, held until the process exits
 
 
@@ -146,6 +163,7 @@ def run_benchmark(
         model.reset()  # start cold: identical runs give identical scores, bit for bit
     output.parent.mkdir(parents=True, exist_ok=True)
     done = read_done(output)
+    end_cleanly(output)
     todo = [r for r in bench.records if r.id not in done]
     scorers: dict[str, BertScorer] = {}
     step = batch_size if rule != "generate" and bench.task != "open" else 1  # open questions: one at a time

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
@@ -56,14 +57,24 @@ class RouterCheckpoint:
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
             raise ModelError(f"router checkpoint {directory}: missing {', '.join(missing)}")
-        meta = json.loads(files[0].read_text(encoding="utf-8"))
+        try:
+            return cls._from_files(*files)
+        except ModelError:
+            raise
+        except (ValueError, KeyError, TypeError, AttributeError, RuntimeError, SafetensorError) as exc:  # JSONDecodeError is a ValueError
+            raise ModelError(f"router checkpoint {directory}: unreadable or corrupt ({type(exc).__name__}: {exc}); "
+                             "write it again with `medmoe run` or `medmoe train router`") from None
+
+    @classmethod
+    def _from_files(cls, meta_file: Path, gate_file: Path, features_file: Path) -> "RouterCheckpoint":
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
         if meta.get("format_version") != FORMAT_VERSION:
-            raise ModelError(f"router checkpoint {directory}: format version {meta.get('format_version')}, "
+            raise ModelError(f"router checkpoint {meta_file.parent}: format version {meta.get('format_version')}, "
                              f"this medmoe reads {FORMAT_VERSION}")
         gate = TokenGate(GateConfig.from_dict(meta["gate_config"]))
-        gate.load_state_dict(load_tensors(files[1].read_bytes()))
+        gate.load_state_dict(load_tensors(gate_file.read_bytes()))
         gate.eval()
-        featurizer = GateFeaturizer.from_tensors(load_tensors(files[2].read_bytes()),
+        featurizer = GateFeaturizer.from_tensors(load_tensors(features_file.read_bytes()),
                                                  FeatureConfig.from_dict(meta["feature_config"]))
         models = {name: LatencyModel.from_dict(d) for name, d in meta.get("latency_models", {}).items()}
         known = {"format_version", "tau", "latency_models", "lexicon_path", "feature_config", "gate_config"}
