@@ -22,8 +22,10 @@ returns False and the chunked PyTorch scan is used. Set MEDMOE_MAMBA_CPU_KERNEL=
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
+import sys
 
 import torch
 
@@ -187,7 +189,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 }
 """
 
-_NAME = "medmoe_selective_scan_v2"
+# One build folder per Python environment: torch's build command names the environment's include
+# paths, so two virtualenvs sharing ~/.cache/torch_extensions would otherwise rebuild on every switch.
+_NAME = "medmoe_selective_scan_v2_" + hashlib.sha256(sys.prefix.encode()).hexdigest()[:8]
 
 
 @functools.lru_cache(maxsize=1)
