@@ -55,7 +55,8 @@ def main() -> None:
     print(f"first run: {first:.0f} s", flush=True)
     later, later_out = timed_run(home, out, args.extra)
     print(f"later run: {later:.0f} s", flush=True)
-    body = (f"`{' '.join(["medmoe run", *args.extra])}` (the README's main job without setup.sh), 2 cores, default threads.\n\n"
+    command = " ".join(["medmoe run", *args.extra])
+    body = (f"`{command}` (the README's main job without setup.sh), 2 cores, default threads.\n\n"
             "| run | wall time | what it does |\n| --- | ---: | --- |\n"
             f"| first | {first / 60:.1f} min ({first:.0f} s) | empty MEDMOE_HOME: converts the bundled models, distils "
             "the default Mamba expert, both experts and the big baseline score every question, gate trained and calibrated |\n"
