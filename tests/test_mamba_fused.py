@@ -172,3 +172,17 @@ def test_attention_mamba_fused_matches_reference(monkeypatch):
     assert len(calls) == 2, "the fused path was not taken (or taken when switched off)"
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, **TOL)
+
+
+def test_scan_kernel_exp_over_its_range():
+    """The kernel's inlined exp (cpu_kernel.py, fast_exp) against torch.exp: one step from h0 = 1 with
+    u = 0 leaves h = exp(delta A). delta A spans [-120, 3]: underflow (clamped at -87), the decays a
+    trained model sees, and positive exponents (a `scan` caller may pass delta < 0)."""
+    exponents = torch.cat([torch.linspace(-120, -80, 41), torch.linspace(-80, 3, 830)])  # (d,), d = 871
+    d = exponents.numel()
+    delta, A = -exponents.view(1, 1, d), -torch.ones(d, 1)  # delta A = exponents
+    u, ones = torch.zeros(1, 1, d), torch.ones(1, 1, 1, 1)
+    y, h = cpu_kernel.scan(u, delta, A, ones, ones, h0=torch.ones(1, d, 1))
+    want = torch.exp(exponents)
+    torch.testing.assert_close(h[0, :, 0], want, rtol=2e-6, atol=1e-37)
+    torch.testing.assert_close(y[0, 0], want, rtol=2e-6, atol=1e-37)
