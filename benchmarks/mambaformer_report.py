@@ -33,6 +33,44 @@ def provenance(args) -> str:
     return "".join(lines) + ("\n" if lines else "")
 
 
+def targets(report: dict) -> str:
+    """The issue's targets, read off the Pareto sweep: the fastest Pareto-optimal gate setting within 1
+    point of E_T (target: 3x E_T's p50), the best speedup over the big baseline at its accuracy or
+    better, and whether some setting beats both single experts."""
+    base = {p["name"]: p for p in report["baselines"]}
+    e_t, e_m = base["transformer-only"], base["mamba-only"]
+    front = [p for p in report["gate_points"] if p["pareto"]]
+    lines = ["## Targets", ""]
+    near = [p for p in front if p["accuracy"] >= e_t["accuracy"] - 0.01]
+    if near:
+        best = min(near, key=lambda p: p["latency_ms"])
+        speed = e_t["latency_ms"] / best["latency_ms"]
+        lines.append(f"- Fastest Pareto-optimal gate setting within 1 point of E_T ({e_t['accuracy']:.3f}): {best['name']}, "
+                     f"accuracy {best['accuracy']:.3f}, p50 {best['latency_ms']:.0f} ms = **{speed:.2f}x** E_T's "
+                     f"{e_t['latency_ms']:.0f} ms (target 3x: {'met' if speed >= 3 else 'NOT met'}).")
+    else:
+        lines.append(f"- No Pareto-optimal gate setting is within 1 point of E_T ({e_t['accuracy']:.3f}): target 3x NOT met.")
+    calibrated = next((r for r in report["summary"] if r["router"] == "mambaformer (calibrated)"), None)
+    if calibrated:
+        lines.append(f"- The deployed gate (tau {report['tau']:.4f} chosen on dev, not on test): accuracy {calibrated['accuracy']:.3f}, "
+                     f"p50 {calibrated['p50_ms']:.0f} ms = {e_t['latency_ms'] / calibrated['p50_ms']:.2f}x E_T.")
+    big = report.get("big")
+    if big:
+        equal = [p for p in front if p["accuracy"] >= big["accuracy"]]
+        if equal:
+            best = min(equal, key=lambda p: p["latency_ms"])
+            lines.append(f"- Best speedup over {big['name']} ({big['accuracy']:.3f}, p50 {big['latency_ms']:.0f} ms) at its "
+                         f"accuracy or better: {big['latency_ms'] / best['latency_ms']:.2f}x ({best['name']}, {best['accuracy']:.3f}).")
+        else:
+            lines.append(f"- No gate setting reaches {big['name']}'s accuracy ({big['accuracy']:.3f}).")
+    top = max(report["gate_points"], key=lambda p: p["accuracy"], default=None)
+    if top:
+        above = top["accuracy"] > max(e_t["accuracy"], e_m["accuracy"])
+        lines.append(f"- Most accurate gate setting: {top['name']}, {top['accuracy']:.3f}, against E_T {e_t['accuracy']:.3f} "
+                     f"and E_M {e_m['accuracy']:.3f}: {'above both' if above else 'not above both'} single experts.")
+    return "\n".join(lines) + "\n\n"
+
+
 def main() -> None:
     import torch
 
@@ -49,6 +87,7 @@ def main() -> None:
     parser.add_argument("--test-limit", type=int, default=200)
     parser.add_argument("--out", default="runs/mambaformer")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--name", default="", help="report name [default: mambaformer_<dataset>]")
     parser.add_argument("--describe", default="", help="how the experts were made (the commands), printed in the report")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -56,6 +95,7 @@ def main() -> None:
                          train_limit=args.train_limit or None, dev_limit=args.dev_limit or None,
                          test_limit=args.test_limit or None, out=args.out)
     report = run_pipeline(cfg)
+    name = args.name or f"mambaformer_{args.dataset}"
     distill = json.loads((Path(args.mamba) / "latest.json").read_text()) if (Path(args.mamba) / "latest.json").exists() else {}
     made = f"distillation step {distill['step']}" if distill else "see below"
     rows = ["| router | accuracy | macro-F1 | p50 ms | p95 ms | share to E_M | speedup vs big (p50) |",
@@ -74,12 +114,13 @@ def main() -> None:
         f"Calibrated tau = {report['tau']:.4f} (beta {report['beta']:g}); gate cost {report['gate_ms']:.2f} ms per query.\n\n"
         + (f"How the experts were made: {args.describe}\n\n" if args.describe else "")
         + provenance(args)
+        + targets(report)
         + "\n".join(rows)
         + "\n\n## Pareto sweep (tau x beta) and baselines\n\n" + markdown_table(report)
-        + f"\n![accuracy vs latency](mambaformer_{args.dataset}.png)\n"
+        + f"\n![accuracy vs latency]({name}.png)\n"
     )
-    write_report(f"mambaformer_{args.dataset}", f"MambaFormer on {args.dataset}", body, {"report": report})
-    shutil.copyfile(Path(args.out) / args.dataset / "pareto.png", REPORTS / f"mambaformer_{args.dataset}.png")
+    write_report(name, f"MambaFormer on {args.dataset}", body, {"report": report})
+    shutil.copyfile(Path(args.out) / args.dataset / "pareto.png", REPORTS / f"{name}.png")
     print(body)
 
 
