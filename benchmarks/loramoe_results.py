@@ -49,11 +49,11 @@ def matched_lora_rank(base, moe_params: int) -> int:
     return max(1, round(moe_params / width))
 
 
-def mixed_examples(specs: list[str], tokenizer, limit: int, seed: int = 0) -> list:
+def mixed_examples(specs: list[str], tokenizer, limit: int, seed: int = 0, with_explanation: bool = False) -> list:
     """The first `limit` training examples of each set, shuffled together with a fixed seed."""
     from medmoe.train.data import load_examples
 
-    examples = [e for spec in specs for e in load_examples(spec, tokenizer)[:limit]]
+    examples = [e for spec in specs for e in load_examples(spec, tokenizer, with_explanation=with_explanation)[:limit]]
     random.Random(seed).shuffle(examples)
     return examples
 
@@ -87,7 +87,8 @@ def headline(s: dict) -> float:
 def report_lines(args, results: dict, meta: dict) -> list[str]:
     sets = [e.partition(":")[0] for e in args.eval]
     lines = [f"Base `{args.base}`. Each trained variant: the first {args.train_limit} training examples of each of "
-             f"`{args.train_data}` (train splits, shuffled together), {args.steps} steps of batch {args.batch_size} x "
+             f"`{args.train_data}` (train splits, shuffled together"
+             f"{'; completions: the answer, then the explanation' if args.with_explanations else ''}), {args.steps} steps of batch {args.batch_size} x "
              f"accumulation {args.grad_accum}, lr {args.lr}, max length {args.max_length}, seed 0. Test sets: the fixed "
              f"sha256 subsamples of `medmoe eval --limit` ({', '.join(args.eval)}; 0 = all). Zero-shot, letter rule "
              "(CMB-Clin: generated, ROUGE-L and BERTScore). 95% bootstrap intervals; (n evaluated / test split size).\n",
@@ -140,6 +141,8 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--max-length", type=int, default=320)
     p.add_argument("--train-limit", type=int, default=200, help="training examples per --train-data set")
+    p.add_argument("--with-explanations", action="store_true",
+                   help="completions go on with each record's explanation (as `medmoe finetune --with-explanations`)")
     p.add_argument("--variants", default=",".join(["base", *VARIANTS]))
     p.add_argument("--routing-data", default="pubmedqa,dental", help="test sets whose texts the routing plot groups")
     p.add_argument("--routing-groups", default="dataset", help="'dataset' or a metadata field (CMMLU: subject)")
@@ -161,7 +164,7 @@ def main() -> None:
         meta[variant] = {"train_examples": 0, "steps": 0, "trainable_params": 0}
         if variant != "base":
             start = time.time()
-            examples = mixed_examples(args.train_data.split(","), tokenizer, args.train_limit)
+            examples = mixed_examples(args.train_data.split(","), tokenizer, args.train_limit, with_explanation=args.with_explanations)
             method = "lora" if variant == "lora" else "loramoe"
             cfg = FinetuneConfig(method=method, output=str(work / variant), steps=args.steps, batch_size=args.batch_size,
                                  grad_accum=args.grad_accum, lr=args.lr, max_length=args.max_length, eval_examples=0,

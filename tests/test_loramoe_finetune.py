@@ -100,6 +100,36 @@ def test_bundled_dataset_records_become_eval_prompt_plus_gold_continuation():
     assert examples[0].completion == f" {records[0].answer}"
 
 
+def test_with_explanation_appends_the_records_explanation():
+    from medmoe.data import load_dataset
+    from medmoe.train.data import load_examples
+
+    tokenizer = CharTokenizer()
+    records = load_dataset("dental", split="train")
+    plain = load_examples("dental", tokenizer)
+    explained = load_examples("dental", tokenizer, with_explanation=True)
+    i = next(k for k, r in enumerate(records) if r.explanation)
+    assert explained[i].prompt == plain[i].prompt
+    assert explained[i].completion == f" {records[i].answer}\n{records[i].explanation.strip()}"
+    j = next((k for k, r in enumerate(records) if not r.explanation), None)
+    if j is not None:  # a record without one keeps the plain completion
+        assert explained[j].completion == plain[j].completion
+
+
+def test_long_completion_keeps_half_the_window_for_the_prompt():
+    from medmoe.train.data import Example, tokenize_examples
+
+    tokenizer = CharTokenizer()
+    long_prompt, long_completion = "p" * 50, "c" * 100
+    (both_long,) = tokenize_examples([Example(long_prompt, long_completion)], tokenizer, max_length=40)
+    assert len(both_long["input_ids"]) == 40
+    assert both_long["labels"].count(-100) == 20  # the prompt's last 20 tokens, then 20 of the completion
+    (short_prompt,) = tokenize_examples([Example("pp", long_completion)], tokenizer, max_length=40)
+    assert short_prompt["labels"][:2] == [-100, -100] and len(short_prompt["input_ids"]) == 40
+    (fits,) = tokenize_examples([Example("pp", "cc")], tokenizer, max_length=40)
+    assert fits["labels"] == [-100, -100, *tokenizer("cc")["input_ids"], tokenizer.eos_token_id]
+
+
 def test_prompt_completion_jsonl_and_bad_line(tmp_path):
     from medmoe.errors import DataError
     from medmoe.train.data import load_examples

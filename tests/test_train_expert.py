@@ -42,7 +42,7 @@ def test_train_expert_fine_tunes_a_hybrid_and_saves_it_as_one(tmp_path, hybrid_f
     tuned = load_expert("mamba", str(out / "model"))
     assert type(tuned.model.model.layers[0].self_attn).__name__ == "AttentionMamba"
     assert tuned.trained_on == {"method": "full", "data": "pubmedqa", "skip_first": 380, "limit": 0, "top_layers": 1,
-                                 "freeze_mixers": True}
+                                 "freeze_mixers": True, "with_explanation": False}
     frozen, trained = before.model.layers[0], tuned.model.model.layers[0]   # below the top layer: unchanged
     assert torch.equal(frozen.mlp.up_proj.weight, trained.mlp.up_proj.weight)
     assert not torch.equal(before.model.layers[-1].mlp.up_proj.weight, tuned.model.model.layers[-1].mlp.up_proj.weight)

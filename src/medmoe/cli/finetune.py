@@ -31,6 +31,7 @@ def finetune_command(
     max_length: int = typer.Option(256, help="Tokens per example (the prompt is truncated on the left)."),
     limit: int = typer.Option(0, help="Use only the first N training examples (0 = all); say so when reporting."),
     skip_first: int = typer.Option(0, help="Leave out the first N training examples (e.g. kept for the MambaFormer gate)."),
+    with_explanations: bool = typer.Option(False, "--with-explanations", help="Multiple-choice completions go on with the record's explanation (CMExam, MedMCQA), so the model keeps writing text, not only letters."),
     eval_every: int = typer.Option(50, help="Evaluate held-out loss every N steps."),
     eval_examples: int = typer.Option(64, help="Training examples held out for periodic evaluation."),
     save_every: int = typer.Option(50, help="Write a checkpoint every N steps."),
@@ -68,7 +69,7 @@ def finetune_command(
     cfg = FinetuneConfig(
         method=method, output=str(output), steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
         warmup_steps=warmup_steps, max_length=max_length, seed=seed, eval_every=eval_every, eval_examples=eval_examples,
-        save_every=save_every, resume=resume, data=data, skip_first=skip_first, limit=limit, lora_rank=lora_rank, lora_dropout=dropout, target_modules=targets,
+        save_every=save_every, resume=resume, data=data, skip_first=skip_first, limit=limit, with_explanation=with_explanations, lora_rank=lora_rank, lora_dropout=dropout, target_modules=targets,
         loramoe=dict(num_experts=experts, top_k=top_k, rank=rank, alpha=alpha, dropout=dropout, router_kind=router, router_dim=router_dim,
                      contrastive_kind=contrastive if router == "prototype" or contrastive != "prototype" else "none",
                      contrastive_weight=contrastive_weight, balance_weight=balance_weight, z_loss_weight=z_weight,
@@ -76,7 +77,7 @@ def finetune_command(
     )
     rank_id, world = init_from_env()
     model, tokenizer = load_base(base)
-    examples = select_examples(load_examples(data, tokenizer), skip_first, limit)
+    examples = select_examples(load_examples(data, tokenizer, with_explanation=with_explanations), skip_first, limit)
     if rank_id == 0:
         typer.echo(f"{method} fine-tuning of {base} on {len(examples)} examples from {data}; {world} process(es)")
     result = finetune(cfg, model, tokenizer, train_examples=examples, rank=rank_id, world=world)

@@ -40,9 +40,11 @@ def format_record(question: str, answer: str, options=None, context: str | None 
     return Example("\n".join(parts), f" {answer.strip()}")
 
 
-def example_from_record(record, tokenizer) -> Example:
+def example_from_record(record, tokenizer, with_explanation: bool = False) -> Example:
     """The evaluation prompt (medmoe.eval.prompts) followed by the gold continuation, so training
-    teaches exactly what option scoring measures; open-ended records complete with the reference."""
+    teaches exactly what option scoring measures; open-ended records complete with the reference.
+    with_explanation: multiple-choice completions go on with a new line and the record's explanation
+    (when it has one), so the model also keeps writing text, not only option letters."""
     from medmoe.eval.prompts import build_prompt
 
     if not record.options:
@@ -50,8 +52,12 @@ def example_from_record(record, tokenizer) -> Example:
     prompt = build_prompt(record, tokenizer)
     if record.is_multi_answer:  # scored letter by letter; train on all gold letters
         first = prompt.continuations[record.gold_indices[0]]
-        return Example(prompt.context, first[: len(first) - 1] + record.answer)
-    return Example(prompt.context, prompt.continuations[record.gold_indices[0]])
+        completion = first[: len(first) - 1] + record.answer
+    else:
+        completion = prompt.continuations[record.gold_indices[0]]
+    if with_explanation and record.explanation:
+        completion += "\n" + record.explanation.strip()
+    return Example(prompt.context, completion)
 
 
 def _example_from_json(obj: dict, path: Path, line: int) -> Example | None:
@@ -62,9 +68,10 @@ def _example_from_json(obj: dict, path: Path, line: int) -> Example | None:
     return None
 
 
-def load_examples(spec: str, tokenizer=None, split: str = "train") -> list[Example]:
+def load_examples(spec: str, tokenizer=None, split: str = "train", with_explanation: bool = False) -> list[Example]:
     """Examples from a bundled dataset name (its train split), a prompt/completion or text JSONL file,
-    or any record file medmoe.data reads (JSONL/JSON/CSV with question and answer fields)."""
+    or any record file medmoe.data reads (JSONL/JSON/CSV with question and answer fields).
+    with_explanation: see example_from_record (records only, with a tokenizer)."""
     path = Path(spec)
     if path.is_file() and path.suffix == ".jsonl":
         examples = []
@@ -91,7 +98,7 @@ def load_examples(spec: str, tokenizer=None, split: str = "train") -> list[Examp
         raise DataError.single(spec, f"no records in split '{split}'")
     if tokenizer is None:
         return [format_record(r.question, r.answer, r.options, r.context) for r in records]
-    return [example_from_record(r, tokenizer) for r in records]
+    return [example_from_record(r, tokenizer, with_explanation) for r in records]
 
 
 def select_examples(examples: list[Example], skip_first: int = 0, limit: int = 0) -> list[Example]:
@@ -104,13 +111,15 @@ def select_examples(examples: list[Example], skip_first: int = 0, limit: int = 0
 
 
 def tokenize_examples(examples: list[Example], tokenizer, max_length: int) -> list[dict]:
-    """input_ids and labels per example (prompt labels -100, EOS appended, prompt truncated on the left)."""
+    """input_ids and labels per example (prompt labels -100, EOS appended, prompt truncated on the left).
+    A completion longer than the window is cut on the right so that the prompt keeps at least half
+    of the window (or all of itself, when shorter): a completion with no prompt teaches nothing."""
     features = []
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     for ex in examples:
         prompt = tokenizer(ex.prompt, add_special_tokens=False)["input_ids"] if ex.prompt else []
         completion = tokenizer(ex.completion, add_special_tokens=False)["input_ids"] + eos
-        completion = completion[:max_length]
+        completion = completion[: max_length - min(len(prompt), max_length // 2)]
         prompt = prompt[max(0, len(prompt) - (max_length - len(completion))):]
         features.append({"input_ids": prompt + completion, "labels": [-100] * len(prompt) + completion})
     return features

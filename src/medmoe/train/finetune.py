@@ -60,6 +60,7 @@ class FinetuneConfig:
     data: str = ""  # provenance, written next to the result (TRAINING_FILE): which data ...
     skip_first: int = 0  # ... which of its training examples were left out (the first N) ...
     limit: int = 0  # ... and how many were used after those (0 = all)
+    with_explanation: bool = False  # ... and whether completions went on with the records' explanations
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -175,7 +176,7 @@ def save_final(model: nn.Module, tokenizer, cfg: FinetuneConfig) -> Path:
     if hasattr(tokenizer, "save_pretrained"):
         tokenizer.save_pretrained(out)
     provenance = {"method": cfg.method, "data": cfg.data, "skip_first": cfg.skip_first, "limit": cfg.limit,
-                  "top_layers": cfg.top_layers, "freeze_mixers": cfg.freeze_mixers}
+                  "top_layers": cfg.top_layers, "freeze_mixers": cfg.freeze_mixers, "with_explanation": cfg.with_explanation}
     (out / TRAINING_FILE).write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
     (Path(cfg.output) / "finetune_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n", encoding="utf-8")
     return out
@@ -206,7 +207,7 @@ def finetune(
     if train_examples is None:
         if data is None:
             raise MedmoeError("give --data (a bundled dataset name or a JSONL file)")
-        train_examples = load_examples(data, tokenizer)
+        train_examples = load_examples(data, tokenizer, with_explanation=cfg.with_explanation)
     train_examples, eval_examples = split_examples(train_examples, cfg.eval_examples, cfg.seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train_features = tokenize_examples(train_examples, tokenizer, cfg.max_length)
