@@ -1,12 +1,15 @@
 """LoRA-MoE speed on SmolLM2-135M: training step and inference forward, ratios in one run.
 
-Compared, alternately (A B C A B C ...) after a warm-up, median of --repeats:
+Compared, alternately (A B C A B C ...) after a warm-up, median of --repeats (--layer-repeats for part 1):
   1. layer level: one LoRA-MoE layer per compute kind (dense / gather / per-expert loop) and the
      frozen base linear, fwd + bwd;
   2. training step (forward, backward, AdamW): PEFT LoRA (rank 16, all linear) vs LoRA-MoE
      (8 experts, top-2, rank 8, full losses + queue) vs the same LoRA-MoE with a per-expert Python loop;
   3. inference forward (no grad): base model vs LoRA-MoE.
 Targets (issue): MoE step <= 1.25x PEFT LoRA; >= 2x faster than the loop; inference <= 1.3x base.
+The loop ratio is reported for one layer (the issue's "of the same layer"; the lower of the two
+shapes counts) and for the whole training step; the layer table also gives the adapter alone (layer
+minus the frozen base linear, which both run identically).
 
     PYTHONPATH=src python benchmarks/loramoe_speed.py      # the issue's settings: 4 x 256 tokens, 2 threads, 5 repeats
     PYTHONPATH=src python benchmarks/loramoe_speed.py --layer-only   # part 1 only: print the layer table (~20 s)
@@ -36,7 +39,8 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 def layer_kernels(tokens: int, repeats: int) -> tuple[dict, dict]:
     """Forward + backward of one LoRA-MoE layer per compute kind (router included), next to the
     frozen base linear alone, at SmolLM2's input widths. Returns the median seconds per shape and
-    kind, and per shape the loop / dense ratio (ratio of medians, median of per-round ratios)."""
+    kind, and per shape the loop / dense ratios: of the whole layer, and of the adapter alone (each
+    round's layer time minus that round's base-linear time: the part the two implementations differ in)."""
     results, loop_over_dense = {}, {}
     for d_in, d_out in [(576, 576), (1536, 576)]:
         torch.manual_seed(0)
@@ -56,19 +60,23 @@ def layer_kernels(tokens: int, repeats: int) -> tuple[dict, dict]:
             return fn
 
         times = alternate({k: run(layer) for k, layer in layers.items()}, repeats)
-        results[f"{d_in}x{d_out}"] = {k: statistics.median(v) for k, v in times.items()}
-        loop_over_dense[f"{d_in}x{d_out}"] = ratio_summary(times, "loop", "dense")
+        shape = f"{d_in}x{d_out}"
+        results[shape] = {k: statistics.median(v) for k, v in times.items()}
+        adapter = {k: [t - b for t, b in zip(times[k], times["base"])] for k in ("dense", "loop")}
+        loop_over_dense[shape] = {**ratio_summary(times, "loop", "dense"),
+                                  "adapter_median_round_ratio": statistics.median(a / b for a, b in zip(adapter["loop"], adapter["dense"]))}
     return results, loop_over_dense
 
 
 def kernel_table(kernels: dict, loop_over_dense: dict) -> list[str]:
     """The per-layer table (markdown lines)."""
-    lines = ["| d_in x d_out | base linear | dense | gather | loop | loop / dense (median of rounds) |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| d_in x d_out | base linear | dense (ours) | gather | loop | loop / dense, layer: of medians (of rounds) "
+             "| loop / dense, adapter only (layer - base linear) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for shape, r in kernels.items():
         ratio = loop_over_dense[shape]
         lines.append(f"| {shape} | {r['base']:.4f} | {r['dense']:.4f} | {r['gather']:.4f} | {r['loop']:.4f} "
-                     f"| {ratio['ratio_of_medians']:.2f} ({ratio['median_round_ratio']:.2f}) |")
+                     f"| {ratio['ratio_of_medians']:.2f} ({ratio['median_round_ratio']:.2f}) | {ratio['adapter_median_round_ratio']:.2f} |")
     return lines
 
 
@@ -112,6 +120,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--layer-repeats", type=int, default=21, help="repeats of the one-layer timings (tens of ms each)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--layer-only", action="store_true", help="time one layer per compute kind, print the table, write no report")
     args = parser.parse_args()
@@ -119,13 +128,13 @@ def main() -> None:
     started = time.perf_counter()
     tokens = args.batch * args.seq
     if args.layer_only:
-        print("\n".join(kernel_table(*layer_kernels(tokens, args.repeats))))
+        print("\n".join(kernel_table(*layer_kernels(tokens, args.layer_repeats))))
         return
 
     from medmoe.train.base_models import load_base
 
     print(f"layer kernels at {tokens} tokens ...", flush=True)
-    kernels, loop_over_dense = layer_kernels(tokens, args.repeats)
+    kernels, loop_over_dense = layer_kernels(tokens, args.layer_repeats)
     print(kernels, flush=True)
 
     base, _ = load_base(args.base)
@@ -150,16 +159,15 @@ def main() -> None:
     vs_lora = ratio_summary(train_times, "loramoe_e8k2r8", "peft_lora_r16")
     vs_loop = ratio_summary(train_times, "loramoe_python_loop", "loramoe_e8k2r8")
     vs_base = ratio_summary(fwd_times, "loramoe_e8k2r8", "base")
-    checks = {
-        "train_step_vs_peft_lora (target <= 1.25)": vs_lora["ratio_of_medians"],
-        "python_loop_over_ours (target >= 2.0)": vs_loop["ratio_of_medians"],
-        "inference_vs_base (target <= 1.3)": vs_base["ratio_of_medians"],
+    layer_loop = min(r["median_round_ratio"] for r in loop_over_dense.values())
+    checks = {  # name -> (measured, target, met)
+        "train_step_vs_peft_lora (target <= 1.25)": (vs_lora["ratio_of_medians"], vs_lora["ratio_of_medians"] <= 1.25),
+        "python_loop_over_ours, one layer fwd+bwd, lower of the two shapes (target >= 2.0)": (layer_loop, layer_loop >= 2.0),
+        "python_loop_over_ours, whole training step (target >= 2.0)": (vs_loop["ratio_of_medians"], vs_loop["ratio_of_medians"] >= 2.0),
+        "inference_vs_base (target <= 1.3)": (vs_base["ratio_of_medians"], vs_base["ratio_of_medians"] <= 1.3),
     }
-    met = {
-        "train_step_vs_peft_lora (target <= 1.25)": checks["train_step_vs_peft_lora (target <= 1.25)"] <= 1.25,
-        "python_loop_over_ours (target >= 2.0)": checks["python_loop_over_ours (target >= 2.0)"] >= 2.0,
-        "inference_vs_base (target <= 1.3)": checks["inference_vs_base (target <= 1.3)"] <= 1.3,
-    }
+    met = {k: ok for k, (_, ok) in checks.items()}
+    checks = {k: v for k, (v, _) in checks.items()}
 
     lines = [f"Base `{args.base}`, batch {args.batch} x {args.seq} tokens, {args.repeats} repeats, alternating, after one warm-up.\n"]
     lines.append("## Targets\n\n| ratio | measured | target met |\n| --- | ---: | --- |")
