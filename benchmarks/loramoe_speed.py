@@ -70,8 +70,8 @@ def layer_kernels(tokens: int, repeats: int) -> tuple[dict, dict]:
 
 def kernel_table(kernels: dict, loop_over_dense: dict) -> list[str]:
     """The per-layer table (markdown lines)."""
-    lines = ["| d_in x d_out | base linear | dense (ours) | gather | loop | loop / dense, layer: of medians (of rounds) "
-             "| loop / dense, adapter only (layer - base linear) |",
+    lines = [("| d_in x d_out | base linear | dense (ours) | gather | loop | loop / dense, layer: of medians (of rounds) "
+              "| loop / dense, adapter only (layer - base linear) |"),
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for shape, r in kernels.items():
         ratio = loop_over_dense[shape]
