@@ -29,7 +29,15 @@ from typing import Any, Sequence
 import torch
 
 from medmoe.eval.prompts import Prompt
-from medmoe.eval.scoring import OptionScores, accepts_logits_to_keep, bos_ids, encode_pair, option_lengths, score_options
+from medmoe.eval.scoring import (
+    OptionScores,
+    accepts_logits_to_keep,
+    bos_ids,
+    encode_pair,
+    is_encoder_decoder,
+    option_lengths,
+    score_options,
+)
 
 MAX_PADDING_WASTE = 0.15  # a sub-batch may run at most this fraction more tokens than its rows hold
 MIN_SHARED_PREFIX = 8  # a shorter common prefix is not worth a separate pass
@@ -64,7 +72,10 @@ def length_groups(lengths: Sequence[int], max_waste: float = MAX_PADDING_WASTE) 
 
 @torch.inference_mode()
 def score_options_batch(model: Any, tokenizer: Any, prompts: Sequence[Prompt], max_waste: float = MAX_PADDING_WASTE) -> list[OptionScores]:
-    """`score_options` for each prompt, batching every prompt whose options are single tokens."""
+    """`score_options` for each prompt, batching every prompt whose options are single tokens
+    (decoder-only models; an encoder-decoder model scores one prompt at a time)."""
+    if is_encoder_decoder(model):
+        return [score_options(model, tokenizer, p.context, p.continuations) for p in prompts]
     results: list[OptionScores | None] = [None] * len(prompts)
     plans = [_single_token_plan(tokenizer, p) for p in prompts]
     batch = [i for i, plan in enumerate(plans) if plan is not None]

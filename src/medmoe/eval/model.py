@@ -25,7 +25,7 @@ import torch
 from medmoe.errors import ModelError
 from medmoe.eval.batch_scoring import score_options_batch
 from medmoe.eval.prompts import Prompt
-from medmoe.eval.scoring import OptionScores, PrefixCache, bos_ids, score_options
+from medmoe.eval.scoring import OptionScores, PrefixCache, bos_ids, is_encoder_decoder, score_options
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,10 @@ class HFEvalModel:
 
     @torch.inference_mode()
     def generate(self, context: str, max_new_tokens: int) -> Generation:
-        """Greedy decoding (deterministic), stopping at EOS or the chat template's end of turn."""
+        """Greedy decoding (deterministic), stopping at EOS or the chat template's end of turn.
+        An encoder-decoder model reads the context in its encoder and returns only new tokens."""
+        if is_encoder_decoder(self.model):
+            return self._generate_seq2seq(context, max_new_tokens)
         ids = self.tokenizer(context, add_special_tokens=False)["input_ids"]
         ids = bos_ids(self.tokenizer, ids) + ids
         input_ids = torch.tensor([ids], device=next(self.model.parameters()).device)
@@ -84,6 +87,16 @@ class HFEvalModel:
         )
         new = out[0, len(ids):]
         return Generation(self.tokenizer.decode(new, skip_special_tokens=True).strip(), len(ids), int(new.numel()))
+
+    def _generate_seq2seq(self, context: str, max_new_tokens: int) -> Generation:
+        ids = self.tokenizer(context, add_special_tokens=True)["input_ids"]  # T5: with its closing </s>
+        input_ids = torch.tensor([ids], device=next(self.model.parameters()).device)
+        out = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                  max_new_tokens=max_new_tokens, do_sample=False)
+        new = out[0, 1:]  # after the decoder start token
+        specials = {self.model.config.pad_token_id, self.model.config.eos_token_id}
+        count = int(sum(1 for t in new.tolist() if t not in specials))
+        return Generation(self.tokenizer.decode(new, skip_special_tokens=True).strip(), len(ids), count)
 
     def last_route(self) -> dict[str, Any] | None:
         return None

@@ -44,6 +44,11 @@ def accepts_logits_to_keep(model: Any) -> bool:
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
+def is_encoder_decoder(model: Any) -> bool:
+    """T5-family models: the context goes to the encoder, the option to the decoder."""
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
 def option_lengths(continuations: Sequence[str]) -> list[int]:
     """Characters of each option, without the separator space a plain prompt puts before it."""
     return [len(c[1:] if c.startswith(" ") else c) for c in continuations]
@@ -116,7 +121,10 @@ def score_options(
     """Log-likelihood of each continuation after `context`, sharing the context's computation.
 
     prefix: reuse the KV cache of a previous context's shared beginning (few-shot prompts).
+    Encoder-decoder models (T5 family) score through `score_options_seq2seq`.
     """
+    if is_encoder_decoder(model):
+        return score_options_seq2seq(model, tokenizer, context, continuations)
     pairs = [encode_pair(tokenizer, context, c) for c in continuations]
     ctx_ids = bos_ids(tokenizer, pairs[0][0]) + pairs[0][0]
     conts = [cont for _, cont in pairs]
@@ -161,3 +169,33 @@ def _score_multi_token(model: Any, cache: Any, last: torch.Tensor, conts: list[l
     first = last[ids[:, 0]]  # (k,): the first token comes from the context's last position
     later = logp[:, :-1].gather(-1, ids[:, 1:, None])[..., 0] * mask[:, 1:]  # (k, m - 1)
     return (first + later.sum(dim=1)).tolist()
+
+
+@torch.inference_mode()
+def score_options_seq2seq(model: Any, tokenizer: Any, context: str, continuations: Sequence[str]) -> OptionScores:
+    """Option log-likelihood for an encoder-decoder model (T5 family), as lm-eval scores seq2seq models:
+    the encoder reads the context (with the tokenizer's special tokens, T5's closing </s>) once, and the
+    decoder scores each option's tokens from the decoder start token, all options in one batch:
+
+        log p(option | context) = sum_j log p_dec(o_j | o_<j, encoder(context))
+
+    The option is tokenized on its own, without the separator space a causal prompt puts before it."""
+    device = next(model.parameters()).device
+    enc_ids = tokenizer(context, add_special_tokens=True)["input_ids"]
+    conts = [tokenizer(c.removeprefix(" "), add_special_tokens=False)["input_ids"] for c in continuations]
+    if not all(conts):
+        raise ValueError("option continuations must be non-empty")
+    k, width = len(conts), max(len(c) for c in conts)
+    start = model.config.decoder_start_token_id
+    labels = torch.zeros(k, width, dtype=torch.long, device=device)  # (k, m), right-padded
+    mask = torch.zeros(k, width, dtype=torch.long, device=device)
+    for i, c in enumerate(conts):
+        labels[i, : len(c)] = torch.tensor(c)
+        mask[i, : len(c)] = 1
+    decoder_ids = torch.cat([torch.full((k, 1), start, dtype=torch.long, device=device), labels[:, :-1]], dim=1)  # shifted right
+    encoded = model.get_encoder()(input_ids=torch.tensor([enc_ids], device=device))  # (1, n, d), run once
+    hidden = encoded.last_hidden_state.expand(k, -1, -1)  # (k, n, d): a view, not k copies
+    logits = model(encoder_outputs=(hidden,), decoder_input_ids=decoder_ids, decoder_attention_mask=mask).logits
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels[..., None])[..., 0] * mask  # (k, m)
+    return OptionScores(logprobs=logp.sum(dim=1).tolist(), num_tokens=[len(c) for c in conts],
+                        num_chars=option_lengths(continuations), context_tokens=len(enc_ids))

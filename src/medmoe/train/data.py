@@ -110,13 +110,21 @@ def select_examples(examples: list[Example], skip_first: int = 0, limit: int = 0
     return chosen[:limit] if limit > 0 else chosen
 
 
-def tokenize_examples(examples: list[Example], tokenizer, max_length: int) -> list[dict]:
+def tokenize_examples(examples: list[Example], tokenizer, max_length: int, seq2seq: bool = False) -> list[dict]:
     """input_ids and labels per example (prompt labels -100, EOS appended, prompt truncated on the left).
     A completion longer than the window is cut on the right so that the prompt keeps at least half
-    of the window (or all of itself, when shorter): a completion with no prompt teaches nothing."""
+    of the window (or all of itself, when shorter): a completion with no prompt teaches nothing.
+    seq2seq (T5 family): input_ids are the prompt for the encoder (with the tokenizer's special
+    tokens, T5's closing </s>), labels the completion for the decoder (no separator space), each at
+    most max_length tokens."""
     features = []
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     for ex in examples:
+        if seq2seq:
+            prompt = tokenizer(ex.prompt, add_special_tokens=True)["input_ids"]
+            completion = tokenizer(ex.completion.removeprefix(" "), add_special_tokens=False)["input_ids"] + eos
+            features.append({"input_ids": prompt[-max_length:], "labels": completion[:max_length]})
+            continue
         prompt = tokenizer(ex.prompt, add_special_tokens=False)["input_ids"] if ex.prompt else []
         completion = tokenizer(ex.completion, add_special_tokens=False)["input_ids"] + eos
         completion = completion[: max_length - min(len(prompt), max_length // 2)]
@@ -126,15 +134,18 @@ def tokenize_examples(examples: list[Example], tokenizer, max_length: int) -> li
 
 
 def collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example; padding has attention 0 and label -100."""
+    """Right-pad to the longest example; padding has attention 0 and label -100. Labels are padded
+    to their own longest (for a decoder-only model that is the same width as input_ids; for an
+    encoder-decoder model they are the decoder's targets)."""
     width = max(len(f["input_ids"]) for f in features)
+    label_width = max(len(f["labels"]) for f in features)
     ids = torch.full((len(features), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(features), width), -100, dtype=torch.long)
+    labels = torch.full((len(features), label_width), -100, dtype=torch.long)
     mask = torch.zeros((len(features), width), dtype=torch.long)
     for row, f in enumerate(features):  # loop over examples (not tokens) to build the batch
         n = len(f["input_ids"])
         ids[row, :n] = torch.tensor(f["input_ids"])
-        labels[row, :n] = torch.tensor(f["labels"])
+        labels[row, : len(f["labels"])] = torch.tensor(f["labels"])
         mask[row, :n] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 

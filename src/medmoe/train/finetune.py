@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from medmoe.errors import MedmoeError
-from medmoe.eval.scoring import accepts_logits_to_keep
+from medmoe.eval.scoring import accepts_logits_to_keep, is_encoder_decoder
 from medmoe.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from medmoe.train.data import Example, MicroBatches, collate, load_examples, tokenize_examples
 from medmoe.train.distributed import all_reduce_gradients, barrier
@@ -90,21 +90,27 @@ def prepare_model(model: nn.Module, cfg: FinetuneConfig) -> nn.Module:
 
 
 def top_layer_parameters(model: nn.Module, n: int, freeze_mixers: bool = False) -> list[nn.Parameter]:
-    """The last n decoder layers and the final norm of a decoder-only HF model: fine-tuning only these
-    makes the backward pass stop n layers deep (a task head on frozen features, for small data).
-    freeze_mixers: leave the token mixers (attention, or a hybrid's Mamba mixers) and their pre-norms
-    frozen too, so with n = 1 no gradient goes through any mixer (the Mamba scan then runs its fast
-    inference kernel instead of the autograd-capable chunked scan)."""
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    if layers is None or not hasattr(inner, "norm"):
-        raise MedmoeError(f"{type(model).__name__}: --top-layers needs a decoder-only model with model.layers and model.norm")
+    """The last n decoder layers and the final norm of a decoder-only HF model, or of the decoder of a
+    T5-family model: fine-tuning only these makes the backward pass stop n layers deep (a task head on
+    frozen features, for small data).
+    freeze_mixers: leave the token mixers (attention, or a hybrid's Mamba mixers; in T5 self- and
+    cross-attention) and their pre-norms frozen too, so with n = 1 no gradient goes through any mixer
+    (the Mamba scan then runs its fast inference kernel instead of the autograd-capable chunked scan)."""
+    if is_encoder_decoder(model) and hasattr(getattr(model, "decoder", None), "block"):
+        layers, norm = model.decoder.block, model.decoder.final_layer_norm
+        mixer_parts: tuple[str, ...] = ("layer.0.", "layer.1.")  # T5Block: self-attention, cross-attention, FF
+    else:
+        inner = getattr(model, "model", None)
+        layers, norm = getattr(inner, "layers", None), getattr(inner, "norm", None)
+        mixer_parts = ("self_attn.", "input_layernorm.")  # the mixer and the pre-norm that feeds it
+    if layers is None or norm is None:
+        raise MedmoeError(f"{type(model).__name__}: --top-layers needs a decoder-only model (model.layers, model.norm) "
+                          "or a T5-family model (decoder.block, decoder.final_layer_norm)")
     if not 1 <= n <= len(layers):
         raise MedmoeError(f"--top-layers {n}: the model has {len(layers)} layers")
-    mixer_parts = ("self_attn.", "input_layernorm.")  # the mixer and the pre-norm that feeds it
     chosen = [p for layer in layers[-n:] for name, p in layer.named_parameters()
               if not (freeze_mixers and name.startswith(mixer_parts))]
-    return chosen + list(inner.norm.parameters())
+    return chosen + list(norm.parameters())
 
 
 def _hf_model(model: nn.Module) -> nn.Module:
@@ -114,14 +120,21 @@ def _hf_model(model: nn.Module) -> nn.Module:
 
 def completion_loss(model: nn.Module, batch: dict, with_aux: bool = True) -> torch.Tensor:
     """Mean cross-entropy over the completion tokens (labels != -100), plus LoRA-MoE's auxiliary losses.
+    An encoder-decoder model (T5 family) gets the completion as its decoder labels.
 
     The logit at position t predicts token t+1. Only the positions that predict a completion token in
     some row, P = {t : labels[:, t+1] != -100}, go through the LM head (`logits_to_keep`): with a
     one-word answer after a 400-token prompt that is a few positions instead of all of them, and the
     49k-word head was most of a training step. Models without `logits_to_keep` use the full head."""
     labels = batch["labels"]
-    target = labels[:, 1:]                                                  # (b, n-1)
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if is_encoder_decoder(_hf_model(model)):  # T5 family: labels are the decoder's targets (b, m)
+        out = model(**inputs, labels=labels)                                # decoder inputs = labels shifted right
+        logits, target = out.logits, labels                                 # (b, m, V), (b, m)
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=-100)
+        aux = out.get("aux_loss") if with_aux and hasattr(out, "get") else None
+        return loss + aux if aux is not None else loss
+    target = labels[:, 1:]                                                  # (b, n-1)
     if accepts_logits_to_keep(_hf_model(model)):
         positions = (target != -100).any(dim=0).nonzero()[:, 0]            # (k,): P
         out = model(**inputs, logits_to_keep=positions)
@@ -210,8 +223,9 @@ def finetune(
         train_examples = load_examples(data, tokenizer, with_explanation=cfg.with_explanation)
     train_examples, eval_examples = split_examples(train_examples, cfg.eval_examples, cfg.seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    train_features = tokenize_examples(train_examples, tokenizer, cfg.max_length)
-    eval_features = tokenize_examples(eval_examples, tokenizer, cfg.max_length)
+    seq2seq = is_encoder_decoder(_hf_model(model))
+    train_features = tokenize_examples(train_examples, tokenizer, cfg.max_length, seq2seq)
+    eval_features = tokenize_examples(eval_examples, tokenizer, cfg.max_length, seq2seq)
     batches = MicroBatches(train_features, cfg.batch_size, cfg.seed, pad_id, rank, world)
 
     model = prepare_model(model, cfg)
