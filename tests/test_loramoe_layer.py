@@ -214,3 +214,23 @@ def test_fused_path_is_skipped_for_hooked_or_subclassed_bases():
     layer.train()
     layer.dropout = nn.Dropout(0.5)
     assert not layer._fusable(x)
+
+
+def test_inference_path_matches_training_path_and_follows_weight_updates():
+    """Without gradients the layer keeps its stacked weights between calls (`_forward_inference`); it
+    must equal the autograd path, and see in-place updates of A, B and the router (optimizer steps)."""
+    layer = _layer()
+    x = torch.randn(7, 12)
+    with torch.no_grad():
+        fast = layer(x)
+        assert torch.equal(layer(x), fast)  # cached weights, same result
+    assert torch.allclose(fast, layer(x), atol=1e-6)  # grad enabled: the autograd (fused) path
+    assert torch.allclose(fast, _equation_reference(layer, x), atol=1e-5)
+    torch.manual_seed(1)
+    for param in (layer.lora_A, layer.lora_B, layer.router.w_q):
+        with torch.no_grad():
+            param.add_(torch.randn_like(param))  # in place, as an optimizer step or load_state_dict does
+            updated = layer(x)
+        assert (updated - fast).abs().max() > 1e-2, param.shape  # the update matters ...
+        assert torch.allclose(updated, _equation_reference(layer, x), atol=1e-5)  # ... and is seen
+        fast = updated

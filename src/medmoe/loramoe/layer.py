@@ -159,7 +159,8 @@ class LoraMoeLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_flat = x.reshape(-1, x.shape[-1])  # (N, d_in)
         if self._fusable(x_flat):
-            return self._forward_fused(x_flat).view(*x.shape[:-1], self.out_features)
+            forward = self._forward_fused if torch.is_grad_enabled() else self._forward_inference
+            return forward(x_flat).view(*x.shape[:-1], self.out_features)
         c = self.config
         y = self.base_layer(x)  # W_0 x + b
         dropout_on = self.training and isinstance(self.dropout, nn.Dropout)
@@ -202,6 +203,36 @@ class LoraMoeLinear(nn.Module):
         y = ExpertMix.apply(y0, h, g, b_t)  # W_0 x + b + (H * G) B_t
         self._after_routing(x_flat, logits, gates, top_i, q)
         return y
+
+    def _forward_inference(self, x_flat: torch.Tensor) -> torch.Tensor:
+        """The fused path's equations without autograd (no gradient wanted): the stacked weights
+        W_lora = [A_flat ; W_r] and B_t are kept between calls while the parameters are unchanged
+        (their in-place version counters), and nothing is saved for a backward pass."""
+        c, base = self.config, self.base_layer
+        e_r = c.num_experts * c.rank
+        w_lora, b_t = self._stacked_weights()  # (E*r + d_q, d_in), (E*r, d_out)
+        y0 = torch.nn.functional.linear(x_flat, base.weight, base.bias)  # W_0 x + b, bit-identical to the base layer
+        projected = x_flat @ w_lora.t()  # [H | P] (N, E*r + d_q)
+        logits, q = self.router.head(projected[:, e_r:])  # (N, E), (N, d_q) or None
+        gates, top_i = top_k_gates(logits, c.top_k)
+        g = dense_gates(top_i, gates * c.scaling, c.num_experts)  # G (N, E)
+        h_gated = (projected[:, :e_r].unflatten(1, (c.num_experts, c.rank)) * g[:, :, None]).flatten(1)  # H' (N, E*r)
+        y = torch.addmm(y0, h_gated, b_t)  # W_0 x + b + H' B_t
+        self._after_routing(x_flat, logits, gates, top_i, q)
+        return y
+
+    def _stacked_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W_lora, B_t) for inference, rebuilt only when A, B or the router's projection changed."""
+        router_w = self.router.projection
+        key = tuple((t.data_ptr(), t._version) for t in (self.lora_A, self.lora_B, router_w))
+        cached = getattr(self, "_stacked_cache", None)
+        if cached is None or cached[0] != key:
+            e_r = self.config.num_experts * self.config.rank
+            with torch.no_grad():
+                w_lora = torch.cat([self.lora_A.reshape(e_r, -1), router_w])
+                b_t = self.lora_B.transpose(1, 2).reshape(e_r, -1)
+            self._stacked_cache = cached = (key, w_lora, b_t)
+        return cached[1], cached[2]
 
     # --- routing statistics and auxiliary losses ------------------------------------------------
     def _after_routing(self, x, logits, gates, top_i, q) -> None:
