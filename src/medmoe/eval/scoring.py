@@ -154,14 +154,21 @@ def score_options(
     )
 
 
+def _right_padded(rows: list[list[int]], device: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists as one right-padded (k, m) id tensor (pad 0) and its 0/1 mask."""
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long, device=device)
+    mask = torch.zeros(len(rows), width, dtype=torch.long, device=device)
+    for i, r in enumerate(rows):  # a loop over options, not tokens
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
 def _score_multi_token(model: Any, cache: Any, last: torch.Tensor, conts: list[list[int]], n: int, device: Any) -> list[float]:
     """Score k multi-token continuations in one batch over the context's KV cache (repeated k times)."""
-    k, width = len(conts), max(len(c) for c in conts)
-    ids = torch.zeros(k, width, dtype=torch.long, device=device)  # (k, m), right-padded
-    mask = torch.zeros(k, width, dtype=torch.long, device=device)
-    for i, c in enumerate(conts):
-        ids[i, : len(c)] = torch.tensor(c)
-        mask[i, : len(c)] = 1
+    k = len(conts)
+    ids, mask = _right_padded(conts, device)  # (k, m) each
     cache.batch_repeat_interleave(k)
     attention = torch.cat([torch.ones(k, n, dtype=torch.long, device=device), mask], dim=1)  # (k, n + m)
     logits = model(input_ids=ids, past_key_values=cache, attention_mask=attention, use_cache=True).logits
@@ -185,13 +192,9 @@ def score_options_seq2seq(model: Any, tokenizer: Any, context: str, continuation
     conts = [tokenizer(c.removeprefix(" "), add_special_tokens=False)["input_ids"] for c in continuations]
     if not all(conts):
         raise ValueError("option continuations must be non-empty")
-    k, width = len(conts), max(len(c) for c in conts)
+    k = len(conts)
     start = model.config.decoder_start_token_id
-    labels = torch.zeros(k, width, dtype=torch.long, device=device)  # (k, m), right-padded
-    mask = torch.zeros(k, width, dtype=torch.long, device=device)
-    for i, c in enumerate(conts):
-        labels[i, : len(c)] = torch.tensor(c)
-        mask[i, : len(c)] = 1
+    labels, mask = _right_padded(conts, device)  # (k, m) each
     decoder_ids = torch.cat([torch.full((k, 1), start, dtype=torch.long, device=device), labels[:, :-1]], dim=1)  # shifted right
     encoded = model.get_encoder()(input_ids=torch.tensor([enc_ids], device=device))  # (1, n, d), run once
     hidden = encoded.last_hidden_state.expand(k, -1, -1)  # (k, n, d): a view, not k copies

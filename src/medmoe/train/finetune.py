@@ -131,17 +131,14 @@ def completion_loss(model: nn.Module, batch: dict, with_aux: bool = True) -> tor
     if is_encoder_decoder(_hf_model(model)):  # T5 family: labels are the decoder's targets (b, m)
         out = model(**inputs, labels=labels)                                # decoder inputs = labels shifted right
         logits, target = out.logits, labels                                 # (b, m, V), (b, m)
-        loss = nn.functional.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=-100)
-        aux = out.get("aux_loss") if with_aux and hasattr(out, "get") else None
-        return loss + aux if aux is not None else loss
-    target = labels[:, 1:]                                                  # (b, n-1)
-    if accepts_logits_to_keep(_hf_model(model)):
+    elif accepts_logits_to_keep(_hf_model(model)):
+        target = labels[:, 1:]                                              # (b, n-1)
         positions = (target != -100).any(dim=0).nonzero()[:, 0]            # (k,): P
         out = model(**inputs, logits_to_keep=positions)
         logits, target = out.logits, target[:, positions]                   # (b, k, V), (b, k)
     else:
         out = model(**inputs)
-        logits = out.logits[:, :-1]                                         # (b, n-1, V)
+        logits, target = out.logits[:, :-1], labels[:, 1:]                  # (b, n-1, V), (b, n-1)
     loss = nn.functional.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=-100)
     aux = out.get("aux_loss") if with_aux and hasattr(out, "get") else None
     return loss + aux if aux is not None else loss
