@@ -89,7 +89,7 @@ def report_lines(args, results: dict, meta: dict) -> list[str]:
     lines = [f"Base `{args.base}`. Each trained variant: the first {args.train_limit} training examples of each of "
              f"`{args.train_data}` (train splits, shuffled together"
              f"{'; completions: the answer, then the explanation' if args.with_explanations else ''}), {args.steps} steps of batch {args.batch_size} x "
-             f"accumulation {args.grad_accum}, lr {args.lr}, max length {args.max_length}, seed 0. Test sets: the fixed "
+             f"accumulation {args.grad_accum}, lr {args.lr}, max length {args.max_length}, seed {args.seed}. Test sets: the fixed "
              f"sha256 subsamples of `medmoe eval --limit` ({', '.join(args.eval)}; 0 = all). Zero-shot, letter rule "
              "(CMB-Clin: generated, ROUGE-L and BERTScore). 95% bootstrap intervals; (n evaluated / test split size).\n",
              "| variant | trainable params | train s | " + " | ".join(sets) + " | mean |",
@@ -146,6 +146,7 @@ def main() -> None:
     p.add_argument("--variants", default=",".join(["base", *VARIANTS]))
     p.add_argument("--routing-data", default="pubmedqa,dental", help="test sets whose texts the routing plot groups")
     p.add_argument("--routing-groups", default="dataset", help="'dataset' or a metadata field (CMMLU: subject)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the adapter's initialisation, the data order and the mix of training sets")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--name", default="loramoe_results_en")
     p.add_argument("--workdir", default="runs/loramoe_results")
@@ -164,12 +165,13 @@ def main() -> None:
         meta[variant] = {"train_examples": 0, "steps": 0, "trainable_params": 0}
         if variant != "base":
             start = time.time()
-            examples = mixed_examples(args.train_data.split(","), tokenizer, args.train_limit, with_explanation=args.with_explanations)
+            examples = mixed_examples(args.train_data.split(","), tokenizer, args.train_limit, seed=args.seed,
+                                    with_explanation=args.with_explanations)
             method = "lora" if variant == "lora" else "loramoe"
             cfg = FinetuneConfig(method=method, output=str(work / variant), steps=args.steps, batch_size=args.batch_size,
                                  grad_accum=args.grad_accum, lr=args.lr, max_length=args.max_length, eval_examples=0,
                                  save_every=max(10, args.steps // 3), warmup_steps=max(1, args.steps // 10),
-                                 loramoe=VARIANTS.get(variant, {}))
+                                 seed=args.seed, loramoe=VARIANTS.get(variant, {}))
             if method == "lora":
                 if moe_params is None:  # budget of the default LoRA-MoE adapter on this base
                     from medmoe.loramoe import LoraMoeConfig, LoraMoeModel
