@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from medmoe.errors import ModelError
-from medmoe.loramoe import LoraMoeConfig, LoraMoeLinear
+from medmoe.loramoe import LoraMoeConfig, LoraMoeLinear, sparse_kernel
+from medmoe.loramoe.layer import expert_mix_gather
 from medmoe.loramoe.router import top_k_gates
 
 
@@ -40,7 +41,11 @@ def _equation_reference(layer: LoraMoeLinear, x: torch.Tensor) -> torch.Tensor:
     return torch.stack(rows)
 
 
-@pytest.mark.parametrize("compute", ["dense", "gather", "loop"])
+needs_sparse_kernel = pytest.mark.skipif(not sparse_kernel.available(), reason="no C++ compiler: the sparse kernel is not built")
+SPARSE = pytest.param("sparse", marks=needs_sparse_kernel)
+
+
+@pytest.mark.parametrize("compute", ["auto", SPARSE, "dense", "gather", "loop"])
 def test_layer_matches_equation(compute):
     layer = _layer(compute)
     x = torch.randn(7, 12)
@@ -50,14 +55,15 @@ def test_layer_matches_equation(compute):
 def test_batched_shapes_and_gradients_agree_across_compute_kinds():
     x = torch.randn(2, 5, 12)
     grads, outs = {}, {}
-    for compute in ("dense", "gather", "loop"):
+    kinds = ("dense", "gather", "loop") + (("sparse",) if sparse_kernel.available() else ())
+    for compute in kinds:
         layer = _layer(compute)
         y = layer(x)
         assert y.shape == (2, 5, 10)
         (y.square().sum()).backward()
         outs[compute] = y.detach()
         grads[compute] = (layer.lora_A.grad.clone(), layer.lora_B.grad.clone(), layer.router.w_q.grad.clone())
-    for compute in ("gather", "loop"):
+    for compute in kinds[1:]:
         assert torch.allclose(outs[compute], outs["dense"], atol=1e-5)
         for g, g_ref in zip(grads[compute], grads["dense"]):
             assert torch.allclose(g, g_ref, atol=1e-4)
@@ -131,11 +137,13 @@ def test_unknown_config_key(tmp_path):
         LoraMoeConfig.load(tmp_path)
 
 
-def test_dense_with_active_dropout_matches_the_loop_reference():
-    """With dropout on, the experts read dropout(x) and the router x: the unfused dense path."""
+@pytest.mark.parametrize("compute", [SPARSE, "dense"])
+def test_active_dropout_matches_the_loop_reference(compute):
+    """With dropout on, the experts read dropout(x) and the router x: the unfused path (dense, or the
+    sparse kernel adding into the base layer's output in place)."""
     x = torch.randn(2, 5, 12)
     outs, grads, layers = {}, {}, {}
-    for compute in ("dense", "loop"):
+    for compute in (compute, "loop"):
         layer = layers[compute] = _layer(compute, dropout=0.5)
         layer.train()
         torch.manual_seed(3)  # the same dropout mask for both
@@ -143,11 +151,12 @@ def test_dense_with_active_dropout_matches_the_loop_reference():
         y.square().sum().backward()
         outs[compute] = y.detach()
         grads[compute] = (layer.lora_A.grad, layer.lora_B.grad, layer.router.w_q.grad)
-    assert torch.allclose(outs["dense"], outs["loop"], atol=1e-5)
-    for g, g_ref in zip(grads["dense"], grads["loop"]):
+    tested = next(iter(layers))
+    assert torch.allclose(outs[tested], outs["loop"], atol=1e-5)
+    for g, g_ref in zip(grads[tested], grads["loop"]):
         assert torch.allclose(g, g_ref, atol=1e-4)
-    dense = layers["dense"].eval()  # no dropout at inference: the fused path, and the equation again
-    assert torch.allclose(dense(x[0]), _equation_reference(dense, x[0]), atol=1e-5)
+    layer = layers[tested].eval()  # no dropout at inference: the fused path, and the equation again
+    assert torch.allclose(layer(x[0]), _equation_reference(layer, x[0]), atol=1e-5)
 
 
 # --- the fused dense path (fused.py): hand-written backward pinned against autograd and the loop ---
@@ -168,30 +177,32 @@ def test_fused_functions_pass_gradcheck():
     assert torch.autograd.gradcheck(ExpertMix.apply, (y0, h, gates, b_t))
 
 
-@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+@pytest.mark.parametrize("compute, dtype, tol", [("dense", torch.float32, 1e-5), ("dense", torch.float64, 1e-12),
+                                                 pytest.param("sparse", torch.float32, 1e-5, marks=needs_sparse_kernel)])
 @pytest.mark.parametrize("router_kind", ["prototype", "linear"])
-def test_fused_layer_matches_the_loop_reference(dtype, tol, router_kind):
-    """Output and every gradient (x, A, B, router) of the fused path equal the per-expert loop's."""
+def test_fused_layer_matches_the_loop_reference(compute, dtype, tol, router_kind):
+    """Output and every gradient (x, A, B, router) of the fused paths equal the per-expert loop's."""
     contrastive = "prototype" if router_kind == "prototype" else "none"
     x = torch.randn(3, 7, 12, dtype=dtype)
     results = {}
-    for compute in ("dense", "loop"):
-        layer = _layer(compute, router_kind=router_kind, contrastive_kind=contrastive).to(dtype)
-        assert layer._fusable(x.reshape(-1, 12)) == (compute == "dense")
+    for kind in (compute, "loop"):
+        layer = _layer(kind, router_kind=router_kind, contrastive_kind=contrastive).to(dtype)
+        assert layer._mix_kind(x.reshape(-1, 12)) == kind
         x_in = x.clone().requires_grad_(True)
         y = layer(x_in)
         (y * torch.linspace(-1, 1, y.shape[-1], dtype=dtype)).square().sum().backward()
-        results[compute] = [y.detach(), x_in.grad] + [p.grad for p in layer.parameters() if p.requires_grad]
-    for got, ref in zip(results["dense"], results["loop"]):
+        results[kind] = [y.detach(), x_in.grad] + [p.grad for p in layer.parameters() if p.requires_grad]
+    for got, ref in zip(results[compute], results["loop"]):
         assert got is not None and ref is not None
         assert (got - ref).abs().max() <= tol * ref.abs().max()
 
 
-def test_fused_layer_auxiliary_losses_match_the_loop_reference():
+@pytest.mark.parametrize("compute", [SPARSE, "dense"])
+def test_fused_layer_auxiliary_losses_match_the_loop_reference(compute):
     """Balance, z and contrastive losses (router inputs collected by the layer) and their gradients."""
     x = torch.randn(2, 9, 12)
     results = {}
-    for compute in ("dense", "loop"):
+    for compute in (compute, "loop"):
         layer = _layer(compute, contrastive_tokens=None, queue_size=0)
         layer.context.compute_aux = layer.context.track_load = True
         layer(x)
@@ -199,7 +210,7 @@ def test_fused_layer_auxiliary_losses_match_the_loop_reference():
         assert set(losses) == {"balance", "z", "contrastive"}
         sum(losses.values()).backward()
         results[compute] = [losses[k].detach() for k in sorted(losses)] + [layer.router.w_q.grad, layer.router.keys.grad, layer.expert_load.clone()]
-    for got, ref in zip(results["dense"], results["loop"]):
+    for got, ref in zip(*results.values()):
         assert torch.allclose(got, ref, atol=1e-6)
 
 
@@ -216,10 +227,11 @@ def test_fused_path_is_skipped_for_hooked_or_subclassed_bases():
     assert not layer._fusable(x)
 
 
-def test_inference_path_matches_training_path_and_follows_weight_updates():
+@pytest.mark.parametrize("compute", [SPARSE, "dense"])
+def test_inference_path_matches_training_path_and_follows_weight_updates(compute):
     """Without gradients the layer keeps its stacked weights between calls (`_forward_inference`); it
     must equal the autograd path, and see in-place updates of A, B and the router (optimizer steps)."""
-    layer = _layer()
+    layer = _layer(compute)
     x = torch.randn(7, 12)
     with torch.no_grad():
         fast = layer(x)
@@ -234,3 +246,59 @@ def test_inference_path_matches_training_path_and_follows_weight_updates():
         assert (updated - fast).abs().max() > 1e-2, param.shape  # the update matters ...
         assert torch.allclose(updated, _equation_reference(layer, x), atol=1e-5)  # ... and is seen
         fast = updated
+
+
+# --- the sparse kernel (sparse_kernel.py): only the selected experts, against autograd on the gathered form ---
+
+
+@needs_sparse_kernel
+@pytest.mark.parametrize("n, d_in, d_out, e, r, k", [
+    (50, 12, 10, 4, 3, 2),      # widths below one vector (scalar tails only), rank < 8
+    (40, 70, 37, 6, 11, 3),     # 32-, 16- and scalar column blocks; rank 8 + 3 (two row groups)
+    (64, 96, 48, 8, 8, 2),      # the vector paths only
+    (9, 33, 17, 16, 4, 1),      # more experts than tokens: some experts get none (their gradients are 0)
+])
+def test_sparse_kernel_matches_autograd(n, d_in, d_out, e, r, k):
+    """Output, h and the gradients of x, A, B and the gates equal autograd through the gathered
+    (per-token weights) form, for shapes that exercise every block size and remainder of the kernel."""
+    torch.manual_seed(0)
+    x, a, b = torch.randn(n, d_in), torch.randn(e, r, d_in) / d_in**0.5, torch.randn(e, d_out, r) / r**0.5
+    top_i = torch.randn(n, e).topk(k, dim=-1).indices
+    gates, y0, dy = torch.rand(n, k), torch.randn(n, d_out), torch.randn(n, d_out)
+    leaves = [t.clone().requires_grad_(True) for t in (x, a, b, gates)]
+    ref = expert_mix_gather(leaves[0], leaves[1], leaves[2], top_i, leaves[3], y0)
+    ref.backward(dy)
+    got_leaves = [t.clone().requires_grad_(True) for t in (x, a, b, gates)]
+    got = sparse_kernel.SparseExpertMix.apply(y0.clone(), got_leaves[0], got_leaves[1], got_leaves[2], top_i, got_leaves[3])
+    got.backward(dy)
+    assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+    for mine, theirs in zip(got_leaves, leaves):
+        assert (mine.grad - theirs.grad).abs().max() <= 1e-5 * theirs.grad.abs().max()
+    unused = torch.ones(e, dtype=torch.bool)
+    unused[top_i.unique()] = False
+    if unused.any():
+        assert got_leaves[1].grad[unused].abs().max() == 0 and got_leaves[2].grad[unused].abs().max() == 0
+
+
+@needs_sparse_kernel
+def test_sparse_kernel_cost_does_not_grow_with_experts():
+    """The kernel's work is the k selected experts: the same tokens routed to the same experts give the
+    same output whether 4 or 64 experts exist (the others are never read: NaN weights there are harmless)."""
+    torch.manual_seed(0)
+    x, y0 = torch.randn(20, 16), torch.randn(20, 8)
+    a, b = torch.randn(64, 4, 16), torch.randn(64, 8, 4)
+    top_i = torch.randint(0, 4, (20, 2))
+    gates = torch.rand(20, 2)
+    small = sparse_kernel.SparseExpertMix.apply(y0.clone(), x, a[:4], b[:4], top_i, gates)
+    a[4:], b[4:] = float("nan"), float("nan")
+    assert torch.equal(sparse_kernel.SparseExpertMix.apply(y0.clone(), x, a, b, top_i, gates), small)
+
+
+def test_auto_compute_resolves_and_sparse_outside_its_kernel_is_a_clear_error():
+    layer = _layer("auto")
+    x = torch.randn(4, 12)
+    assert layer._mix_kind(x) == ("sparse" if sparse_kernel.available() else "dense")
+    assert layer.to(torch.float64)._mix_kind(x.double()) == "dense"  # the kernel is fp32: dense elsewhere
+    sparse = _layer("sparse").to(torch.float64)
+    with pytest.raises(ModelError, match="compute='sparse' needs fp32 CPU tensors"):
+        sparse(x.double())

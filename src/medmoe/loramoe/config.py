@@ -16,7 +16,7 @@ CONFIG_NAME = "loramoe_config.json"
 
 ROUTER_KINDS = ("prototype", "linear")
 CONTRASTIVE_KINDS = ("prototype", "expert_output", "none")
-COMPUTE_KINDS = ("dense", "gather", "loop")
+COMPUTE_KINDS = ("auto", "sparse", "dense", "gather", "loop")
 
 # Linear layers wrapped when target_modules == "all-linear": every nn.Linear except output heads.
 EXCLUDED_HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "cls", "pooler", "shared", "embed_out")
@@ -34,9 +34,10 @@ class LoraMoeConfig:
     contrastive_tokens: tokens per layer and step sub-sampled as contrastive anchors (and pushed
         into the queue); None uses every token (the in-batch alternative, memory grows as N^2).
     queue_size: K entries per layer in the expert memory queue; 0 disables the queue.
-    compute: how the experts are evaluated: "dense" (all experts' A in one einsum, gates scattered
-        to zero for unselected experts), "gather" (gather the top-k experts' weights per token) or
-        "loop" (reference per-expert Python loop; slow, for tests and benchmarks).
+    compute: how the experts are evaluated: "sparse" (a C++ kernel computing only each token's top-k
+        experts; CPU fp32), "dense" (all experts' A in one GEMM, gates zero for unselected experts;
+        any device), "auto" (sparse where it runs, else dense), "gather" (gather the top-k experts'
+        weights per token) or "loop" (reference per-expert Python loop; slow, for tests and benchmarks).
     """
 
     num_experts: int = 8
@@ -54,7 +55,7 @@ class LoraMoeConfig:
     balance_weight: float = 0.01
     z_loss_weight: float = 0.001
     queue_size: int = 1024
-    compute: str = "dense"
+    compute: str = "auto"
     seed: int | None = None
     extra: dict = field(default_factory=dict)
 

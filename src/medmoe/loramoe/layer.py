@@ -5,9 +5,13 @@
 Glossary (docs/loramoe.md): N tokens (flattened), d_in / d_out widths, E experts, r rank, k top-k,
 A: (E, r, d_in), B: (E, d_out, r) initialised to zero, g router probabilities (N, E) in fp32,
 ghat gates renormalised over the top-k (N, k).
-Default computation (compute="dense", fused.py): one GEMM gives W_0 x + b, all experts' A x and the
-router's projection; the gates (alpha / r folded in) zero the unselected experts, and B's GEMM
-accumulates into W_0 x + b; the backward is hand-written (docs/loramoe.md, "Computation").
+Computation (config.compute; docs/loramoe.md, "Computation"), both with hand-written backward passes:
+  "sparse" (sparse_kernel.py, CPU fp32): the base GEMM and the router's projection, then a C++ kernel
+      that computes only each token's k selected experts, accumulating into W_0 x + b in place;
+  "dense" (fused.py, any device): one GEMM gives W_0 x + b, all experts' A x and the router's
+      projection; the gates (alpha / r folded in) zero the unselected experts, and B's GEMM
+      accumulates into W_0 x + b.
+"auto" (the default) takes "sparse" where its kernel can run and "dense" elsewhere.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from medmoe.errors import ModelError
+from medmoe.loramoe import sparse_kernel
 from medmoe.loramoe.config import LoraMoeConfig
 from medmoe.loramoe.fused import ExpertMix, FusedProjection
 from medmoe.loramoe.losses import (
@@ -101,7 +107,12 @@ def expert_mix_loop(x, a, b, top_i, gates, out):
     return out + delta
 
 
-EXPERT_MIX = {"dense": expert_mix_dense, "gather": expert_mix_gather, "loop": expert_mix_loop}
+def expert_mix_sparse(x, a, b, top_i, gates, out):
+    """The sparse kernel (sparse_kernel.py) outside the fused path: only the top-k experts, added into out in place."""
+    return sparse_kernel.SparseExpertMix.apply(out, x, a, b, top_i, gates)
+
+
+EXPERT_MIX = {"dense": expert_mix_dense, "sparse": expert_mix_sparse, "gather": expert_mix_gather, "loop": expert_mix_loop}
 
 
 class LoraMoeLinear(nn.Module):
@@ -158,9 +169,10 @@ class LoraMoeLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_flat = x.reshape(-1, x.shape[-1])  # (N, d_in)
-        if self._fusable(x_flat):
+        kind = self._mix_kind(x_flat)
+        if kind in ("dense", "sparse") and self._fusable(x_flat):
             forward = self._forward_fused if torch.is_grad_enabled() else self._forward_inference
-            return forward(x_flat).view(*x.shape[:-1], self.out_features)
+            return forward(x_flat, sparse=kind == "sparse").view(*x.shape[:-1], self.out_features)
         c = self.config
         y = self.base_layer(x)  # W_0 x + b
         dropout_on = self.training and isinstance(self.dropout, nn.Dropout)
@@ -172,52 +184,73 @@ class LoraMoeLinear(nn.Module):
         gates, top_i = top_k_gates(logits, c.top_k)
         scaled_gates = (gates * c.scaling).to(self.lora_A.dtype)  # (alpha / r) ghat: the scale rides on the gates
         y_flat = y.reshape(-1, y.shape[-1]).to(self.lora_A.dtype)  # (N, d_out), W_0 x + b
-        y_flat = EXPERT_MIX[c.compute](x_lora, self.lora_A, self.lora_B, top_i, scaled_gates, y_flat)
+        y_flat = EXPERT_MIX[kind](x_lora, self.lora_A, self.lora_B, top_i, scaled_gates, y_flat)
         self._after_routing(x_lora, logits, gates, top_i, q)
         return y_flat.to(y.dtype).view(y.shape)
 
+    def _mix_kind(self, x_flat: torch.Tensor) -> str:
+        """config.compute, with "auto" resolved: "sparse" where the kernel can run (CPU, fp32, built), else "dense"."""
+        kind = self.config.compute
+        if kind in ("auto", "sparse"):
+            runs = sparse_kernel.usable(x_flat, self.lora_A, self.lora_B)
+            if kind == "sparse" and not runs:
+                raise ModelError(f"LoRA-MoE compute='sparse' needs fp32 CPU tensors and the C++ kernel (got {x_flat.dtype} "
+                                 f"on {x_flat.device}, kernel built: {sparse_kernel.available()}); use compute='auto' or 'dense'")
+            kind = "sparse" if runs else "dense"
+        return kind
+
     def _fusable(self, x_flat: torch.Tensor) -> bool:
-        """The fused path (fused.py) needs the default compute, no active dropout (the experts and the
-        router must read the same x), a plain nn.Linear base without hooks, and one dtype throughout."""
+        """The fused paths need no active dropout (the experts and the router must read the same x),
+        a plain nn.Linear base without hooks, and one dtype throughout."""
         base = self.base_layer
         return (
-            self.config.compute == "dense"
-            and not (self.training and isinstance(self.dropout, nn.Dropout))
+            not (self.training and isinstance(self.dropout, nn.Dropout))
             and type(base) is nn.Linear
             and not base._forward_hooks
             and not base._forward_pre_hooks
             and x_flat.dtype == base.weight.dtype == self.lora_A.dtype == self.router.projection.dtype
         )
 
-    def _forward_fused(self, x_flat: torch.Tensor) -> torch.Tensor:
-        """x (N, d_in) -> y (N, d_out) with three GEMMs forward and five backward (docs/loramoe.md)."""
+    def _forward_fused(self, x_flat: torch.Tensor, sparse: bool) -> torch.Tensor:
+        """x (N, d_in) -> y (N, d_out). Dense: three GEMMs forward and five backward. Sparse: the base
+        and router GEMMs, then the kernel on the selected experts only (docs/loramoe.md, "Computation")."""
         c, base = self.config, self.base_layer
         e_r = c.num_experts * c.rank
         router_w = self.router.projection  # W_r: W_q (d_q, d_in) or W_g (E, d_in)
-        w_lora = torch.cat([self.lora_A.reshape(e_r, -1), router_w])  # W_lora = [A_flat ; W_r]
+        # W_lora = [A_flat ; W_r] (dense) or W_r alone (sparse: the kernel computes A x itself)
+        w_lora = router_w if sparse else torch.cat([self.lora_A.reshape(e_r, -1), router_w])
         y0, h, router_proj = FusedProjection.apply(x_flat, base.weight, base.bias, w_lora, router_w.shape[0])
         logits, q = self.router.head(router_proj)  # (N, E), (N, d_q) or None
         gates, top_i = top_k_gates(logits, c.top_k)  # ghat (N, k), indices (N, k)
-        g = dense_gates(top_i, gates * c.scaling, c.num_experts)  # G (N, E): (alpha / r) ghat, 0 off the top-k
-        b_t = self.lora_B.transpose(1, 2).reshape(e_r, -1)  # B_t (E*r, d_out): row e*r + j = B_e[:, j]
-        y = ExpertMix.apply(y0, h, g, b_t)  # W_0 x + b + (H * G) B_t
+        if sparse:
+            y = sparse_kernel.SparseExpertMix.apply(y0, x_flat, self.lora_A, self.lora_B, top_i, gates * c.scaling)
+        else:
+            g = dense_gates(top_i, gates * c.scaling, c.num_experts)  # G (N, E): (alpha / r) ghat, 0 off the top-k
+            b_t = self.lora_B.transpose(1, 2).reshape(e_r, -1)  # B_t (E*r, d_out): row e*r + j = B_e[:, j]
+            y = ExpertMix.apply(y0, h, g, b_t)  # W_0 x + b + (H * G) B_t
         self._after_routing(x_flat, logits, gates, top_i, q)
         return y
 
-    def _forward_inference(self, x_flat: torch.Tensor) -> torch.Tensor:
-        """The fused path's equations without autograd (no gradient wanted): the stacked weights
+    def _forward_inference(self, x_flat: torch.Tensor, sparse: bool) -> torch.Tensor:
+        """The fused paths' equations without autograd (no gradient wanted): the stacked weights
         W_lora = [A_flat ; W_r] and B_t are kept between calls while the parameters are unchanged
         (their in-place version counters), and nothing is saved for a backward pass."""
         c, base = self.config, self.base_layer
         e_r = c.num_experts * c.rank
         w_lora, b_t = self._stacked_weights()  # (E*r + d_q, d_in), (E*r, d_out)
         y0 = torch.nn.functional.linear(x_flat, base.weight, base.bias)  # W_0 x + b, bit-identical to the base layer
-        projected = x_flat @ w_lora.t()  # [H | P] (N, E*r + d_q)
-        logits, q = self.router.head(projected[:, e_r:])  # (N, E), (N, d_q) or None
+        d_q = w_lora.shape[0] - e_r
+        projected = x_flat @ (w_lora[e_r:] if sparse else w_lora).t()  # [H | P] (N, E*r + d_q), or P alone
+        logits, q = self.router.head(projected[:, -d_q:])  # (N, E), (N, d_q) or None
         gates, top_i = top_k_gates(logits, c.top_k)
-        g = dense_gates(top_i, gates * c.scaling, c.num_experts)  # G (N, E)
-        h_gated = (projected[:, :e_r].unflatten(1, (c.num_experts, c.rank)) * g[:, :, None]).flatten(1)  # H' (N, E*r)
-        y = torch.addmm(y0, h_gated, b_t)  # W_0 x + b + H' B_t
+        if sparse:
+            sparse_kernel.add_experts_(y0, x_flat.contiguous(), self.lora_A.detach(), b_t.view(c.num_experts, c.rank, -1),
+                                       top_i, gates * c.scaling)  # y0 += sum_s G B_e A_e x, in place
+            y = y0
+        else:
+            g = dense_gates(top_i, gates * c.scaling, c.num_experts)  # G (N, E)
+            h_gated = (projected[:, :e_r].unflatten(1, (c.num_experts, c.rank)) * g[:, :, None]).flatten(1)  # H' (N, E*r)
+            y = torch.addmm(y0, h_gated, b_t)  # W_0 x + b + H' B_t
         self._after_routing(x_flat, logits, gates, top_i, q)
         return y
 

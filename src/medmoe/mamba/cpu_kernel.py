@@ -16,22 +16,17 @@ Two kernels (MambaMixer._forward_fused uses both; docs/mamba.md lists what each 
                    tensor, with an optional conv state for continuing a sequence (`causal_conv`).
 
 The scan computes the same recurrence as `scan.selective_scan_reference` (see scan.py), forward only.
-Building needs a C++ compiler (g++) and ninja; it is cached by torch in
-$TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions). When the build fails, `available()`
-returns False and the chunked PyTorch scan is used. Set MEDMOE_MAMBA_CPU_KERNEL=0 to disable.
+Built by medmoe.native (g++ and ninja; cached in $TORCH_EXTENSIONS_DIR). When the build fails,
+`available()` returns False and the chunked PyTorch scan is used. Set MEDMOE_MAMBA_CPU_KERNEL=0 to disable.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import logging
 import os
-import sys
 
 import torch
 
-log = logging.getLogger(__name__)
+from medmoe import native
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -216,44 +211,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 }
 """
 
-# One build folder per Python environment: torch's build command names the environment's include
-# paths, so two virtualenvs sharing ~/.cache/torch_extensions would otherwise rebuild on every switch.
-_NAME = "medmoe_selective_scan_v3_" + hashlib.sha256(sys.prefix.encode()).hexdigest()[:8]
-
-
-@functools.lru_cache(maxsize=1)
 def _module():
-    if os.environ.get("MEDMOE_MAMBA_CPU_KERNEL", "1") == "0":
-        return None
-    try:
-        from torch.utils.cpp_extension import load_inline
-
-        _remove_stale_build_lock()
-        return load_inline(
-            name=_NAME, cpp_sources=[_SOURCE], functions=None, verbose=False,
-            extra_cflags=["-O3", "-ffast-math", "-march=native", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-        )
-    except Exception as exc:  # no compiler, no ninja, or a build error: fall back, say so once
-        log.warning("medmoe: fused CPU selective-scan kernel unavailable (%s); using the chunked PyTorch scan",
-                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-        return None
-
-
-def _remove_stale_build_lock(max_age_s: float = 600.0) -> None:
-    """A build killed mid-way leaves torch's build lock behind, and every later process then waits on
-    it forever. A build takes well under a minute, so a lock older than max_age_s is stale: remove it."""
-    import time
-
-    from torch.utils.cpp_extension import _get_build_directory
-
-    lock = os.path.join(_get_build_directory(_NAME, verbose=False), "lock")
-    try:
-        if time.time() - os.path.getmtime(lock) > max_age_s:
-            os.remove(lock)
-            log.warning("medmoe: removed a stale build lock %s (a kernel build was interrupted)", lock)
-    except FileNotFoundError:
-        pass
+    return native.build("medmoe_selective_scan_v3", _SOURCE, "MEDMOE_MAMBA_CPU_KERNEL", "the chunked PyTorch scan")
 
 
 def available() -> bool:
