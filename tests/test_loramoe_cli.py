@@ -56,7 +56,7 @@ def test_finetune_command_trains_saves_and_the_adapter_loads(tmp_path, run_files
     assert (out / "checkpoints" / "step-2.pt").is_file()
     adapter = out / "adapter"
     config = json.loads((adapter / "loramoe_config.json").read_text())
-    assert config["num_experts"] == 4 and config["rank"] == 4
+    assert config["num_experts"] == 4 and config["rank"] == 4 and config["compute"] == "auto"
 
     from transformers import AutoModelForCausalLM
 
@@ -73,6 +73,17 @@ def test_finetune_command_rejects_unknown_method(tmp_path, run_files):
     result = CliRunner().invoke(app, ["finetune", "--base", str(base), "--data", str(data), "--method", "qlora"])
     assert result.exit_code != 0
     assert "--method must be one of" in str(result.exception)
+
+
+def test_finetune_command_passes_compute_and_names_a_bad_one(tmp_path, run_files):
+    base, data = run_files
+    common = ["finetune", "--base", str(base), "--data", str(data), "--steps", "1", "--experts", "4", "--rank", "4", "--eval-examples", "0"]
+    result = CliRunner().invoke(app, [*common, "--output", str(tmp_path / "dense"), "--compute", "dense"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "dense" / "adapter" / "loramoe_config.json").read_text())["compute"] == "dense"
+    result = CliRunner().invoke(app, [*common, "--output", str(tmp_path / "bad"), "--compute", "triton"])
+    assert result.exit_code != 0
+    assert "compute must be one of" in str(result.exception)
 
 
 def test_eval_with_adapter_scores_the_tuned_model(tmp_path, run_files):

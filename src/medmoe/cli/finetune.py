@@ -52,6 +52,7 @@ def finetune_command(
     queue_size: int = typer.Option(1024, help="Expert memory queue entries per layer (0 = in-batch negatives only)."),
     contrastive_tokens: int = typer.Option(128, help="Anchors sampled per layer and step (0 = every token)."),
     temperature: float = typer.Option(0.1),
+    compute: str = typer.Option("auto", help="LoRA-MoE experts: auto (the sparse C++ kernel on CPU fp32, dense elsewhere) | sparse | dense."),
     lora_rank: int = typer.Option(16, help="Plain LoRA: rank."),
     target_modules: str = typer.Option("all-linear", help="Comma-separated module names, or all-linear."),
 ) -> None:
@@ -73,7 +74,8 @@ def finetune_command(
         loramoe=dict(num_experts=experts, top_k=top_k, rank=rank, alpha=alpha, dropout=dropout, router_kind=router, router_dim=router_dim,
                      contrastive_kind=contrastive if router == "prototype" or contrastive != "prototype" else "none",
                      contrastive_weight=contrastive_weight, balance_weight=balance_weight, z_loss_weight=z_weight,
-                     queue_size=queue_size, contrastive_tokens=contrastive_tokens or None, temperature=temperature),
+                     queue_size=queue_size, contrastive_tokens=contrastive_tokens or None, temperature=temperature,
+                     compute=compute),
     )
     rank_id, world = init_from_env()
     model, tokenizer = load_base(base)
