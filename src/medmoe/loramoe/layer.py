@@ -108,8 +108,9 @@ def expert_mix_loop(x, a, b, top_i, gates, out):
 
 
 def expert_mix_sparse(x, a, b, top_i, gates, out):
-    """The sparse kernel (sparse_kernel.py) outside the fused path: only the top-k experts, added into out in place."""
-    return sparse_kernel.SparseExpertMix.apply(out, x, a, b, top_i, gates)
+    """The sparse kernel (sparse_kernel.py) outside the fused path: only the top-k experts, added into a
+    copy of out (out comes from the base module, whose hooks' backward may need it unchanged)."""
+    return sparse_kernel.SparseExpertMix.apply(out.clone(memory_format=torch.contiguous_format), x, a, b, top_i, gates)
 
 
 EXPERT_MIX = {"dense": expert_mix_dense, "sparse": expert_mix_sparse, "gather": expert_mix_gather, "loop": expert_mix_loop}
