@@ -302,3 +302,17 @@ def test_auto_compute_resolves_and_sparse_outside_its_kernel_is_a_clear_error():
     sparse = _layer("sparse").to(torch.float64)
     with pytest.raises(ModelError, match="compute='sparse' needs fp32 CPU tensors"):
         sparse(x.double())
+
+
+@pytest.mark.parametrize("compute", [SPARSE, "dense"])
+def test_hooked_base_whose_backward_needs_its_output(compute):
+    """A base hook such as sigmoid saves its output for backward: the unfused path must not write into it."""
+    x = torch.randn(6, 12)
+    grads = {}
+    for kind in (compute, "loop"):
+        layer = _layer(kind)
+        layer.base_layer.register_forward_hook(lambda module, inputs, out: torch.sigmoid(out))
+        layer(x).square().sum().backward()
+        grads[kind] = (layer.lora_A.grad, layer.lora_B.grad, layer.router.w_q.grad)
+    for got, ref in zip(*grads.values()):
+        assert torch.allclose(got, ref, atol=1e-5)
