@@ -1,9 +1,12 @@
 """Seed spread of the SparseDoctor comparison: the same bounded runs repeated with other seeds.
 
 Reads the JSON reports that `loramoe_results.py` wrote (one per seed, same settings otherwise) and
-tabulates, per test set, each variant's accuracy per seed, its mean and standard deviation, and the
-full method minus PEFT LoRA per seed. It answers whether a difference between variants in one run is
-larger than what changing the seed alone does (adapter initialisation, data order, training mix).
+tabulates, per test set, each variant's accuracy (and macro-F1) per seed, its mean and standard
+deviation, and the full method minus PEFT LoRA per seed. It answers whether a difference between
+variants in one run is larger than what changing the seed alone does (adapter initialisation, data
+order, training mix), and whether the tuned models beat the best constant answer (always the most
+frequent gold letter of the evaluated subsample: a model that learned the answer format and a label
+prior, and nothing of the questions, scores this).
 
     PYTHONPATH=src python benchmarks/loramoe_results.py --variants lora,loramoe_full --seed 1 \
         --name loramoe_results_en_seed1      # and --seed 2; the other options as in loramoe_results_en
@@ -27,6 +30,19 @@ SAME = ("base", "train_data", "eval", "steps", "batch_size", "grad_accum", "lr",
 
 def headline(summary: dict) -> float:
     return summary["accuracy"] if "accuracy" in summary else summary["rouge_l"]
+
+
+def constant_answer_accuracy(spec: str) -> float | None:
+    """Accuracy of always giving the most frequent gold answer of the subsample `medmoe eval` scores
+    (NAME:LIMIT); None for open-ended sets."""
+    from collections import Counter
+
+    from medmoe.eval.benchmarks import load_benchmark
+
+    name, _, limit = spec.partition(":")
+    records = load_benchmark(name, int(limit) if limit and int(limit) > 0 else None).records
+    answers = [r.answer for r in records if r.options]
+    return Counter(answers).most_common(1)[0][1] / len(records) if len(answers) == len(records) else None
 
 
 def load_runs(names: list[str]) -> dict[int, dict]:
@@ -56,7 +72,9 @@ def main() -> None:
     args = parser.parse_args()
     runs = load_runs(args.reports)
     variants = args.variants.split(",")
-    sets = [e.partition(":")[0] for e in next(iter(runs.values()))["args"]["eval"]]
+    specs = next(iter(runs.values()))["args"]["eval"]
+    sets = [e.partition(":")[0] for e in specs]
+    constant = {b: constant_answer_accuracy(spec) for b, spec in zip(sets, specs)}
     for seed, report in runs.items():
         missing = [v for v in variants if v not in report["results"]]
         if missing:
@@ -68,16 +86,25 @@ def main() -> None:
     lines = [(f"Reports: {', '.join(f'`{n}`' for n in args.reports)} (seeds {', '.join(map(str, seeds))}); "
               "each trains every variant with that seed (adapter initialisation, data order, training mix) "
               "and the same settings otherwise. Headline metric per test set (accuracy; ROUGE-L for open questions).\n"),
-             "| variant | test set (n) | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | sd over seeds |",
-             "| --- | --- | " + " | ".join("---:" for _ in seeds) + " | ---: | ---: |"]
+             "| variant | test set (n) | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | sd over seeds | macro-F1 per seed |",
+             "| --- | --- | " + " | ".join("---:" for _ in seeds) + " | ---: | ---: | ---: |"]
     spread = {}
     for v in variants:
         for b in sets:
             values = [score[v, b, s] for s in seeds]
             spread[v, b] = statistics.stdev(values) if len(values) > 1 else 0.0
+            f1 = [runs[s]["results"][v][b].get("macro_f1") for s in seeds]
             lines.append(f"| {v} | {b} ({examples[b]}) | " + " | ".join(f"{x:.3f}" for x in values)
-                         + f" | {statistics.mean(values):.3f} | {spread[v, b]:.3f} |")
-    data = {"args": vars(args), "seeds": seeds, "scores": {f"{v}|{b}|{s}": x for (v, b, s), x in score.items()},
+                         + f" | {statistics.mean(values):.3f} | {spread[v, b]:.3f} | "
+                         + (", ".join(f"{x:.3f}" for x in f1) if None not in f1 else "-") + " |")
+    for b in sets:
+        if constant[b] is not None:
+            lines.append(f"| best constant answer | {b} ({examples[b]}) | " + " | ".join(f"{constant[b]:.3f}" for _ in seeds)
+                         + f" | {constant[b]:.3f} | 0 | - |")
+    cells = [(v, b, s) for v in variants for b in sets for s in seeds if constant[b] is not None]
+    at_or_below = sum(score[c] <= constant[c[1]] + 1e-9 for c in cells)
+    lines.append(f"\nTuned models at or below the best constant answer: {at_or_below} of {len(cells)} (variant, set, seed) cells.")
+    data = {"args": vars(args), "seeds": seeds, "constant_answer_accuracy": constant, "scores": {f"{v}|{b}|{s}": x for (v, b, s), x in score.items()},
             "sd_over_seeds": {f"{v}|{b}": x for (v, b), x in spread.items()}}
     if "lora" in variants and "loramoe_full" in variants:
         lines += ["\n## Full method minus PEFT LoRA, per seed\n",
