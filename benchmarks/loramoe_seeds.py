@@ -32,17 +32,21 @@ def headline(summary: dict) -> float:
     return summary["accuracy"] if "accuracy" in summary else summary["rouge_l"]
 
 
-def constant_answer_accuracy(spec: str) -> float | None:
-    """Accuracy of always giving the most frequent gold answer of the subsample `medmoe eval` scores
-    (NAME:LIMIT); None for open-ended sets."""
+def constant_answer(spec: str) -> tuple[float, float] | None:
+    """(accuracy, macro-F1) of always giving the most frequent gold answer of the subsample that
+    `medmoe eval` scores (NAME:LIMIT); None for open-ended sets."""
     from collections import Counter
 
     from medmoe.eval.benchmarks import load_benchmark
+    from medmoe.eval.metrics import macro_f1
 
     name, _, limit = spec.partition(":")
     records = load_benchmark(name, int(limit) if limit and int(limit) > 0 else None).records
-    answers = [r.answer for r in records if r.options]
-    return Counter(answers).most_common(1)[0][1] / len(records) if len(answers) == len(records) else None
+    gold = [r.answer for r in records if r.options]
+    if len(gold) != len(records):
+        return None
+    most = Counter(gold).most_common(1)[0][0]
+    return gold.count(most) / len(gold), macro_f1(gold, [most] * len(gold))
 
 
 def load_runs(names: list[str]) -> dict[int, dict]:
@@ -74,7 +78,8 @@ def main() -> None:
     variants = args.variants.split(",")
     specs = next(iter(runs.values()))["args"]["eval"]
     sets = [e.partition(":")[0] for e in specs]
-    constant = {b: constant_answer_accuracy(spec) for b, spec in zip(sets, specs)}
+    constant_scores = {b: constant_answer(spec) for b, spec in zip(sets, specs)}
+    constant = {b: c[0] if c else None for b, c in constant_scores.items()}
     for seed, report in runs.items():
         missing = [v for v in variants if v not in report["results"]]
         if missing:
@@ -100,11 +105,11 @@ def main() -> None:
     for b in sets:
         if constant[b] is not None:
             lines.append(f"| best constant answer | {b} ({examples[b]}) | " + " | ".join(f"{constant[b]:.3f}" for _ in seeds)
-                         + f" | {constant[b]:.3f} | 0 | - |")
+                         + f" | {constant[b]:.3f} | 0 | {constant_scores[b][1]:.3f} |")
     cells = [(v, b, s) for v in variants for b in sets for s in seeds if constant[b] is not None]
     at_or_below = sum(score[c] <= constant[c[1]] + 1e-9 for c in cells)
     lines.append(f"\nTuned models at or below the best constant answer: {at_or_below} of {len(cells)} (variant, set, seed) cells.")
-    data = {"args": vars(args), "seeds": seeds, "constant_answer_accuracy": constant, "scores": {f"{v}|{b}|{s}": x for (v, b, s), x in score.items()},
+    data = {"args": vars(args), "seeds": seeds, "constant_answer_accuracy_macro_f1": constant_scores, "scores": {f"{v}|{b}|{s}": x for (v, b, s), x in score.items()},
             "sd_over_seeds": {f"{v}|{b}": x for (v, b), x in spread.items()}}
     if "lora" in variants and "loramoe_full" in variants:
         lines += ["\n## Full method minus PEFT LoRA, per seed\n",
