@@ -1,4 +1,5 @@
-"""Timing helpers of the LoRA-MoE benchmarks (reports are written by benchmarks/common.py)."""
+"""Helpers of the LoRA-MoE benchmarks: timing, and the constant-answer baseline of a test set
+(reports are written by benchmarks/common.py)."""
 
 from __future__ import annotations
 
@@ -34,3 +35,21 @@ def ratio_summary(times: dict[str, list[float]], numerator: str, denominator: st
         "ratio_of_medians": statistics.median(times[numerator]) / statistics.median(times[denominator]),
         "median_round_ratio": statistics.median(per_round),
     }
+
+
+def constant_answer(spec: str) -> tuple[float, float] | None:
+    """(accuracy, macro-F1) of always giving the most frequent gold answer of the subsample that
+    `medmoe eval` scores (NAME:LIMIT): what a model that learned only the answer format and a label
+    prior scores. None for open-ended sets."""
+    from collections import Counter
+
+    from medmoe.eval.benchmarks import load_benchmark
+    from medmoe.eval.metrics import macro_f1
+
+    name, _, limit = spec.partition(":")
+    records = load_benchmark(name, int(limit) if limit and int(limit) > 0 else None).records
+    gold = [r.answer for r in records if r.options]
+    if len(gold) != len(records):
+        return None
+    most = Counter(gold).most_common(1)[0][0]
+    return gold.count(most) / len(gold), macro_f1(gold, [most] * len(gold))

@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_report  # noqa: E402
+from _loramoe_common import constant_answer
+from common import write_report
 
 REPORTS = Path(__file__).resolve().parents[1] / "reports"
 VARIANTS = {
@@ -86,18 +87,22 @@ def headline(s: dict) -> float:
 
 def report_lines(args, results: dict, meta: dict) -> list[str]:
     sets = [e.partition(":")[0] for e in args.eval]
-    lines = [f"Base `{args.base}`. Each trained variant: the first {args.train_limit} training examples of each of "
+    lines = [(f"Base `{args.base}`. Each trained variant: the first {args.train_limit} training examples of each of "
              f"`{args.train_data}` (train splits, shuffled together"
              f"{'; completions: the answer, then the explanation' if args.with_explanations else ''}), {args.steps} steps of batch {args.batch_size} x "
              f"accumulation {args.grad_accum}, lr {args.lr}, max length {args.max_length}, seed {args.seed}. Test sets: the fixed "
              f"sha256 subsamples of `medmoe eval --limit` ({', '.join(args.eval)}; 0 = all). Zero-shot, letter rule "
-             "(CMB-Clin: generated, ROUGE-L and BERTScore). 95% bootstrap intervals; (n evaluated / test split size).\n",
+             "(CMB-Clin: generated, ROUGE-L and BERTScore). 95% bootstrap intervals; (n evaluated / test split size).\n"),
              "| variant | trainable params | train s | " + " | ".join(sets) + " | mean |",
              "| --- | ---: | ---: | " + " | ".join("---" for _ in sets) + " | ---: |"]
     for variant, by_set in results.items():
         mean = sum(headline(s) for s in by_set.values()) / len(by_set)
         lines.append(f"| {variant} | {meta[variant]['trainable_params']:,} | {meta[variant].get('train_s', 0):.0f} | "
                      + " | ".join(cell(s) for s in by_set.values()) + f" | {mean:.3f} |")
+    constant = [constant_answer(e) for e in args.eval]
+    if any(constant):
+        lines.append("| best constant answer (the most frequent gold answer, always) | 0 | 0 | "
+                     + " | ".join(f"{c[0]:.3f}" if c else "-" for c in constant) + " | |")
     grouped = [b for b in sets if "per_group" in next(iter(results.values()))[b]]
     for bench in grouped:
         groups = list(next(iter(results.values()))[bench]["per_group"])

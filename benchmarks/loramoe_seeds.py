@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _loramoe_common import constant_answer
 from common import REPORTS, write_report
 
 SAME = ("base", "train_data", "eval", "steps", "batch_size", "grad_accum", "lr", "max_length", "train_limit")
@@ -30,23 +31,6 @@ SAME = ("base", "train_data", "eval", "steps", "batch_size", "grad_accum", "lr",
 
 def headline(summary: dict) -> float:
     return summary["accuracy"] if "accuracy" in summary else summary["rouge_l"]
-
-
-def constant_answer(spec: str) -> tuple[float, float] | None:
-    """(accuracy, macro-F1) of always giving the most frequent gold answer of the subsample that
-    `medmoe eval` scores (NAME:LIMIT); None for open-ended sets."""
-    from collections import Counter
-
-    from medmoe.eval.benchmarks import load_benchmark
-    from medmoe.eval.metrics import macro_f1
-
-    name, _, limit = spec.partition(":")
-    records = load_benchmark(name, int(limit) if limit and int(limit) > 0 else None).records
-    gold = [r.answer for r in records if r.options]
-    if len(gold) != len(records):
-        return None
-    most = Counter(gold).most_common(1)[0][0]
-    return gold.count(most) / len(gold), macro_f1(gold, [most] * len(gold))
 
 
 def load_runs(names: list[str]) -> dict[int, dict]:
