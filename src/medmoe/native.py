@@ -35,8 +35,11 @@ def build(stem: str, source: str, disable_env: str, fallback: str):
         return None
     name = extension_name(stem)
     try:
-        from torch.utils.cpp_extension import load_inline
+        from torch.utils.cpp_extension import _get_build_directory, load_inline
 
+        folder = _get_build_directory(name, verbose=False)
+        if not os.path.exists(os.path.join(folder, f"{name}.so")):  # say why the first call pauses
+            log.warning("medmoe: compiling the C++ kernel %s (first use only, under a minute; cached in %s)", stem, folder)
         _remove_stale_build_lock(name)
         return load_inline(name=name, cpp_sources=[source], functions=None, verbose=False,
                            extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"])

@@ -278,7 +278,7 @@ def add_experts_(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b_t: torch.T
     y (N, d_out) and x (N, d_in) contiguous; a = A (E, r, d_in); b_t (E, r, d_out) with b_t[e, j] = column
     j of B_e; top_i (N, k) int64; gates G (N, k), the scale alpha / r folded in."""
     h = x.new_empty(x.shape[0], top_i.shape[1], a.shape[1])
-    _module().forward(x, a, b_t, top_i, gates, y, h)
+    _module().forward(x, a, b_t, top_i.contiguous(), gates.contiguous(), y, h)
     return h
 
 
@@ -288,7 +288,7 @@ class SparseExpertMix(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y0, x, a, b, top_i, gates):
-        x, a, top_i, gates = x.contiguous(), a.contiguous(), top_i.contiguous(), gates.contiguous()
+        x, a, top_i, gates = x.contiguous(), a.contiguous(), top_i.contiguous(), gates.contiguous()  # no-ops in the layer
         b_t = b.transpose(1, 2).contiguous()  # B_t (E, r, d_out)
         h = add_experts_(y0, x, a, b_t, top_i, gates)  # h = A_e x_n: (N, k, r)
         ctx.mark_dirty(y0)
