@@ -31,9 +31,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _loramoe_common import alternate, ratio_summary, write_report  # noqa: E402
+from _loramoe_common import alternate, ratio_summary, write_report
 
-from medmoe.loramoe import LoraMoeConfig, LoraMoeLinear, LoraMoeModel  # noqa: E402
+from medmoe.loramoe import LoraMoeConfig, LoraMoeLinear, LoraMoeModel
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -104,7 +104,7 @@ def build_variants(base, seed: int = 0):
 
     torch.manual_seed(seed)
     peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS))
-    moe_cfg = dict(num_experts=8, top_k=2, rank=8, alpha=16, target_modules=TARGETS)
+    moe_cfg = {"num_experts": 8, "top_k": 2, "rank": 8, "alpha": 16, "target_modules": TARGETS}
     variants = {"peft_lora_r16": peft_model}
     for name, compute in [("loramoe_e8k2r8", "auto"), ("loramoe_dense", "dense"), ("loramoe_python_loop", "loop")]:
         if compute == "dense" and ours_kind() == "dense":

@@ -143,19 +143,18 @@ def test_active_dropout_matches_the_loop_reference(compute):
     sparse kernel adding into the base layer's output in place)."""
     x = torch.randn(2, 5, 12)
     outs, grads, layers = {}, {}, {}
-    for compute in (compute, "loop"):
-        layer = layers[compute] = _layer(compute, dropout=0.5)
+    for kind in (compute, "loop"):
+        layer = layers[kind] = _layer(kind, dropout=0.5)
         layer.train()
         torch.manual_seed(3)  # the same dropout mask for both
         y = layer(x)
         y.square().sum().backward()
-        outs[compute] = y.detach()
-        grads[compute] = (layer.lora_A.grad, layer.lora_B.grad, layer.router.w_q.grad)
-    tested = next(iter(layers))
-    assert torch.allclose(outs[tested], outs["loop"], atol=1e-5)
-    for g, g_ref in zip(grads[tested], grads["loop"]):
+        outs[kind] = y.detach()
+        grads[kind] = (layer.lora_A.grad, layer.lora_B.grad, layer.router.w_q.grad)
+    assert torch.allclose(outs[compute], outs["loop"], atol=1e-5)
+    for g, g_ref in zip(grads[compute], grads["loop"]):
         assert torch.allclose(g, g_ref, atol=1e-4)
-    layer = layers[tested].eval()  # no dropout at inference: the fused path, and the equation again
+    layer = layers[compute].eval()  # no dropout at inference: the fused path, and the equation again
     assert torch.allclose(layer(x[0]), _equation_reference(layer, x[0]), atol=1e-5)
 
 
@@ -202,14 +201,14 @@ def test_fused_layer_auxiliary_losses_match_the_loop_reference(compute):
     """Balance, z and contrastive losses (router inputs collected by the layer) and their gradients."""
     x = torch.randn(2, 9, 12)
     results = {}
-    for compute in (compute, "loop"):
-        layer = _layer(compute, contrastive_tokens=None, queue_size=0)
+    for kind in (compute, "loop"):
+        layer = _layer(kind, contrastive_tokens=None, queue_size=0)
         layer.context.compute_aux = layer.context.track_load = True
         layer(x)
         losses = layer.aux_losses
         assert set(losses) == {"balance", "z", "contrastive"}
         sum(losses.values()).backward()
-        results[compute] = [losses[k].detach() for k in sorted(losses)] + [layer.router.w_q.grad, layer.router.keys.grad, layer.expert_load.clone()]
+        results[kind] = [losses[k].detach() for k in sorted(losses)] + [layer.router.w_q.grad, layer.router.keys.grad, layer.expert_load.clone()]
     for got, ref in zip(*results.values()):
         assert torch.allclose(got, ref, atol=1e-6)
 
