@@ -40,7 +40,7 @@ def build(stem: str, source: str, disable_env: str, fallback: str):
         folder = _get_build_directory(name, verbose=False)
         if not os.path.exists(os.path.join(folder, f"{name}.so")):  # say why the first call pauses
             log.warning("medmoe: compiling the C++ kernel %s (first use only, under a minute; cached in %s)", stem, folder)
-        _remove_stale_build_lock(name)
+        _remove_stale_build_lock(folder)
         return load_inline(name=name, cpp_sources=[source], functions=None, verbose=False,
                            extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"])
     except Exception as exc:  # noqa: BLE001  (no compiler, no ninja, or a build error: fall back, say so once)
@@ -49,12 +49,10 @@ def build(stem: str, source: str, disable_env: str, fallback: str):
         return None
 
 
-def _remove_stale_build_lock(name: str, max_age_s: float = 600.0) -> None:
-    """A build killed mid-way leaves torch's build lock behind, and every later process then waits on
-    it forever. A build takes well under a minute, so a lock older than max_age_s is stale: remove it."""
-    from torch.utils.cpp_extension import _get_build_directory
-
-    lock = os.path.join(_get_build_directory(name, verbose=False), "lock")
+def _remove_stale_build_lock(folder: str, max_age_s: float = 600.0) -> None:
+    """A build killed mid-way leaves torch's build lock in `folder`, and every later process then waits
+    on it forever. A build takes well under a minute, so a lock older than max_age_s is stale: remove it."""
+    lock = os.path.join(folder, "lock")
     try:
         if time.time() - os.path.getmtime(lock) > max_age_s:
             os.remove(lock)
