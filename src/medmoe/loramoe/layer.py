@@ -6,8 +6,9 @@ Glossary (docs/loramoe.md): N tokens (flattened), d_in / d_out widths, E experts
 A: (E, r, d_in), B: (E, d_out, r) initialised to zero, g router probabilities (N, E) in fp32,
 ghat gates renormalised over the top-k (N, k).
 Computation (config.compute; docs/loramoe.md, "Computation"), both with hand-written backward passes:
-  "sparse" (sparse_kernel.py, CPU fp32): the base GEMM and the router's projection, then a C++ kernel
-      that computes only each token's k selected experts, accumulating into W_0 x + b in place;
+  "sparse" (sparse_kernel.py, CPU fp32): the whole layer in one autograd Function: the base GEMM and the
+      router's projection, then a C++ kernel for the router's head, the top-k and only each token's k
+      selected experts, accumulating into W_0 x + b in place;
   "dense" (fused.py, any device): one GEMM gives W_0 x + b, all experts' A x and the router's
       projection; the gates (alpha / r folded in) zero the unselected experts, and B's GEMM
       accumulates into W_0 x + b.
@@ -213,24 +214,30 @@ class LoraMoeLinear(nn.Module):
         )
 
     def _forward_fused(self, x_flat: torch.Tensor, sparse: bool) -> torch.Tensor:
-        """x (N, d_in) -> y (N, d_out). Dense: three GEMMs forward and five backward. Sparse: the base
-        and router GEMMs, then the kernel on the selected experts only (docs/loramoe.md, "Computation")."""
+        """x (N, d_in) -> y (N, d_out). Sparse: the whole layer in one autograd Function (sparse_kernel.py).
+        Dense: three GEMMs forward and five backward (fused.py); docs/loramoe.md, "Computation"."""
         c, base = self.config, self.base_layer
-        e_r = c.num_experts * c.rank
         router_w = self.router.projection  # W_r: W_q (d_q, d_in) or W_g (E, d_in)
-        # W_lora = [A_flat ; W_r] (dense) or W_r alone (sparse: the kernel computes A x itself)
-        w_lora = router_w if sparse else torch.cat([self.lora_A.reshape(e_r, -1), router_w])
+        if sparse:
+            y, logits, q, gates, top_i = sparse_kernel.SparseLoraMoe.apply(
+                x_flat, base.weight, base.bias, router_w, self._router_keys(), self.lora_A, self.lora_B, c.top_k, c.scaling,
+                1.0 / c.temperature)
+            self._after_routing(x_flat, logits, gates, top_i, q)
+            return y
+        e_r = c.num_experts * c.rank
+        w_lora = torch.cat([self.lora_A.reshape(e_r, -1), router_w])  # W_lora = [A_flat ; W_r]
         y0, h, router_proj = FusedProjection.apply(x_flat, base.weight, base.bias, w_lora, router_w.shape[0])
         logits, q = self.router.head(router_proj)  # (N, E), (N, d_q) or None
         gates, top_i = top_k_gates(logits, c.top_k)  # ghat (N, k), indices (N, k)
-        if sparse:
-            y = sparse_kernel.SparseExpertMix.apply(y0, x_flat, self.lora_A, self.lora_B, top_i, gates * c.scaling)
-        else:
-            g = dense_gates(top_i, gates * c.scaling, c.num_experts)  # G (N, E): (alpha / r) ghat, 0 off the top-k
-            b_t = self.lora_B.transpose(1, 2).reshape(e_r, -1)  # B_t (E*r, d_out): row e*r + j = B_e[:, j]
-            y = ExpertMix.apply(y0, h, g, b_t)  # W_0 x + b + (H * G) B_t
+        g = dense_gates(top_i, gates * c.scaling, c.num_experts)  # G (N, E): (alpha / r) ghat, 0 off the top-k
+        b_t = self.lora_B.transpose(1, 2).reshape(e_r, -1)  # B_t (E*r, d_out): row e*r + j = B_e[:, j]
+        y = ExpertMix.apply(y0, h, g, b_t)  # W_0 x + b + (H * G) B_t
         self._after_routing(x_flat, logits, gates, top_i, q)
         return y
+
+    def _router_keys(self) -> torch.Tensor | None:
+        """The prototype router's normalised keys kn (E, d_q), or None for the linear router (the sparse kernel's input)."""
+        return self.router.normalized_keys() if self.config.router_kind == "prototype" else None
 
     def _forward_inference(self, x_flat: torch.Tensor, sparse: bool) -> torch.Tensor:
         """The fused paths' equations without autograd (no gradient wanted): the stacked weights
@@ -239,19 +246,19 @@ class LoraMoeLinear(nn.Module):
         c, base = self.config, self.base_layer
         e_r = c.num_experts * c.rank
         w_lora, b_t = self._stacked_weights()  # (E*r + d_q, d_in), (E*r, d_out)
-        y0 = torch.nn.functional.linear(x_flat, base.weight, base.bias)  # W_0 x + b, bit-identical to the base layer
-        d_q = w_lora.shape[0] - e_r
-        projected = x_flat @ (w_lora[e_r:] if sparse else w_lora).t()  # [H | P] (N, E*r + d_q), or P alone
-        logits, q = self.router.head(projected[:, -d_q:])  # (N, E), (N, d_q) or None
-        gates, top_i = top_k_gates(logits, c.top_k)
         if sparse:
-            sparse_kernel.add_experts_(y0, x_flat.contiguous(), self.lora_A.detach(), b_t.view(c.num_experts, c.rank, -1),
-                                       top_i, gates * c.scaling)  # y0 += sum_s G B_e A_e x, in place
-            y = y0
-        else:
-            g = dense_gates(top_i, gates * c.scaling, c.num_experts)  # G (N, E)
-            h_gated = (projected[:, :e_r].unflatten(1, (c.num_experts, c.rank)) * g[:, :, None]).flatten(1)  # H' (N, E*r)
-            y = torch.addmm(y0, h_gated, b_t)  # W_0 x + b + H' B_t
+            y, logits, q, gates, top_i, *_ = sparse_kernel.layer_forward(
+                x_flat.contiguous(), base.weight, base.bias, w_lora[e_r:], self._router_keys(), self.lora_A.detach(),
+                b_t.view(c.num_experts, c.rank, -1), c.top_k, c.scaling, 1.0 / c.temperature)
+            self._after_routing(x_flat, logits, gates, top_i, q)
+            return y
+        y0 = torch.nn.functional.linear(x_flat, base.weight, base.bias)  # W_0 x + b, bit-identical to the base layer
+        projected = x_flat @ w_lora.t()  # [H | P] (N, E*r + d_q)
+        logits, q = self.router.head(projected[:, e_r:])  # (N, E), (N, d_q) or None
+        gates, top_i = top_k_gates(logits, c.top_k)
+        g = dense_gates(top_i, gates * c.scaling, c.num_experts)  # G (N, E)
+        h_gated = (projected[:, :e_r].unflatten(1, (c.num_experts, c.rank)) * g[:, :, None]).flatten(1)  # H' (N, E*r)
+        y = torch.addmm(y0, h_gated, b_t)  # W_0 x + b + H' B_t
         self._after_routing(x_flat, logits, gates, top_i, q)
         return y
 
