@@ -68,7 +68,7 @@ static void dots_rows(const float* rows, int64_t ld, const float* const* v, int6
 // ---------- out[t][0:n] = (accumulate ? out[t] : 0) + sum_q c[t * Q + q] * rows[q][0:n]: rows shared by T tokens ----------
 template <int T>
 static void combine(float* const* out, const float* const* rows, const float* c, int64_t Q, int64_t n, bool accumulate) {
-  constexpr int V = T == 1 ? 8 : (T <= 3 ? 4 : 2);
+  constexpr int V = T == 1 ? 8 : 4;
   int64_t i = 0;
   for (; i + V * L <= n; i += V * L) {
     vf acc[T][V];
