@@ -66,7 +66,7 @@ def test_batched_shapes_and_gradients_agree_across_compute_kinds():
     for compute in kinds[1:]:
         assert torch.allclose(outs[compute], outs["dense"], atol=1e-5)
         for g, g_ref in zip(grads[compute], grads["dense"]):
-            assert torch.allclose(g, g_ref, atol=1e-4)
+            assert (g - g_ref).abs().max() <= 1e-5 * g_ref.abs().max()  # fp32: the kinds sum in different orders
 
 
 def test_fresh_layer_is_the_base_layer():
@@ -301,7 +301,8 @@ def test_sparse_layer_matches_autograd(router_kind, n, d_in, d_out, e, r, k):
         kn = torch.nn.functional.normalize(t["keys"], dim=-1) if router_kind == "prototype" else None
         if sparse:
             y, logits, q, gates, top_i = sparse_kernel.SparseLoraMoe.apply(
-                t["x"], t["w0"], t["bias"], t["w_r"], kn, t["a"], t["b"], k, scaling, 1.0 / temperature)
+                t["x"], t["w0"], t["bias"], t["w_r"], t["keys"] if kn is not None else None, t["a"], t["b"], k, scaling,
+                1.0 / temperature)
         else:
             p = t["x"] @ t["w_r"].t()
             q = torch.nn.functional.normalize(p, dim=-1) if kn is not None else None

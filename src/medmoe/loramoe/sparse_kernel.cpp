@@ -117,40 +117,42 @@ static inline void accumulate_pairs(float* tile, const float* coef, int64_t cs, 
 }
 
 template <int R>
-static void outer_task(float* out, int64_t ld_out, const float* coef, int64_t cs, const float* src, int64_t ld,
+static void outer_task(float* out, int64_t rs, int64_t cs_out, const float* coef, int64_t cs, const float* src, int64_t ld,
                        const int64_t* pairs, int64_t np, int64_t K, int64_t i0, int64_t w) {
   alignas(64) float tile[R * CW];
   std::fill(tile, tile + R * CW, 0.f);
   int64_t q = 0;
   for (; q + 4 <= np; q += 4) accumulate_pairs<R, 4>(tile, coef, cs, src, ld, pairs + q, K, i0, w);
   for (; q < np; ++q) accumulate_pairs<R, 1>(tile, coef, cs, src, ld, pairs + q, K, i0, w);
-  for (int j = 0; j < R; ++j) std::copy(tile + j * CW, tile + j * CW + w, out + j * ld_out + i0);
+  if (cs_out == 1) for (int j = 0; j < R; ++j) std::copy(tile + j * CW, tile + j * CW + w, out + j * rs + i0);
+  else for (int j = 0; j < R; ++j) for (int64_t i = 0; i < w; ++i) out[j * rs + (i0 + i) * cs_out] = tile[j * CW + i];
 }
 
-// one task: rows [j0, j0 + min(8, rows - j0)) and columns [i0, i0 + w) of out (rows x ld_out)
-static void outer_rows(float* out, int64_t ld_out, int64_t rows, const float* coef, int64_t cs, const float* src, int64_t ld,
+// one task: rows [j0, j0 + min(8, rows - j0)) and columns [i0, i0 + w) of out, element (j, i) at out[j * rs + i * cs_out]
+static void outer_rows(float* out, int64_t rs, int64_t cs_out, int64_t rows, const float* coef, int64_t cs, const float* src, int64_t ld,
                        const int64_t* pairs, int64_t np, int64_t K, int64_t j0, int64_t i0, int64_t w) {
-  float* o = out + j0 * ld_out; const float* cf = coef + j0;
+  float* o = out + j0 * rs; const float* cf = coef + j0;
   switch (std::min<int64_t>(8, rows - j0)) {
-    case 1: outer_task<1>(o, ld_out, cf, cs, src, ld, pairs, np, K, i0, w); break;
-    case 2: outer_task<2>(o, ld_out, cf, cs, src, ld, pairs, np, K, i0, w); break;
-    case 3: outer_task<3>(o, ld_out, cf, cs, src, ld, pairs, np, K, i0, w); break;
-    case 4: outer_task<4>(o, ld_out, cf, cs, src, ld, pairs, np, K, i0, w); break;
-    case 5: outer_task<5>(o, ld_out, cf, cs, src, ld, pairs, np, K, i0, w); break;
-    case 6: outer_task<6>(o, ld_out, cf, cs, src, ld, pairs, np, K, i0, w); break;
-    case 7: outer_task<7>(o, ld_out, cf, cs, src, ld, pairs, np, K, i0, w); break;
-    default: outer_task<8>(o, ld_out, cf, cs, src, ld, pairs, np, K, i0, w); break;
+    case 1: outer_task<1>(o, rs, cs_out, cf, cs, src, ld, pairs, np, K, i0, w); break;
+    case 2: outer_task<2>(o, rs, cs_out, cf, cs, src, ld, pairs, np, K, i0, w); break;
+    case 3: outer_task<3>(o, rs, cs_out, cf, cs, src, ld, pairs, np, K, i0, w); break;
+    case 4: outer_task<4>(o, rs, cs_out, cf, cs, src, ld, pairs, np, K, i0, w); break;
+    case 5: outer_task<5>(o, rs, cs_out, cf, cs, src, ld, pairs, np, K, i0, w); break;
+    case 6: outer_task<6>(o, rs, cs_out, cf, cs, src, ld, pairs, np, K, i0, w); break;
+    case 7: outer_task<7>(o, rs, cs_out, cf, cs, src, ld, pairs, np, K, i0, w); break;
+    default: outer_task<8>(o, rs, cs_out, cf, cs, src, ld, pairs, np, K, i0, w); break;
   }
 }
 
-// A weight gradient as tasks: out (rows, width) = sum over pairs of coef (rows per pair) x src rows
+// A weight gradient as tasks: out (rows, width) = sum over pairs of coef (rows per pair) x src rows,
+// stored as (rows, width) or, transposed, as (width, rows)
 struct OuterJob {
   float* out; int64_t rows, width; const float* coef; int64_t cs; const float* src; int64_t ld;
-  const int64_t* pairs; int64_t np, K;
+  const int64_t* pairs; int64_t np, K; bool transposed;
   int64_t tasks() const { return ((rows + 7) / 8) * ((width + CW - 1) / CW); }
   void run(int64_t t) const {
     const int64_t groups = (rows + 7) / 8, j0 = (t % groups) * 8, i0 = (t / groups) * CW;
-    outer_rows(out, width, rows, coef, cs, src, ld, pairs, np, K, j0, i0, std::min(CW, width - i0));
+    outer_rows(out, transposed ? 1 : width, transposed ? rows : 1, rows, coef, cs, src, ld, pairs, np, K, j0, i0, std::min(CW, width - i0));
   }
 };
 
@@ -229,24 +231,48 @@ static void check(const torch::Tensor& t, const char* name) {
               "sparse LoRA-MoE kernel: ", name, " must be a contiguous fp32 CPU tensor");
 }
 
-// ---------- routing: logits, q, top-k and gates (forward) ----------
-// p (N, d_q); kn (E, d_q) or empty (linear router: logits = p). Returns logits (N, E), q (N, d_q) or empty,
-// gates (N, k), top_i (N, k): the k largest logits, best first (ties: the lower index; NaN counts as largest).
-std::vector<torch::Tensor> route(torch::Tensor p, torch::Tensor kn, double inv_temperature, int64_t K) {
-  check(p, "P");
-  const bool proto = kn.numel() > 0;
-  if (proto) check(kn, "normalised keys");
-  const int64_t N = p.size(0), dq = p.size(1), E = proto ? kn.size(0) : dq;
-  TORCH_CHECK(!proto || kn.size(1) == dq, "sparse LoRA-MoE kernel: keys and router projection widths differ");
+// ---------- routing (forward): P = W_r x, then logits, q, top-k and gates ----------
+// x (N, d_in); w_r (d_q, d_in); keys (E, d_q) or empty (linear router: logits = P, d_q = E).
+// Returns P (N, d_q), logits (N, E), q (N, d_q) or empty, gates (N, k), top_i (N, k): the k largest logits,
+// best first (ties: the lower index; NaN counts as largest), and kn (E, d_q) the normalised keys or empty.
+std::vector<torch::Tensor> route(torch::Tensor x, torch::Tensor w_r, torch::Tensor keys, double inv_temperature, int64_t K) {
+  check(x, "x"); check(w_r, "W_r");
+  const bool proto = keys.numel() > 0;
+  if (proto) check(keys, "keys");
+  const int64_t N = x.size(0), din = x.size(1), dq = w_r.size(0), E = proto ? keys.size(0) : dq;
+  TORCH_CHECK(w_r.size(1) == din, "sparse LoRA-MoE kernel: W_r and x widths differ");
+  TORCH_CHECK(!proto || keys.size(1) == dq, "sparse LoRA-MoE kernel: keys and router projection widths differ");
   TORCH_CHECK(K >= 1 && K <= E, "sparse LoRA-MoE kernel: top_k must be in [1, ", E, "]");
-  auto logits = proto ? torch::empty({N, E}, p.options()) : p.clone();
-  auto q = proto ? torch::empty_like(p) : torch::empty({0}, p.options());
-  auto gates = torch::empty({N, K}, p.options());
-  auto top_i = torch::empty({N, K}, p.options().dtype(torch::kLong));
-  const float* Pp = p.data_ptr<float>(); const float* KN = proto ? kn.data_ptr<float>() : nullptr;
-  float* LG = logits.data_ptr<float>(); float* Q = proto ? q.data_ptr<float>() : nullptr;
+  auto opts = x.options();
+  auto p = torch::empty({N, dq}, opts), logits = proto ? torch::empty({N, E}, opts) : p;
+  auto q = proto ? torch::empty({N, dq}, opts) : torch::empty({0}, opts), kn = proto ? torch::empty({E, dq}, opts) : q;
+  auto gates = torch::empty({N, K}, opts);
+  auto top_i = torch::empty({N, K}, opts.dtype(torch::kLong));
+  const float* X = x.data_ptr<float>(); const float* WR = w_r.data_ptr<float>();
+  float* Pp = p.data_ptr<float>(); float* LG = logits.data_ptr<float>(); float* Q = proto ? q.data_ptr<float>() : nullptr;
+  float* KN = proto ? kn.data_ptr<float>() : nullptr;
   float* G = gates.data_ptr<float>(); int64_t* TI = top_i.data_ptr<int64_t>();
   const float inv_t = (float)inv_temperature;
+  if (proto) {  // kn = keys / max(|keys|, eps), per expert
+    const float* KY = keys.data_ptr<float>();
+    for (int64_t e = 0; e < E; ++e) {
+      float ss = 0.f;
+      for (int64_t i = 0; i < dq; ++i) ss += KY[e * dq + i] * KY[e * dq + i];
+      const float inv = 1.f / std::max(std::sqrt(ss), 1e-12f);
+      for (int64_t i = 0; i < dq; ++i) KN[e * dq + i] = KY[e * dq + i] * inv;
+    }
+  }
+  at::parallel_for(0, (N + MAX_TILE - 1) / MAX_TILE, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t n0 = blk * MAX_TILE;
+      with_tile_size(std::min<int64_t>(MAX_TILE, N - n0), [&](auto tt) {  // P = W_r x for up to 4 tokens at once
+        constexpr int T = decltype(tt)::value;
+        const float* xv[T]; float* pv[T];
+        for (int t = 0; t < T; ++t) { xv[t] = X + (n0 + t) * din; pv[t] = Pp + (n0 + t) * dq; }
+        dots_rows<T>(WR, din, xv, din, dq, pv);
+      });
+    }
+  });
   at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       float* lg = LG + n * E;
@@ -278,7 +304,7 @@ std::vector<torch::Tensor> route(torch::Tensor p, torch::Tensor kn, double inv_t
       for (int64_t s = 0; s < K; ++s) g[s] /= z;
     }
   });
-  return {logits, q, gates, top_i};
+  return {p, proto ? logits : p.clone(), q, gates, top_i, kn};
 }
 
 // ---------- forward: h = A_e x and y += sum_s G B_e h (y updated in place) ----------
@@ -323,11 +349,13 @@ void forward(torch::Tensor x, torch::Tensor a, torch::Tensor bt, torch::Tensor t
 //   layer form: dgates = scaling dG + dgates_in -> dlogits (softmax over the top k, + dlogits_in)
 //               -> dq = dq_in + dlogits kn / T -> dP (normalize's backward; linear router: dP = dlogits)
 //   dx += sum_s A_e^T dh (+ W_r^T dP in the layer form)   (dx: filled by the caller with dy W_0, or empty: not wanted)
-// Then dA_e = sum dh x^T, dBt_e = sum gh dy^T over e's pairs, and dW_r = dP^T x when need_dwr.
-// Returns dA, dBt, dG (N, k: w.r.t. G), dP (N, d_q) and dlogits (N, E) (layer form, else empty), dW_r (or empty).
+//   dkn = dlogits^T q / T -> dkeys (normalize's backward)
+// Then dA_e = sum dh x^T, dB_e = sum dy (gh)^T over e's pairs, and dW_r = dP^T x when need_dwr.
+// Returns dA (E, r, d_in), dB (E, d_out, r), dG (N, k: w.r.t. G), and in the layer form (else empty)
+// dP (N, d_q), dlogits (N, E), dW_r (when need_dwr) and dkeys (prototype router).
 std::vector<torch::Tensor> backward(torch::Tensor x, torch::Tensor a, torch::Tensor bt, torch::Tensor top_i, torch::Tensor gates,
                                     double scaling, torch::Tensor h, torch::Tensor dy, std::vector<torch::Tensor> plan, torch::Tensor dx,
-                                    torch::Tensor p, torch::Tensor q, torch::Tensor kn, torch::Tensor w_r, double inv_temperature,
+                                    torch::Tensor p, torch::Tensor q, torch::Tensor keys, torch::Tensor kn, torch::Tensor w_r, double inv_temperature,
                                     torch::Tensor dlogits_in, torch::Tensor dq_in, torch::Tensor dgates_in, bool need_dwr) {
   check(x, "x"); check(a, "A"); check(bt, "B_t"); check(gates, "gates"); check(h, "h"); check(dy, "dy");
   const int64_t N = x.size(0), din = x.size(1), E = a.size(0), r = a.size(1), dout = bt.size(2), K = top_i.size(1);
@@ -335,11 +363,11 @@ std::vector<torch::Tensor> backward(torch::Tensor x, torch::Tensor a, torch::Ten
   const bool layer = p.dim() == 2, proto = kn.numel() > 0, need_dx = dx.numel() > 0;
   const int64_t dq = layer ? p.size(1) : 0, Q = K * r + dq;  // rows combined into dx per token
   if (layer) { check(p, "P"); check(w_r, "W_r"); TORCH_CHECK(w_r.size(0) == dq && w_r.size(1) == din, "sparse LoRA-MoE kernel: W_r shape"); }
-  if (proto) { check(q, "q"); check(kn, "normalised keys"); }
+  if (proto) { check(q, "q"); check(keys, "keys"); check(kn, "normalised keys"); }
   for (const auto* t : {&dlogits_in, &dq_in, &dgates_in}) if (t->numel()) check(*t, "an upstream router gradient");
   if (need_dx) { check(dx, "dx"); TORCH_CHECK(dx.sizes() == x.sizes(), "sparse LoRA-MoE kernel: dx shape"); }
   auto opts = x.options();
-  auto da = torch::empty_like(a), dbt = torch::empty_like(bt), dg = torch::empty_like(gates);
+  auto da = torch::empty_like(a), db = torch::empty({E, dout, r}, opts), dg = torch::empty_like(gates);
   auto dh = torch::empty({N, K, r}, opts), gh = torch::empty({N, K, r}, opts);
   auto dp = layer ? torch::empty({N, dq}, opts) : torch::empty({0}, opts);
   auto dl = layer ? torch::empty({N, proto ? E : dq}, opts) : torch::empty({0}, opts);
@@ -358,9 +386,11 @@ std::vector<torch::Tensor> backward(torch::Tensor x, torch::Tensor a, torch::Ten
   float* DP = layer ? dp.data_ptr<float>() : nullptr; float* DL = layer ? dl.data_ptr<float>() : nullptr;
   const float sc = (float)scaling, inv_t = (float)inv_temperature;
   const int64_t EL = proto ? E : dq;  // logits per token
+  const int64_t threads = at::get_num_threads();
+  std::vector<float> dkn_parts(proto ? threads * E * dq : 0, 0.f);  // per thread: sum over its tokens of dlogits q^T / T
 
-  // the router's backward for token n, from dG: writes dlogits (N, EL) and dP (N, d_q)
-  auto route_backward = [&](int64_t n, float* dqv) {
+  // the router's backward for token n, from dG: writes dlogits (N, EL) and dP (N, d_q); adds to this thread's dkn
+  auto route_backward = [&](int64_t n, float* dqv, float* dkn) {
     const float* g = GA + n * K; const int64_t* ti = TI + n * K; float* dln = DL + n * EL;
     float dgt[64], mean = 0.f;
     for (int64_t s = 0; s < K; ++s) { dgt[s] = sc * DG[n * K + s] + (DGI ? DGI[n * K + s] : 0.f); mean += g[s] * dgt[s]; }
@@ -369,6 +399,7 @@ std::vector<torch::Tensor> backward(torch::Tensor x, torch::Tensor a, torch::Ten
     float* dpn = DP + n * dq;
     if (!proto) { std::copy(dln, dln + dq, dpn); return; }  // linear router: logits = P
     const float* qn = QQ + n * dq; const float* pn = PP + n * dq;
+    for (int64_t e = 0; e < E; ++e) for (int64_t i = 0; i < dq; ++i) dkn[e * dq + i] += inv_t * dln[e] * qn[i];
     float dot = 0.f, ss = 0.f;
     for (int64_t i = 0; i < dq; ++i) {  // dq = dq_in + dlogits kn / T
       float s = DQI ? DQI[n * dq + i] : 0.f;
@@ -382,6 +413,9 @@ std::vector<torch::Tensor> backward(torch::Tensor x, torch::Tensor a, torch::Ten
 
   // phase 1, per tile: u, dG, dh, gh, the router's backward, dx
   at::parallel_for(0, pl.tiles, 4, [&](int64_t begin, int64_t end) {
+    const int64_t tid = at::get_thread_num();
+    TORCH_CHECK(tid < threads, "sparse LoRA-MoE kernel: thread index out of range");
+    float* dkn = proto ? dkn_parts.data() + tid * E * dq : nullptr;
     std::vector<float> coef(MAX_TILE * Q), u(MAX_TILE * r), dqv(std::max<int64_t>(dq, 1));
     std::vector<const float*> rows(Q);
     for (int64_t i = 0; i < dq; ++i) rows[K * r + i] = WR + i * din;
@@ -409,7 +443,7 @@ std::vector<torch::Tensor> backward(torch::Tensor x, torch::Tensor a, torch::Ten
           for (int64_t j = 0; j < r; ++j) rows[c * r + j] = A + (e * r + j) * din;
         }
         if (layer) for (int t = 0; t < T; ++t) {
-          route_backward(ns[t], dqv.data());
+          route_backward(ns[t], dqv.data(), dkn);
           std::copy(DP + ns[t] * dq, DP + (ns[t] + 1) * dq, coef.data() + t * Q + K * r);
         }
         if (need_dx) combine<T>(dxv, rows.data(), coef.data(), Q, din, layer);  // layer: dx holds dy W_0 already
@@ -421,17 +455,32 @@ std::vector<torch::Tensor> backward(torch::Tensor x, torch::Tensor a, torch::Ten
   std::vector<OuterJob> jobs;
   for (int64_t e = 0; e < E; ++e) {
     const int64_t* pe = pl.pairs + pl.offset[e]; const int64_t np = pl.offset[e + 1] - pl.offset[e];
-    jobs.push_back({da.data_ptr<float>() + e * r * din, r, din, DH, r, X, din, pe, np, K});
-    jobs.push_back({dbt.data_ptr<float>() + e * r * dout, r, dout, GH, r, DY, dout, pe, np, K});
+    jobs.push_back({da.data_ptr<float>() + e * r * din, r, din, DH, r, X, din, pe, np, K, false});
+    jobs.push_back({db.data_ptr<float>() + e * dout * r, r, dout, GH, r, DY, dout, pe, np, K, true});  // dB_e (d_out, r)
   }
   std::vector<int64_t> all_tokens;
   if (layer && need_dwr) {
     all_tokens.resize(N);
     std::iota(all_tokens.begin(), all_tokens.end(), 0);
-    jobs.push_back({dwr.data_ptr<float>(), dq, din, DP, dq, X, din, all_tokens.data(), N, 1});
+    jobs.push_back({dwr.data_ptr<float>(), dq, din, DP, dq, X, din, all_tokens.data(), N, 1, false});
   }
   run_jobs(jobs);
-  return {da, dbt, dg, dp, dl, dwr};
+  auto dkeys = proto ? torch::empty({E, dq}, opts) : torch::empty({0}, opts);
+  if (proto) {  // dkn summed over threads, then kn = keys / max(|keys|, eps): dkeys = (dkn - kn (kn . dkn)) / |keys|
+    const float* KY = keys.data_ptr<float>(); float* DK = dkeys.data_ptr<float>();
+    std::vector<float> dkn_e(dq);
+    for (int64_t e = 0; e < E; ++e) {
+      float dot = 0.f, ss = 0.f;
+      for (int64_t i = 0; i < dq; ++i) {
+        float v = 0.f;
+        for (int64_t t = 0; t < threads; ++t) v += dkn_parts[(t * E + e) * dq + i];
+        dkn_e[i] = v; dot += v * KN[e * dq + i]; ss += KY[e * dq + i] * KY[e * dq + i];
+      }
+      const float nrm = std::sqrt(ss);
+      for (int64_t i = 0; i < dq; ++i) DK[e * dq + i] = nrm > 1e-12f ? (dkn_e[i] - KN[e * dq + i] * dot) / nrm : dkn_e[i] / 1e-12f;
+    }
+  }
+  return {da, db, dg, dp, dl, dwr, dkeys};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
