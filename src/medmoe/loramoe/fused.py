@@ -7,8 +7,6 @@ Glossary: N tokens, d_in / d_out widths, E experts, r rank, d_q router projectio
 W_0 (d_out, d_in) and b (d_out,) the base linear, A_flat (E*r, d_in) the experts' A stacked,
 W_r (d_q, d_in) the router's projection, W_lora = [A_flat ; W_r] (E*r + d_q, d_in),
 B_t (E*r, d_out) with row e*r + j = column j of B_e, G (N, E) the scaled gates (zero off the top-k).
-The sparse path (sparse_kernel.py) uses FusedProjection alone with W_lora = W_r (no expert rows: H is
-(N, 0)), for the base GEMM and the router's projection.
 
     Y_0     = x W_0^T + b            the base GEMM (N, d_out), bit-identical to nn.Linear
     [H | P] = x W_lora^T             one GEMM: (N, E*r + d_q)
