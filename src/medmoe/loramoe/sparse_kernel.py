@@ -96,7 +96,7 @@ class SparseLoraMoe(torch.autograd.Function):
     def backward(ctx, dy, dlogits, dq, dgates, _):
         x, w0, w_r, keys, kn, a, b_t, top_i, gates, p, q, h, *plan = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        dy = torch.zeros(x.shape[0], w0.shape[0]) if dy is None else dy.contiguous()
+        dy = x.new_zeros(x.shape[0], w0.shape[0]) if dy is None else dy.contiguous()  # y unused: only the router's outputs
         dx = dy @ w0 if needs[0] else _EMPTY  # dy W_0; the kernel adds the experts' and the router's parts
         da, db, _, _, _, dw_r, dkeys = _module().backward(
             x, a, b_t, top_i, gates, ctx.scaling, h, dy, plan, dx, p, _or_empty(q), _or_empty(keys), kn, w_r,
