@@ -16,7 +16,7 @@ minus the frozen base linear, which both run identically).
     PYTHONPATH=src python benchmarks/loramoe_speed.py --repeats 9   # the committed report: 4 x 256 tokens, 2 threads
     PYTHONPATH=src python benchmarks/loramoe_speed.py --layer-only   # part 1 only: print the layer table (~30 s)
 
-The committed report's run took about 6 minutes on a quiet 2-core machine (its last line).
+The committed report's run took 508 s on a 2-core machine (its last line); it varies with the machine's load.
 """
 
 from __future__ import annotations

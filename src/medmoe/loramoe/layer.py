@@ -248,7 +248,7 @@ class LoraMoeLinear(nn.Module):
         w_lora, b_t = self._stacked_weights()  # (E*r + d_q, d_in), (E*r, d_out)
         if sparse:
             y, logits, q, gates, top_i, *_ = sparse_kernel.layer_forward(
-                x_flat.contiguous(), base.weight, base.bias, w_lora[e_r:], self._router_keys(), self.lora_A.detach(),
+                x_flat.contiguous(), base.weight, base.bias, self.router.projection, self._router_keys(), self.lora_A.detach(),
                 b_t.view(c.num_experts, c.rank, -1), c.top_k, c.scaling, 1.0 / c.temperature)
             self._after_routing(x_flat, logits, gates, top_i, q)
             return y

@@ -67,12 +67,9 @@ def layer_forward(x, w0, bias, w_r, keys, a, b_t, top_k: int, scaling: float, in
     """The layer's forward without autograd. x (N, d_in) contiguous; keys c (E, d_q) or None (linear router);
     b_t (E, r, d_out) with b_t[e, j] = column j of B_e. Returns y (N, d_out), logits (N, E), q (N, d_q) or
     None, gates (N, k), top_i (N, k), and for the backward P (N, d_q), kn (E, d_q), h (N, k, r) and the plan."""
-    kernel = _module()
     y = F.linear(x, w0, bias)  # W_0 x + b, bit-identical to the base layer
-    p, logits, q, gates, top_i, kn = kernel.route(x, w_r.contiguous(), _or_empty(keys), inv_temperature, top_k)
-    plan = kernel.make_plan(top_i, a.shape[0])
-    h = x.new_empty(x.shape[0], top_k, a.shape[1])
-    kernel.forward(x, a, b_t, top_i, gates, scaling, plan, y, h)  # y += sum_j G B_e A_e x
+    p, logits, q, gates, top_i, kn = _module().route(x, w_r.contiguous(), _or_empty(keys), inv_temperature, top_k)
+    h, plan = _add_experts(y, x, a, b_t, top_i, gates, scaling)
     return y, logits, (q if keys is not None else None), gates, top_i, p, kn, h, plan
 
 
@@ -84,8 +81,8 @@ class SparseLoraMoe(torch.autograd.Function):
     def forward(ctx, x, w0, bias, w_r, keys, a, b, top_k: int, scaling: float, inv_temperature: float):
         x = x.contiguous()
         b_t = b.transpose(1, 2).contiguous()  # B_t (E, r, d_out)
-        y, logits, q, gates, top_i, p, kn, h, plan = layer_forward(
-            x, w0, bias, w_r, None if keys is None else keys.contiguous(), a.contiguous(), b_t, top_k, scaling, inv_temperature)
+        y, logits, q, gates, top_i, p, kn, h, plan = layer_forward(x, w0, bias, w_r, keys, a.contiguous(), b_t, top_k,
+                                                                   scaling, inv_temperature)
         ctx.save_for_backward(x, w0, w_r, keys, kn, a, b_t, top_i, gates, p, q, h, *plan)
         ctx.scaling, ctx.inv_temperature = scaling, inv_temperature
         ctx.mark_non_differentiable(top_i)
@@ -106,14 +103,14 @@ class SparseLoraMoe(torch.autograd.Function):
                 da if needs[5] else None, db if needs[6] else None, None, None, None)
 
 
-def add_experts_(y, x, a, b_t, top_i, gates) -> torch.Tensor:
-    """y += sum_j G[n, j] B_e A_e x_n in place, without autograd; returns h (N, k, r). G = gates (scale included).
-    Shapes as in SparseExpertMix, with b_t (E, r, d_out)."""
+def _add_experts(y, x, a, b_t, top_i, gates, scaling: float) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """y += sum_j scaling * gates[n, j] B_e A_e x_n in place, without autograd. x (N, d_in) contiguous,
+    a (E, r, d_in), b_t (E, r, d_out), top_i and gates (N, k). Returns h (N, k, r) and the plan (tokens
+    grouped by expert set), both kept for the backward."""
     kernel = _module()
-    top_i, gates = top_i.contiguous(), gates.contiguous()
     plan = kernel.make_plan(top_i, a.shape[0])
     h = x.new_empty(x.shape[0], top_i.shape[1], a.shape[1])
-    kernel.forward(x, a, b_t, top_i, gates, 1.0, plan, y, h)
+    kernel.forward(x, a, b_t, top_i, gates, scaling, plan, y, h)
     return h, plan
 
 
@@ -124,11 +121,11 @@ class SparseExpertMix(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y0, x, a, b, top_i, gates):
-        x, a = x.contiguous(), a.contiguous()
+        x, a, top_i, gates = x.contiguous(), a.contiguous(), top_i.contiguous(), gates.contiguous()
         b_t = b.transpose(1, 2).contiguous()  # B_t (E, r, d_out)
-        h, plan = add_experts_(y0, x, a, b_t, top_i, gates)
+        h, plan = _add_experts(y0, x, a, b_t, top_i, gates, 1.0)
         ctx.mark_dirty(y0)
-        ctx.save_for_backward(x, a, b_t, top_i.contiguous(), gates.contiguous(), h, *plan)
+        ctx.save_for_backward(x, a, b_t, top_i, gates, h, *plan)
         return y0
 
     @staticmethod
