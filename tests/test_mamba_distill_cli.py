@@ -30,7 +30,7 @@ def test_distill_command_runs_and_resumes(tmp_path):
     first = CliRunner().invoke(app, args + ["--max-steps", "2"])
     assert first.exit_code == 0, first.output
     assert json.loads((out / "latest.json").read_text())["step"] == 2
-    spec = json.loads((out / "ckpt-000002" / "medmoe_hybrid.json").read_text())
+    spec = json.loads((out / "ckpt-000002" / "config.json").read_text())["hybrid"]
     assert spec["layers"] == [0, 2] and spec["attention_layers"] == [2]
     second = CliRunner().invoke(app, args + ["--max-steps", "3"])
     assert second.exit_code == 0, second.output

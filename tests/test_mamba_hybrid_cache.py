@@ -9,7 +9,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from medmoe.eval.model import HFEvalModel
 from medmoe.eval.scoring import score_options
+from medmoe.errors import ModelError
+from medmoe.mamba.hybrid_cache import HybridCache
 from medmoe.mamba.transfer import AttentionMamba, build_hybrid
+from medmoe.models.hf_compat import output_cache, with_cache
 
 
 def _randomise_mixers(model) -> None:
@@ -60,9 +63,10 @@ def test_cached_logits_match_the_parallel_scan():
     with torch.no_grad():
         full = model(input_ids=ids, use_cache=False).logits
         out = model(input_ids=ids[:, :10], use_cache=True)
-        steps, cache = [out.logits], out.past_key_values
+        steps, cache = [out.logits], output_cache(out)
+        assert isinstance(cache, HybridCache) and cache.get_seq_length() == 10
         for t in range(10, 15):
-            out = model(input_ids=ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+            out = model(input_ids=ids[:, t:t + 1], **with_cache(cache), use_cache=True)
             steps.append(out.logits)
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-4)
 
@@ -135,3 +139,35 @@ def test_batched_scoring_continues_the_shared_prefix_state():
     for prompt, got in zip(prompts, batched):
         alone = score_options(model, tokenizer, prompt.context, prompt.continuations)
         assert got.logprobs == pytest.approx(alone.logprobs, abs=1e-4)
+
+
+def test_a_cache_that_cannot_hold_the_recurrent_state_is_refused():
+    """Continuing a stock DynamicCache that already holds tokens would restart every mixer from zero."""
+    from transformers import DynamicCache
+
+    model = _hybrid(attention_layers=(1,))
+    ids = torch.randint(2, 60, (1, 6))
+    foreign = DynamicCache()
+    foreign.update(torch.zeros(1, 2, 4, 8), torch.zeros(1, 2, 4, 8), 0)
+    with torch.no_grad(), pytest.raises(ModelError, match="HybridCache"):
+        model(input_ids=ids, **with_cache(foreign), use_cache=True)
+
+
+def test_the_recurrent_state_is_never_cropped():
+    model = _hybrid()
+    with torch.no_grad():
+        cache = output_cache(model(input_ids=torch.randint(2, 60, (1, 8)), use_cache=True))
+    with pytest.raises(ModelError, match="cannot be cropped"):
+        cache.crop(-3)
+
+
+def test_repeated_cache_continues_each_row_like_the_single_context():
+    """batch_repeat_interleave repeats the recurrent states with the key/value layers."""
+    model = _hybrid(attention_layers=(1,))
+    ctx, tails = torch.randint(2, 60, (1, 7)), torch.randint(2, 60, (3, 2))
+    with torch.no_grad():
+        cache = output_cache(model(input_ids=ctx, use_cache=True))
+        cache.batch_repeat_interleave(3)
+        got = model(input_ids=tails, **with_cache(cache), use_cache=True).logits[:, -1]
+        full = model(input_ids=torch.cat([ctx.expand(3, -1), tails], dim=1), use_cache=False).logits[:, -1]
+    torch.testing.assert_close(got, full, rtol=1e-4, atol=1e-4)

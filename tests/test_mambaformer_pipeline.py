@@ -25,7 +25,7 @@ def test_load_expert_reads_a_hybrid_folder(tiny_experts):
     _, hybrid = tiny_experts
     expert = load_expert("mamba", hybrid)
     assert expert.source == hybrid and expert.tokenizer is not None
-    assert type(expert.model).__name__ == "LlamaForCausalLM"
+    assert type(expert.model).__name__ == "MambaHybridForCausalLM"
 
 
 def test_pipeline_runs_end_to_end_and_reports_every_baseline(tiny_experts, tmp_path):

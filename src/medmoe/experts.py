@@ -32,10 +32,10 @@ class Expert:
 def mamba_folder(path: str | Path) -> Path | None:
     """The hybrid folder for a path: the folder itself, or the latest checkpoint of a distill run."""
     from medmoe.mamba.distill import latest_checkpoint
-    from medmoe.mamba.transfer import SPEC_FILE
+    from medmoe.mamba.transfer import is_hybrid_folder
 
     folder = Path(path)
-    if (folder / SPEC_FILE).exists():
+    if is_hybrid_folder(folder):
         return folder
     return latest_checkpoint(folder)
 

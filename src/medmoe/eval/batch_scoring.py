@@ -29,6 +29,7 @@ from typing import Any, Sequence
 import torch
 
 from medmoe.eval.prompts import Prompt
+from medmoe.models.hf_compat import output_cache, with_cache
 from medmoe.eval.scoring import (
     OptionScores,
     accepts_logits_to_keep,
@@ -120,7 +121,7 @@ def _shared_prefix(model: Any, contexts: list[list[int]], device: Any) -> tuple[
     k = min(int(differs[0]) if len(differs) else shortest, shortest - 1)
     if k < MIN_SHARED_PREFIX:
         return 0, None
-    cache = model(input_ids=ids[:1, :k].to(device), use_cache=True).past_key_values
+    cache = output_cache(model(input_ids=ids[:1, :k].to(device), use_cache=True))
     return (k, cache) if _keeps_every_layer(model, cache, k) else (0, None)
 
 
@@ -150,7 +151,7 @@ def _padded_forward(model: Any, tokenizer: Any, rows: list[list[int]], prefix: A
     if prefix is not None:
         cache = copy.deepcopy(prefix)
         cache.batch_repeat_interleave(len(rows))
-        kwargs = {"past_key_values": cache, "use_cache": True}
+        kwargs = {**with_cache(cache), "use_cache": True}
     last_index = torch.tensor(lengths, device=device) - 1  # (g,)
     keep = torch.unique(last_index)  # (j,), sorted: the only positions whose logits are needed
     if accepts_logits_to_keep(model):

@@ -17,6 +17,8 @@ from typing import Any, Sequence
 
 import torch
 
+from medmoe.models.hf_compat import output_cache, with_cache
+
 
 @dataclass
 class OptionScores:
@@ -139,13 +141,13 @@ def score_options(
         out = model(input_ids=ctx, use_cache=not single, **keep)
     else:
         cache, start = prefix.reuse(ctx_ids)
-        out = model(input_ids=ctx[:, start:], past_key_values=cache, use_cache=True, **keep)  # (1, n - start | 1, V)
-        prefix.remember(ctx_ids, out.past_key_values)
+        out = model(input_ids=ctx[:, start:], **with_cache(cache), use_cache=True, **keep)  # (1, n - start | 1, V)
+        prefix.remember(ctx_ids, output_cache(out))
     last = torch.log_softmax(out.logits[0, -1].float(), dim=-1)  # (V,): next-token log-probs after the context
     if single:
         logprobs = [last[c[0]].item() for c in conts]
     else:
-        logprobs = _score_multi_token(model, out.past_key_values, last, conts, len(ctx_ids), device)
+        logprobs = _score_multi_token(model, output_cache(out), last, conts, len(ctx_ids), device)
     return OptionScores(
         logprobs=logprobs,
         num_tokens=[len(c) for c in conts],
@@ -171,7 +173,7 @@ def _score_multi_token(model: Any, cache: Any, last: torch.Tensor, conts: list[l
     ids, mask = _right_padded(conts, device)  # (k, m) each
     cache.batch_repeat_interleave(k)
     attention = torch.cat([torch.ones(k, n, dtype=torch.long, device=device), mask], dim=1)  # (k, n + m)
-    logits = model(input_ids=ids, past_key_values=cache, attention_mask=attention, use_cache=True).logits
+    logits = model(input_ids=ids, **with_cache(cache), attention_mask=attention, use_cache=True).logits
     logp = torch.log_softmax(logits.float(), dim=-1)  # (k, m, V); position j predicts token j + 1
     first = last[ids[:, 0]]  # (k,): the first token comes from the context's last position
     later = logp[:, :-1].gather(-1, ids[:, 1:, None])[..., 0] * mask[:, 1:]  # (k, m - 1)
