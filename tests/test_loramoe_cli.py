@@ -53,7 +53,7 @@ def test_finetune_command_trains_saves_and_the_adapter_loads(tmp_path, run_files
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "done: step 3" in result.output
-    assert (out / "checkpoints" / "step-2.pt").is_file()
+    assert (out / "checkpoints" / "step-2.safetensors").is_file() and (out / "checkpoints" / "step-3.json").is_file()
     adapter = out / "adapter"
     config = json.loads((adapter / "loramoe_config.json").read_text())
     assert config["num_experts"] == 4 and config["rank"] == 4 and config["compute"] == "auto"

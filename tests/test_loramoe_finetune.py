@@ -41,7 +41,7 @@ def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(tmp_path, method)
 
     with pytest.raises(Killed):
         _run(_cfg(tmp_path, "resumed", method=method), on_step=kill_at_5)
-    assert [p.name for p in ckpt_mod.list_checkpoints(tmp_path / "resumed" / "checkpoints")] == ["step-2.pt", "step-4.pt"]
+    assert [p.name for p in ckpt_mod.list_checkpoints(tmp_path / "resumed" / "checkpoints")] == ["step-2.json", "step-4.json"]
     resumed = _run(_cfg(tmp_path, "resumed", method=method))
     assert resumed["start_step"] == 4 and sorted(resumed["losses"]) == [5, 6]
     assert resumed["losses"][6] == straight["losses"][6]
@@ -75,15 +75,16 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     ckpt_mod.save_checkpoint(tmp_path, 1, model, opt, sched)
 
-    def broken_save(obj, path):
+    def broken_save(tensors, path):
         with open(path, "wb") as f:
             f.write(b"half a checkpoint")
         raise OSError("disk full")
 
-    monkeypatch.setattr(ckpt_mod.torch, "save", broken_save)
+    monkeypatch.setattr(ckpt_mod, "save_file", broken_save)
     with pytest.raises(OSError):
         ckpt_mod.save_checkpoint(tmp_path, 2, model, opt, sched)
-    assert [p.name for p in tmp_path.iterdir()] == ["step-1.pt"]  # no torn step-2, no temp file left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-1.json", "step-1.safetensors"]  # no torn step-2, no temp file
+    assert [p.name for p in ckpt_mod.list_checkpoints(tmp_path)] == ["step-1.json"]
 
 
 def test_bundled_dataset_records_become_eval_prompt_plus_gold_continuation():

@@ -35,7 +35,7 @@ def finetune_command(
     eval_every: int = typer.Option(50, help="Evaluate held-out loss every N steps."),
     eval_examples: int = typer.Option(64, help="Training examples held out for periodic evaluation."),
     save_every: int = typer.Option(50, help="Write a checkpoint every N steps."),
-    resume: bool = typer.Option(True, help="Resume from the newest checkpoint in --output, if any."),
+    resume: bool = typer.Option(True, help="Resume from the newest checkpoint in --output, if any (the same settings only); --no-resume refuses a folder that already holds a run (nothing is deleted)."),
     seed: int = typer.Option(0),
     threads: int = typer.Option(0, help="torch threads (0 = torch default)."),
     experts: int = typer.Option(8, help="LoRA-MoE: experts E."),
@@ -68,7 +68,7 @@ def finetune_command(
         torch.set_num_threads(threads)
     targets = "all-linear" if target_modules == "all-linear" else [t.strip() for t in target_modules.split(",") if t.strip()]
     cfg = FinetuneConfig(
-        method=method, output=str(output), steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
+        method=method, base=base, output=str(output), steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
         warmup_steps=warmup_steps, max_length=max_length, seed=seed, eval_every=eval_every, eval_examples=eval_examples,
         save_every=save_every, resume=resume, data=data, skip_first=skip_first, limit=limit, with_explanation=with_explanations, lora_rank=lora_rank, lora_dropout=dropout, target_modules=targets,
         loramoe=dict(num_experts=experts, top_k=top_k, rank=rank, alpha=alpha, dropout=dropout, router_kind=router, router_dim=router_dim,
@@ -84,8 +84,16 @@ def finetune_command(
         typer.echo(f"{method} fine-tuning of {base} on {len(examples)} examples from {data}; {world} process(es)")
     result = finetune(cfg, model, tokenizer, train_examples=examples, rank=rank_id, world=world)
     if rank_id == 0:
-        last = max(result["losses"]) if result["losses"] else cfg.steps
-        typer.echo(f"done: step {last}, loss {result['losses'].get(last, float('nan')):.4f}; saved {result['adapter']}")
+        typer.echo(outcome_line(result, cfg.steps))
+
+
+def outcome_line(result: dict, steps: int) -> str:
+    """What a finetune() call did, in one line: trained, or found the run already finished."""
+    if not result["losses"]:
+        verb = "already finished" if result["already_finished"] else "finished"
+        return f"{verb} at step {steps}; nothing to train; result in {result['adapter']}"
+    last = max(result["losses"])
+    return f"done: step {last}, loss {result['losses'][last]:.4f}; saved {result['adapter']}"
 
 
 def routing_command(

@@ -32,12 +32,13 @@ def train_expert(
     top_layers: int = typer.Option(1, help="Train only the last N decoder layers and the final norm (0 = every weight): the backward pass stops N layers deep."),
     freeze_mixers: bool = typer.Option(True, help="In those layers train the MLPs and norms only (attention / Mamba mixers frozen): much cheaper on CPU."),
     threads: int = typer.Option(0, help="torch threads (0 = torch default)."),
-    resume: bool = typer.Option(True, help="Resume from the newest checkpoint in OUTPUT, if any."),
+    resume: bool = typer.Option(True, help="Resume from the newest checkpoint in OUTPUT, if any (the same settings only); --no-resume refuses a folder that already holds a run (nothing is deleted)."),
     seed: int = typer.Option(0),
 ) -> None:
     """Fine-tune one expert (its top layers, or every weight) on DATASET's train split, minus the gate's records."""
     import torch
 
+    from medmoe.cli.finetune import outcome_line
     from medmoe.train.base_models import load_base
     from medmoe.train.data import load_examples, select_examples
     from medmoe.train.finetune import FinetuneConfig, finetune
@@ -49,7 +50,7 @@ def train_expert(
     eval_examples = min(32, len(examples) // 5)
     steps = max(1, math.ceil((len(examples) - eval_examples) * epochs / (batch_size * grad_accum)))
     cfg = FinetuneConfig(
-        method="full", output=str(output), steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
+        method="full", base=source, output=str(output), steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
         warmup_steps=max(1, steps // 10), max_length=max_length, seed=seed, eval_every=max(1, steps // 4),
         eval_examples=eval_examples, save_every=max(1, steps // 4), resume=resume, data=dataset, skip_first=gate_holdout,
         top_layers=top_layers, freeze_mixers=freeze_mixers,
@@ -57,7 +58,10 @@ def train_expert(
     typer.echo(f"fine-tuning {source} on {len(examples) - eval_examples} {dataset} train records "
                f"(first {gate_holdout} kept for the gate, {eval_examples} for held-out loss): {steps} steps")
     result = finetune(cfg, model, tokenizer, train_examples=examples)
-    typer.echo(f"done: held-out loss {result['eval']}; expert saved to {result['adapter']}")
+    if not result["losses"]:
+        typer.echo(outcome_line(result, cfg.steps))
+    else:
+        typer.echo(f"done: held-out loss {result['eval']}; expert saved to {result['adapter']}")
 
 
 def register(app: typer.Typer) -> None:

@@ -6,7 +6,7 @@ Training text: medical text from train splits only (`medical_corpus`), tokenized
 cut into blocks of `seq_len`; block order is a fixed permutation per epoch (seeded), so step k always
 sees the same batch and an interrupted run resumes exactly.
 
-Checkpoints: `out/ckpt-<step>/` holds the student (model.safetensors, config.json, medmoe_hybrid.json,
+Checkpoints: `out/ckpt-<step>/` holds the student (model.safetensors, config.json of type medmoe_mamba_hybrid,
 tokenizer) and the trainer state (optimizer.safetensors + trainer_state.json); when that folder is
 complete, `out/latest.json` is replaced atomically to point at it, and older checkpoints are removed.
 A run killed at any moment resumes from the last complete checkpoint.
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -118,24 +119,55 @@ def _save(out: Path, step: int, student, spec, tokenizer, opt, names, cfg: Disti
             shutil.rmtree(old, ignore_errors=True)
 
 
+def _read_json(path: Path) -> dict:
+    """A checkpoint's JSON file as an object; anything else is a ModelError naming the file."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg}); not a medmoe distill checkpoint") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{path}: cannot read it ({exc})") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{path}: a JSON {type(data).__name__}, not an object; not a medmoe distill checkpoint")
+    return data
+
+
 def latest_checkpoint(out: str | Path) -> Path | None:
-    """The last complete checkpoint folder of a distillation run, or None."""
+    """The last complete checkpoint folder of a distillation run, or None. latest.json may only name
+    a `ckpt-<step>` folder inside `out` (never a path elsewhere)."""
     pointer = Path(out) / LATEST
     if not pointer.exists():
         return None
-    return Path(out) / json.loads(pointer.read_text())["checkpoint"]
+    name = _read_json(pointer).get("checkpoint")
+    if not isinstance(name, str) or not re.fullmatch(r"ckpt-\d+", name) or not (Path(out) / name).is_dir():
+        raise ModelError(f"{pointer}: field 'checkpoint' must name a ckpt-<step> folder in {out}, got {name!r}")
+    return Path(out) / name
 
 
 def _restore_optimizer(opt, names, folder: Path) -> None:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    saved = load_file(str(folder / "optimizer.safetensors"))
+    try:
+        saved = load_file(str(folder / "optimizer.safetensors"))
+    except (SafetensorError, OSError) as exc:
+        raise ModelError(f"{folder / 'optimizer.safetensors'}: not a readable safetensors file ({exc}); it is not loaded") from None
     params = opt.param_groups[0]["params"]
     for i, name in enumerate(names):
         entries = {k.split("::", 1)[1]: v for k, v in saved.items() if k.startswith(f"{name}::")}
         if entries:
             entries["step"] = entries["step"].reshape(())
             opt.state[params[i]] = entries
+
+
+def _load_student(folder: Path):
+    """load_hybrid, with an unreadable weights file reported as a ModelError naming the folder."""
+    from safetensors import SafetensorError
+
+    try:
+        return load_hybrid(folder)
+    except SafetensorError as exc:
+        raise ModelError(f"{folder / 'model.safetensors'}: not a readable safetensors file ({exc}); it is not loaded") from None
 
 
 def distill(teacher, student, spec: HybridSpec, blocks: torch.Tensor, out: str | Path, cfg: DistillConfig,
@@ -151,9 +183,11 @@ def distill(teacher, student, spec: HybridSpec, blocks: torch.Tensor, out: str |
     start, history = 0, []
     found = latest_checkpoint(out) if resume else None
     if found is not None:
-        student, _, spec = load_hybrid(found)
-        state = json.loads((found / "trainer_state.json").read_text())
-        start, history = state["step"], state["history"]
+        student, _, spec = _load_student(found)
+        state = _read_json(found / "trainer_state.json")
+        start, history = state.get("step"), state.get("history")
+        if not isinstance(start, int) or not isinstance(history, list):
+            raise ModelError(f"{found / 'trainer_state.json'}: fields 'step' (a number) and 'history' (a list) are required")
     teacher.eval()
     student.train()
     named = _trainable(student, cfg.train)

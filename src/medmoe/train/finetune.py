@@ -2,7 +2,8 @@
 
 One loop for the three methods: gradient accumulation, linear warm-up + cosine decay, gradient
 clipping, periodic evaluation (held-out loss), atomic checkpoints and exact resume (same seed, same
-data order, same RNG streams), and data parallelism over torch.distributed ranks.
+data order, same RNG streams), and data parallelism over torch.distributed ranks. A run folder holds
+one run (run_folder.py): a resume with other settings is refused, and a finished run is not repeated.
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ from torch import nn
 
 from medmoe.errors import MedmoeError
 from medmoe.eval.scoring import accepts_logits_to_keep, is_encoder_decoder
-from medmoe.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from medmoe.paths import atomic_write_text
+from medmoe.train.checkpoint import load_checkpoint, save_checkpoint
 from medmoe.train.data import Example, MicroBatches, collate, load_examples, tokenize_examples
 from medmoe.train.distributed import all_reduce_gradients, barrier
+from medmoe.train.run_folder import LOG_FILE, open_run, run_settings, truncate_log
 
 METHODS = ("loramoe", "lora", "full")
 TRAINING_FILE = "medmoe_training.json"  # next to a fine-tuned model: its data, and what was left out
@@ -61,6 +64,7 @@ class FinetuneConfig:
     skip_first: int = 0  # ... which of its training examples were left out (the first N) ...
     limit: int = 0  # ... and how many were used after those (0 = all)
     with_explanation: bool = False  # ... and whether completions went on with the records' explanations
+    base: str = ""  # the base model as given (--base, --source): a resume must name the same one
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -173,7 +177,7 @@ def evaluate_loss(model: nn.Module, features: list[dict], batch_size: int, pad_i
 
 def save_final(model: nn.Module, tokenizer, cfg: FinetuneConfig) -> Path:
     """The trained result: LoRA-MoE adapter, PEFT adapter, or the whole model (full)."""
-    out = Path(cfg.output) / ("model" if cfg.method == "full" else "adapter")
+    out = result_folder(cfg)
     hybrid_spec = getattr(model, "hybrid_spec", None)
     if cfg.method == "loramoe":
         model.save_adapter(out)
@@ -187,9 +191,12 @@ def save_final(model: nn.Module, tokenizer, cfg: FinetuneConfig) -> Path:
         tokenizer.save_pretrained(out)
     provenance = {"method": cfg.method, "data": cfg.data, "skip_first": cfg.skip_first, "limit": cfg.limit,
                   "top_layers": cfg.top_layers, "freeze_mixers": cfg.freeze_mixers, "with_explanation": cfg.with_explanation}
-    (out / TRAINING_FILE).write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
-    (Path(cfg.output) / "finetune_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n", encoding="utf-8")
+    atomic_write_text(out / TRAINING_FILE, json.dumps(provenance, indent=2) + "\n")  # last: marks the result complete
     return out
+
+
+def result_folder(cfg: FinetuneConfig) -> Path:
+    return Path(cfg.output) / ("model" if cfg.method == "full" else "adapter")
 
 
 def split_examples(examples: list[Example], n_eval: int, seed: int) -> tuple[list[Example], list[Example]]:
@@ -210,7 +217,9 @@ def finetune(
     world: int = 1,
     on_step: Callable[[int, float], None] | None = None,
 ) -> dict:
-    """Train; returns {"model", "losses": {step: loss}, "eval": {step: loss}, "adapter"}.
+    """Train; returns {"model", "losses": {step: loss}, "eval": {step: loss}, "adapter", "start_step",
+    "already_finished"}. A run whose last checkpoint is at cfg.steps trains nothing: its model is the
+    checkpoint's, and its result is written only if a kill had stopped that (already_finished False).
 
     on_step(step, loss) is called after every optimizer step (tests use it to simulate a kill).
     """
@@ -218,6 +227,9 @@ def finetune(
         if data is None:
             raise MedmoeError("give --data (a bundled dataset name or a JSONL file)")
         train_examples = load_examples(data, tokenizer, with_explanation=cfg.with_explanation)
+    out_dir, ckpt_dir = Path(cfg.output), Path(cfg.output) / "checkpoints"
+    resume_from = open_run(out_dir, run_settings(asdict(cfg), train_examples, world), cfg.resume, rank)
+    barrier(world)
     train_examples, eval_examples = split_examples(train_examples, cfg.eval_examples, cfg.seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     seq2seq = is_encoder_decoder(_hf_model(model))
@@ -229,20 +241,21 @@ def finetune(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = _scheduler(optimizer, cfg)
-    out_dir, ckpt_dir = Path(cfg.output), Path(cfg.output) / "checkpoints"
-    out_dir.mkdir(parents=True, exist_ok=True)
 
     start = 0
-    existing = list_checkpoints(ckpt_dir) if cfg.resume else []
-    if existing:
-        start = load_checkpoint(existing[-1], model, optimizer, scheduler)["step"]
+    if resume_from is not None:
+        start = load_checkpoint(resume_from, model, optimizer, scheduler)["step"]
     else:
         torch.manual_seed(cfg.seed + rank)
         random.seed(cfg.seed + rank)
         np.random.seed(cfg.seed + rank)
+    log_path = out_dir / LOG_FILE
+    if rank == 0:
+        truncate_log(log_path, start)
+    if start >= cfg.steps:
+        return _finished(model, tokenizer, cfg, rank, start)
 
     losses, evals = {}, {}
-    log_path = out_dir / "train_log.jsonl"
     progress = _progress(range(start, cfg.steps), cfg, rank, start)
     model.train()
     for step in progress:
@@ -271,14 +284,24 @@ def finetune(
                 f.write(json.dumps(record) + "\n")
             if hasattr(progress, "set_postfix"):
                 progress.set_postfix(loss=f"{step_loss:.4f}", **({"eval": f"{evals[done]:.4f}"} if done in evals else {}))
-        if done % cfg.save_every == 0 and done < cfg.steps:
+        if done % cfg.save_every == 0 or done == cfg.steps:  # the last one too: a finished run is never repeated
             if rank == 0:
                 save_checkpoint(ckpt_dir, done, model, optimizer, scheduler, keep=cfg.keep_checkpoints)
             barrier(world)
         if on_step is not None:
             on_step(done, step_loss)
     adapter = save_final(model, tokenizer, cfg) if rank == 0 else None
-    return {"model": model, "losses": losses, "eval": evals, "adapter": adapter, "start_step": start}
+    return {"model": model, "losses": losses, "eval": evals, "adapter": adapter, "start_step": start, "already_finished": False}
+
+
+def _finished(model: nn.Module, tokenizer, cfg: FinetuneConfig, rank: int, step: int) -> dict:
+    """A run resumed at its last step: write the result only if a kill came between the final
+    checkpoint and the result's last file."""
+    already = (result_folder(cfg) / TRAINING_FILE).is_file()
+    adapter = None
+    if rank == 0:
+        adapter = result_folder(cfg) if already else save_final(model, tokenizer, cfg)
+    return {"model": model, "losses": {}, "eval": {}, "adapter": adapter, "start_step": step, "already_finished": already}
 
 
 def _progress(steps: range, cfg: FinetuneConfig, rank: int, start: int):
