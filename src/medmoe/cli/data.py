@@ -29,7 +29,7 @@ def list_datasets() -> None:
 def show(
     name: str = typer.Argument(..., help="Bundled dataset name (see `medmoe data list`) or a file path."),
     split: str = typer.Option("test", help="Split to show."),
-    n: int = typer.Option(3, "-n", help="How many records."),
+    n: int = typer.Option(3, "-n", min=1, help="How many records."),
     id: Optional[str] = typer.Option(None, "--id", help="Show the record with this id."),
 ) -> None:
     """Print records as JSON, to see exactly what a model is given."""
@@ -65,17 +65,22 @@ def validate(
     format: str = typer.Option("auto", "--format", help="auto, generic, pubmedqa, medmcqa, cmexam, cmmlu, cmb-clin, cmb-exam."),
     map: Optional[str] = typer.Option(None, "--map", help="Generic format field mapping, e.g. 'question=Q,answer=label,options=opa|opb|opc|opd'."),
 ) -> None:
-    """List every problem in a file at once (file, line or record, and what is wrong). Exit 1 if any."""
-    from medmoe.data import parse_mapping
-    from medmoe.data.validate import validate as validate_file
+    """List every problem in a file at once (file, line or record, and what is wrong). Exit 1 if any.
 
-    count, problems = validate_file(path, format, parse_mapping(map))
-    for problem in problems:
+    Warnings (very long questions, contexts or options) do not fail the file."""
+    from medmoe.data import parse_mapping
+    from medmoe.data.validate import check_file
+
+    result = check_file(path, format, parse_mapping(map))
+    for problem in result.problems:
         console.print(f"[red]{problem}[/]", highlight=False, soft_wrap=True)
-    if problems:
-        console.print(f"{len(problems)} problem(s) in {path}")
+    if result.problems:
+        console.print(f"{len(result.problems)} problem(s) in {path}")
         raise typer.Exit(1)
-    console.print(f"[green]ok[/]: {count} valid records in {path}")
+    for warning in result.warnings:
+        console.print(f"[yellow]warning: {warning}[/]", highlight=False, soft_wrap=True)
+    console.print(f"[green]ok[/]: {result.count} valid records in {path}"
+                  + (f", {len(result.warnings)} warning(s)" if result.warnings else ""))
 
 
 def register(app: typer.Typer) -> None:

@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 
 console = Console()
+err_console = Console(stderr=True)
 DEFAULT_MODEL = "smollm2-135m"
 
 
@@ -18,15 +19,15 @@ def eval_command(
     benchmarks: str = typer.Option(
         "pubmedqa", help="Comma-separated: pubmedqa, medmcqa, dental, cmmlu-med, cmexam, cmb-clin, cmb-exam:PATH, or file paths."
     ),
-    shots: int = typer.Option(0, help="Few-shot examples per question (from train/dev splits only)."),
+    shots: int = typer.Option(0, min=0, help="Few-shot examples per question (from train/dev splits only)."),
     rule: str = typer.Option("letter", help="Scoring rule: letter, loglik, loglik-norm or generate (docs/evaluation.md)."),
-    limit: Optional[int] = typer.Option(None, help="Fixed subsample of at most N examples per benchmark (sha256 order of ids)."),
+    limit: Optional[int] = typer.Option(None, min=1, help="Fixed subsample of at most N examples per benchmark (sha256 order of ids)."),
     output: Optional[Path] = typer.Option(None, help="Results folder [default: runs/eval-MODEL-RULE-Kshot; with --router DIR: runs/eval-routed-PARENT-NAME of DIR]."),
     adapter: Optional[str] = typer.Option(None, help="A `medmoe finetune` output folder: LoRA-MoE adapter, PEFT LoRA adapter, or full model."),
-    batch_size: int = typer.Option(1, help="Examples per forward pass for single-token rules (latency is then amortized)."),
-    max_new_tokens: int = typer.Option(32, help="Generation length for --rule generate."),
+    batch_size: int = typer.Option(1, min=1, help="Examples per forward pass for single-token rules (latency is then amortized)."),
+    max_new_tokens: int = typer.Option(32, min=1, help="Generation length for --rule generate."),
     shots_from: Optional[str] = typer.Option(None, help="Few-shot pool for cmb-exam:PATH and user files (a dataset file)."),
-    threads: Optional[int] = typer.Option(None, help="torch CPU threads [default: all cores]."),
+    threads: Optional[int] = typer.Option(None, min=1, help="torch CPU threads [default: all cores]."),
     router: Optional[Path] = typer.Option(None, help="Evaluate the routed MambaFormer system instead of one model: a gate folder written by `medmoe run` (it names its two experts). Not with --model/--adapter."),
 ) -> None:
     """Evaluate a model, or the routed MambaFormer system (--router), on medical benchmarks; writes
@@ -36,7 +37,8 @@ def eval_command(
     """
     import torch
 
-    from medmoe.eval.harness import evaluate
+    from medmoe.eval.benchmarks import load_benchmark
+    from medmoe.eval.harness import evaluate, truncation_warnings
     from medmoe.eval.model import load_eval_model
     from medmoe.eval.rules import check_rule
 
@@ -49,6 +51,8 @@ def eval_command(
     if threads:
         torch.set_num_threads(threads)
     names = [b.strip() for b in benchmarks.split(",") if b.strip()]
+    for name in names:  # bad data (duplicate ids, bad rows) fails now, not after a model load of minutes
+        load_benchmark(name, limit, shots_from)
     if router is not None:
         from medmoe.router.answerer import RoutedAnswerer
 
@@ -65,6 +69,8 @@ def eval_command(
         settings = {"adapter": adapter}
     result = evaluate(lm, names, folder, rule, shots, limit, batch_size, max_new_tokens, shots_from, settings=settings)
     console.print((folder / "report.md").read_text(encoding="utf-8"))
+    for line in truncation_warnings(result["benchmarks"]):  # also in report.md; on stderr for logs and scripts
+        err_console.print(f"[yellow]warning:[/] {line}", highlight=False, soft_wrap=True)
     console.print(f"results: {folder} (summary.json, report.md, results.png, <benchmark>/predictions.jsonl)")
     del result
 
@@ -86,7 +92,7 @@ def export_lm_eval_task(
     output: Path = typer.Option(..., help="Folder for <task>.jsonl and <task>.yaml (lm-eval --include_path)."),
     model: str = typer.Option("smollm2-135m", help="Model whose tokenizer decides the prompt style (plain prompts only)."),
     rule: str = typer.Option("loglik", help="loglik (options as text) or letter (options as letters)."),
-    limit: Optional[int] = typer.Option(None, help="Fixed subsample of at most N examples."),
+    limit: Optional[int] = typer.Option(None, min=1, help="Fixed subsample of at most N examples."),
 ) -> None:
     """Write a local lm-evaluation-harness task with medmoe's prompts, to compare with lm-eval.
 

@@ -19,6 +19,7 @@ class RowChecker:
     def __init__(self, path: str | Path):
         self.path = str(path)
         self.problems: list[Problem] = []
+        self.seen_ids: dict[str, Location] = {}  # id -> where it first appeared
 
     def add(self, loc: Location, message: str) -> None:
         self.problems.append(Problem(self.path, message, **loc))
@@ -33,9 +34,24 @@ class RowChecker:
             self.add(loc, f"missing field '{name}'{hint}")
         return None
 
+    def unique_id(self, id: str, loc: Location) -> bool:
+        """False, and a problem naming both places, when an earlier valid record has this id: results are
+        keyed by id, so the second record would silently take the first one's place in every score.
+        Only valid records count: a row with a broken field gets that problem, not a second one."""
+        if id in self.seen_ids:
+            self.add(loc, f"duplicate id {id!r} (also {_where(self.seen_ids[id])}); ids must be unique: eval results are keyed by id")
+            return False
+        self.seen_ids[id] = loc
+        return True
+
     def raise_if_any(self) -> None:
         if self.problems:
             raise DataError(self.problems)
+
+
+def _where(loc: Location) -> str:
+    """'line 2' or 'record 17': a location in words, for a message about another place."""
+    return f"line {loc['line']}" if "line" in loc else f"record {loc.get('record')}"
 
 
 def normalize_letters(answer: str) -> str:
@@ -81,6 +97,8 @@ def make_record(
         if not gold:
             check.add(loc, "empty answer")
     if len(check.problems) > before or question is None or answer is None:
+        return None
+    if not check.unique_id(id, loc):
         return None
     return Record(
         id=id,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -50,13 +51,48 @@ def detect_format(path: str | Path) -> str:
     return "generic"
 
 
-def validate(path: str | Path, fmt: str = "auto", mapping: dict[str, str] | None = None) -> tuple[int, list[Problem]]:
-    """(number of valid records, every problem found) for a file in format `fmt` ('auto' detects)."""
+# Characters above which a text is worth a warning: the server's input limits (medmoe.serve.config).
+# Such records are valid, but `medmoe eval` cuts their prompts to the model's window (docs/evaluation.md).
+LONG_TEXT_CHARS = {"question": 4000, "context": 20000, "option": 1000}
+
+
+@dataclass
+class Validation:
+    """What `medmoe data validate` reports: valid records, problems (the file cannot be loaded) and
+    warnings (it loads, but some records will not be seen whole by a model)."""
+
+    count: int
+    problems: list[Problem] = field(default_factory=list)
+    warnings: list[Problem] = field(default_factory=list)
+
+
+def long_text_warnings(path: str | Path, records: list[Record]) -> list[Problem]:
+    """One warning per record whose question, context or longest option is over LONG_TEXT_CHARS."""
+    warnings = []
+    for record in records:
+        lengths = {"question": len(record.question), "context": len(record.context or ""),
+                   "option": max((len(o) for o in record.options), default=0)}
+        for name, length in lengths.items():
+            if length > LONG_TEXT_CHARS[name]:
+                warnings.append(Problem(str(path), f"{name} is {length:,} characters (over {LONG_TEXT_CHARS[name]:,}); "
+                                        "`medmoe eval` cuts prompts longer than the model's window, context first, "
+                                        "then the start of the question", record=record.id))
+    return warnings
+
+
+def check_file(path: str | Path, fmt: str = "auto", mapping: dict[str, str] | None = None) -> Validation:
+    """Problems and warnings of a file in format `fmt` ('auto' detects)."""
     try:
         fmt = detect_format(path) if fmt == "auto" else fmt
         if fmt not in FORMATS:
             raise DataError.single(path, f"unknown format '{fmt}'; formats: auto, {', '.join(FORMATS)}")
         records = FORMATS[fmt](path, mapping) if fmt == "generic" else FORMATS[fmt](path)
     except DataError as exc:
-        return 0, exc.problems
-    return len(records), []
+        return Validation(0, exc.problems)
+    return Validation(len(records), warnings=long_text_warnings(path, records))
+
+
+def validate(path: str | Path, fmt: str = "auto", mapping: dict[str, str] | None = None) -> tuple[int, list[Problem]]:
+    """(number of valid records, every problem found) for a file in format `fmt` ('auto' detects)."""
+    result = check_file(path, fmt, mapping)
+    return result.count, result.problems

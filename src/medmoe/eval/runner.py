@@ -16,12 +16,13 @@ from typing import Any, Callable, Sequence
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from medmoe.data.record import Record
-from medmoe.errors import DataError
+from medmoe.errors import DataError, MedmoeError
 from medmoe.eval.benchmarks import Benchmark
 from medmoe.eval.model import EvalModel
 from medmoe.eval.prompts import build_prompt, language_of
-from medmoe.eval.rules import Outcome, apply_rule, check_rule
+from medmoe.eval.rules import CONTINUATIONS, Outcome, apply_rule, check_rule
 from medmoe.eval.textmetrics import BertScorer, load_bertscorer, rouge_l
+from medmoe.eval.window import PromptFitter
 from medmoe.paths import atomic_write_json
 
 OPEN_MAX_NEW_TOKENS = 128
@@ -101,7 +102,24 @@ def check_settings(folder: Path, settings: dict[str, Any]) -> None:
     atomic_write_json(path, settings)
 
 
-def _choice_row(record: Record, bench: Benchmark, rule: str, k: int, outcome: Outcome) -> dict[str, Any]:
+def check_counts(shots: int = 0, batch_size: int = 1, max_new_tokens: int = 1, limit: int | None = None) -> None:
+    """The run's integer settings, each in its range: -5 as a limit silently meant 'all but 5'."""
+    for name, value, least in (("shots", shots, 0), ("batch_size", batch_size, 1), ("max_new_tokens", max_new_tokens, 1),
+                               ("limit", 1 if limit is None else limit, 1)):
+        if value < least:
+            raise MedmoeError(f"{name} must be >= {least}, got {value}")
+
+
+def check_unique_ids(bench: Benchmark) -> None:
+    """Rows are keyed by id: two records sharing one would both be scored by the second's row."""
+    seen: set[str] = set()
+    for record in bench.records:
+        if record.id in seen:
+            raise DataError.single(bench.name, f"duplicate id {record.id!r}: ids must be unique, eval results are keyed by id")
+        seen.add(record.id)
+
+
+def _choice_row(record: Record, bench: Benchmark, rule: str, k: int, outcome: Outcome, truncated: int) -> dict[str, Any]:
     row = {
         "id": record.id,
         "benchmark": bench.name,
@@ -118,6 +136,7 @@ def _choice_row(record: Record, bench: Benchmark, rule: str, k: int, outcome: Ou
         "latency_ms": outcome.latency_ms,
         "prompt_tokens": outcome.prompt_tokens,
         "new_tokens": outcome.new_tokens,
+        "truncated_tokens": truncated,
     }
     if outcome.route is not None:
         row["route"] = outcome.route
@@ -125,6 +144,7 @@ def _choice_row(record: Record, bench: Benchmark, rule: str, k: int, outcome: Ou
 
 
 def _open_row(model: EvalModel, record: Record, bench: Benchmark, scorer: BertScorer, max_new_tokens: int) -> dict[str, Any]:
+    record, truncated = PromptFitter(model, "none", new_tokens=max_new_tokens).fit(record)
     prompt = build_prompt(record, model.tokenizer, (), "none")
     start = time.perf_counter()
     gen = model.generate(prompt.context, max_new_tokens)
@@ -136,6 +156,7 @@ def _open_row(model: EvalModel, record: Record, bench: Benchmark, scorer: BertSc
         "rouge_l": rouge_l(gen.text, record.answer),
         "bertscore_p": precision, "bertscore_r": recall, "bertscore_f1": f1, "bertscore_encoder": scorer.name,
         "latency_ms": latency_ms, "prompt_tokens": gen.prompt_tokens, "new_tokens": gen.new_tokens,
+        "truncated_tokens": truncated,
     }
     route = model.last_route()
     if route is not None:
@@ -157,8 +178,11 @@ def run_benchmark(
 
     Option questions use `rule`; open-ended ones (CMB-Clin) are generated (OPEN_MAX_NEW_TOKENS) and
     scored with ROUGE-L and BERTScore, whose encoder `bertscorer(language)` loads once per language.
+    Prompts longer than the model's window are cut first (medmoe.eval.window; rows say by how much).
     """
     check_rule(rule)
+    check_counts(shots, batch_size, max_new_tokens)
+    check_unique_ids(bench)
     if hasattr(model, "reset"):
         model.reset()  # start cold: identical runs give identical scores, bit for bit
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -167,6 +191,7 @@ def run_benchmark(
     todo = [r for r in bench.records if r.id not in done]
     scorers: dict[str, BertScorer] = {}
     step = batch_size if rule != "generate" and bench.task != "open" else 1  # open questions: one at a time
+    fitter = PromptFitter(model, CONTINUATIONS[rule], bench.multi, max_new_tokens if rule == "generate" else 0)
     with progress_bar(bench.name) as bar, output.open("a", encoding="utf-8") as sink:
         task = bar.add_task(bench.name, total=len(bench.records), completed=len(bench.records) - len(todo))
         for start in range(0, len(todo), step):
@@ -178,8 +203,9 @@ def run_benchmark(
                 rows = [_open_row(model, chunk[0], bench, scorers[language], OPEN_MAX_NEW_TOKENS)]
             else:
                 shot_lists = [bench.shots_for(r, shots) for r in chunk]
-                outcomes = apply_rule(model, chunk, rule, shot_lists, bench.multi, max_new_tokens)
-                rows = [_choice_row(r, bench, rule, len(s), o) for r, s, o in zip(chunk, shot_lists, outcomes)]
+                fitted, truncated = zip(*(fitter.fit(r, s) for r, s in zip(chunk, shot_lists)))
+                outcomes = apply_rule(model, fitted, rule, shot_lists, bench.multi, max_new_tokens)
+                rows = [_choice_row(r, bench, rule, len(s), o, t) for r, s, o, t in zip(chunk, shot_lists, outcomes, truncated)]
             for row in rows:
                 sink.write(json.dumps(row, ensure_ascii=False) + "\n")
                 done[row["id"]] = row

@@ -172,7 +172,13 @@ class LoraMoeModel(nn.Module):
         path = Path(directory) / WEIGHTS_NAME
         if not path.is_file():
             raise ModelError(f"{path}: no adapter weights here (expected {WEIGHTS_NAME})")
-        loaded = load_file(str(path))
+        try:
+            loaded = load_file(str(path))
+        except Exception as exc:  # safetensors' SafetensorError: "incomplete metadata, file not fully covered"
+            from medmoe.models.files import safetensors_problem
+
+            raise ModelError(safetensors_problem(path) or f"{path}: cannot read the adapter weights "
+                             f"({type(exc).__name__}: {exc}); the file is corrupt: save or copy it again") from exc
         own = self.adapter_state_dict()
         missing, unexpected = sorted(set(own) - set(loaded)), sorted(set(loaded) - set(own))
         if missing or unexpected:

@@ -132,13 +132,26 @@ def _from_pretrained(loader: Any, source: str, what: str, **kwargs: Any) -> Any:
         if source.endswith(".gguf"):
             return loader.from_pretrained(str(Path(source).parent), gguf_file=Path(source).name, **kwargs)
         return loader.from_pretrained(source, **kwargs)
-    except OSError as exc:
-        raise ModelError(f"cannot load {what} from '{source}': {str(exc).splitlines()[0]}") from exc
-    except Exception as exc:  # corrupt safetensors, config mismatch, ...
-        hint = ""
-        if source.startswith(str(medmoe_home())):
-            hint = f"; the cache may be damaged: run `medmoe models pull {Path(source).name} --force`"
-        raise ModelError(f"cannot load {what} from '{source}': {type(exc).__name__}: {exc}{hint}") from exc
+    except Exception as exc:  # missing or damaged files, config mismatch, ...
+        raise ModelError(_load_failure(source, what, exc)) from exc
+
+
+def _load_failure(source: str, what: str, exc: Exception) -> str:
+    """The message for a failed load: what is wrong with the local files when a check finds it (no
+    config.json, a truncated .safetensors or .gguf), else the loader's own words."""
+    from medmoe.models.files import folder_problem, gguf_problem
+
+    hint = ""
+    if source.startswith(str(medmoe_home())):
+        hint = f"; the cache may be damaged: run `medmoe models pull {Path(source).name} --force`"
+    problem = None
+    if what != "tokenizer" and Path(source).exists():  # a tokenizer needs neither config.json nor weights
+        problem = gguf_problem(source) if source.endswith(".gguf") else folder_problem(source)
+    if problem:
+        return f"cannot load {what} from '{source}': {problem}{hint}"
+    if isinstance(exc, OSError):
+        return f"cannot load {what} from '{source}': {str(exc).splitlines()[0]}"
+    return f"cannot load {what} from '{source}': {type(exc).__name__}: {exc}{hint}"
 
 
 def load_tokenizer(name_or_path: str) -> Any:
