@@ -186,6 +186,18 @@ def test_a_truncated_loramoe_adapter_is_named_as_truncated(model_dir, tmp_path):
     assert isinstance(result.exception, ModelError) and "truncated" in str(result.exception)
 
 
+def test_a_truncated_peft_adapter_is_named_as_truncated(model_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from medmoe.train.adapters import load_tuned
+
+    adapter = tmp_path / "lora"
+    get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).save_pretrained(adapter)
+    truncate(adapter / "adapter_model.safetensors")
+    with pytest.raises(ModelError, match="adapter_model.safetensors: truncated: [0-9,]+ bytes of the [0-9,]+"):
+        load_tuned(str(model_dir), str(adapter))
+
+
 def test_a_truncated_model_safetensors_is_named_as_truncated(model_dir):
     from medmoe.models import load_causal_lm
 

@@ -22,8 +22,17 @@ def load_tuned(base: str, adapter: str | Path | None):
     if (folder / "adapter_config.json").is_file():
         from peft import PeftModel
 
+        from medmoe.models.files import safetensors_problem
+
         model, tokenizer = load_base(base)
-        return PeftModel.from_pretrained(model, folder).eval(), tokenizer
+        weights = folder / "adapter_model.safetensors"
+        problem = safetensors_problem(weights) if weights.is_file() else None
+        if problem:
+            raise ModelError(problem)
+        try:
+            return PeftModel.from_pretrained(model, folder).eval(), tokenizer
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            raise ModelError(f"{folder}: cannot load this PEFT adapter onto {base}: {type(exc).__name__}: {exc}") from exc
     if (folder / "config.json").is_file():  # --method full saved the whole model
         return load_base(str(folder))
     raise ModelError(f"{folder}: no loramoe_config.json, adapter_config.json or config.json; is this a finetune output's adapter/ or model/ folder?")
