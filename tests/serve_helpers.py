@@ -110,6 +110,56 @@ class FakeStreamer(FakeAnswerer):
         return [Answer(answer=text, expert="fake") for _ in records]
 
 
+class PoisonedAnswerer(FakeAnswerer):
+    """A FakeAnswerer whose whole batch raises `error` when it holds a record with question `poison`
+    (as a model fails on one bad row); `calls` counts the answer_batch calls."""
+
+    def __init__(self, poison: str = "boom", error: Exception | None = None, delay_s: float = 0.0):
+        super().__init__(delay_s)
+        self.poison, self.error, self.calls = poison, error or RuntimeError("model exploded"), 0
+
+    def answer_batch(self, records: Sequence[Any]) -> list[Any]:
+        self.calls += 1
+        if any(r.question == self.poison for r in records):
+            raise self.error
+        return super().answer_batch(records)
+
+
+class FakeGenerator(FakeAnswerer):
+    """Answers like greedy generation costs: `step_s` per token of the batch's largest budget (a
+    record's metadata["max_new_tokens"], else `max_new_tokens`), whatever the batch size."""
+
+    def __init__(self, step_s: float, max_new_tokens: int = 64):
+        super().__init__()
+        self.step_s, self.max_new_tokens = step_s, max_new_tokens
+
+    def answer_batch(self, records: Sequence[Any]) -> list[Any]:
+        budget = max(min(int(r.metadata.get("max_new_tokens", self.max_new_tokens)), self.max_new_tokens) for r in records)
+        time.sleep(self.step_s * budget)
+        return super().answer_batch(records)
+
+
+def tiny_router(tau: float | None = None, mamba: Any = None) -> Any:
+    """A RoutedAnswerer over two tiny random Llamas (seeds 0 and 1; `mamba` replaces the second, e.g.
+    a hybrid) with a random gate. tau: the gate's threshold (-1: every query to E_M, 2: none) [0.5]."""
+    import torch
+
+    from medmoe.experts import Expert
+    from medmoe.router.answerer import RoutedAnswerer
+    from medmoe.router.checkpoint import RouterCheckpoint
+    from medmoe.router.features import FeatureConfig, featurizer_for_tokenizer
+    from medmoe.router.gate import GateConfig, TokenGate
+
+    tok = tiny_tokenizer(True)
+    transformer = tiny_model(tok, seed=0)
+    featurizer = featurizer_for_tokenizer(tok, transformer.get_input_embeddings().weight.detach(), CORPUS[:6], [], FeatureConfig(embed_dim=8))
+    torch.manual_seed(1)
+    checkpoint = RouterCheckpoint(TokenGate(GateConfig()).eval(), featurizer, tau=0.5 if tau is None else tau)
+    experts = {"transformer": Expert("transformer", "tiny-llama-0", transformer, tok),
+               "mamba": Expert("mamba", "tiny-mamba", mamba if mamba is not None else tiny_model(tok, seed=1), tok)}
+    return RoutedAnswerer(checkpoint, experts, name="tiny-mambaformer", max_new_tokens=12)
+
+
 def slowed(model: Any, seconds: float) -> list[int]:
     """Make every forward call of `model` take at least `seconds`; returns a list counting the calls."""
     calls: list[int] = []

@@ -70,7 +70,7 @@ def test_routed_answerer_follows_the_gate(tiny_experts, tmp_path):
     for record, together in zip(records, batched):
         answer = answerer.answer(record)
         assert (answer.answer, answer.expert) == (together.answer, together.expert)
-        assert answerer.batch_key(record) == answer.expert
+        assert answerer.batch_key(record) == f"{answer.expert}:options"
         assert answer.answer in record.letters
         assert answer.expert == ("mamba" if answer.gate_probability > answerer.checkpoint.tau else "transformer")
         assert sum(answer.label_scores.values()) == pytest.approx(1.0)

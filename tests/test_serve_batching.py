@@ -35,6 +35,7 @@ def run_batcher(batcher: MicroBatcher, coro_factory):
 def test_concurrent_requests_are_batched_and_each_answered_once():
     fake = FakeAnswerer(delay_s=0.05)
     batcher = MicroBatcher(fake, max_batch_size=8, max_wait_ms=20, max_queue=100)
+    batcher.costs.observe("default", [record(0)] * 8, 0.05)  # as if timed: a fresh batcher admits one batch
     results = run_batcher(batcher, lambda: asyncio.gather(*(batcher.submit(record(i), 10) for i in range(30))))
     assert [answer.answer for answer, _ in results] == [f"echo:question {i}" for i in range(30)]  # each its own
     seen = [rid for batch in fake.batches for rid in batch]
@@ -52,6 +53,8 @@ def test_batches_never_mix_keys():
 
     fake = Keyed(delay_s=0.02)
     batcher = MicroBatcher(fake, max_batch_size=16, max_wait_ms=30, max_queue=100)
+    for key, options in (("open", ()), ("options", ("a", "b"))):
+        batcher.costs.observe(key, [record(0, options=options)] * 16, 0.02)  # as if timed
     records = [record(i, options=("a", "b")) if i % 2 else record(i) for i in range(20)]
     run_batcher(batcher, lambda: asyncio.gather(*(batcher.submit(r, 10) for r in records)))
     for batch in fake.batches:
@@ -76,6 +79,7 @@ def test_full_queue_refuses_instead_of_waiting():
 def test_timed_out_request_is_withdrawn_before_reaching_the_model():
     fake = FakeAnswerer(delay_s=0.4)
     batcher = MicroBatcher(fake, max_batch_size=1, max_wait_ms=0, max_queue=10)
+    batcher.costs.observe("default", [record(0)], 0.01)  # a (wrong) estimate that lets r1 in, so that it times out
 
     async def scenario():
         first = asyncio.create_task(batcher.submit(record(0), 5))
@@ -106,13 +110,14 @@ def test_http_load_every_accepted_request_answered_exactly_once():
     fake = FakeAnswerer(delay_s=0.01)
     app = create_app(fake, ServeConfig(max_batch_size=16, max_wait_ms=5, max_queue=256))
     with running_server(app) as base:
+        assert httpx.post(f"{base}/v1/answer", json={"question": "warm up"}).status_code == 200  # times a batch
         responses = asyncio.run(_post_all(base, 200, 64))
     assert all(r.status_code == 200 for r in responses)
     for i, r in enumerate(responses):
         assert r.json()["request_id"] == f"id-{i}" and r.json()["answer"] == f"echo:question {i}"
     stats = app.state.batcher.stats
-    assert (stats.accepted, stats.answered, stats.duplicates) == (200, 200, 0)
-    assert sum(len(b) for b in fake.batches) == 200 and max(len(b) for b in fake.batches) > 1
+    assert (stats.accepted, stats.answered, stats.duplicates) == (201, 201, 0)
+    assert sum(len(b) for b in fake.batches) == 201 and max(len(b) for b in fake.batches) > 1
 
 
 def test_http_overload_gives_503_with_retry_after_then_recovers():
@@ -156,16 +161,18 @@ def test_http_timeout_is_504_and_answerer_failure_is_500_without_stopping_the_se
 
 
 def test_refuses_when_the_queued_batches_would_outlast_the_timeout():
-    """With 1 s batches measured and 3 requests queued (batch size 2), a new request would wait for
-    the running batch, 2 batches ahead and its own: about 3 s > a 2 s timeout, so it is refused now."""
+    """With 1 s batches measured and 2 requests queued (batch size 2), a new request would wait for
+    what is left of the running batch, 1 batch ahead and its own: about 2.9 s > a 2 s timeout, so it
+    is refused now."""
     fake = FakeAnswerer(delay_s=1.0)
     batcher = MicroBatcher(fake, max_batch_size=2, max_wait_ms=0, max_queue=100)
 
     async def scenario():
-        batcher.seconds_per_batch = 1.0  # as if measured
+        batcher.costs.observe("default", [record(0), record(1)], 1.0)  # as if measured
         queued = [asyncio.create_task(batcher.submit(record(i), 30)) for i in range(4)]
         await asyncio.sleep(0.1)  # the worker took r0, r1; r2, r3 wait
-        assert batcher.estimated_wait_s() == pytest.approx(3.0)
+        wait = batcher.estimated_wait(record(9))
+        assert not wait.unknown and wait.seconds == pytest.approx(2.9, abs=0.05)
         with pytest.raises(QueueFull, match="estimated wait"):
             await batcher.submit(record(9), 2.0)
         late = await batcher.submit(record(10), 10.0)  # a patient request is still accepted

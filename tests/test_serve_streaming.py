@@ -121,11 +121,14 @@ def test_http_stream_guards_queue_full_and_timeout():
     the request timeout ends with an error event and [DONE], and its work stops."""
     fake = FakeStreamer(pieces=40, step_s=0.1)
     app = create_app(fake, ServeConfig(max_batch_size=1, max_wait_ms=0, max_queue=1, request_timeout_s=1.0))
+    app.state.batcher.costs.observe("default", [Record(id="x", question="q", answer="")], 0.01)  # as if timed (wrongly): the second is queued
     with running_server(app) as base:
         with httpx.stream("POST", f"{base}/v1/chat/completions", json={**QUESTION, "stream": True}, timeout=30) as r:
             queued = threading.Thread(target=httpx.post, args=(f"{base}/v1/chat/completions",), kwargs={"json": {**QUESTION, "stream": True}})
             queued.start()
+            deadline = time.time() + 10
             while app.state.batcher.depth == 0:  # the second request waits behind the first
+                assert time.time() < deadline, "the second stream was never queued"
                 time.sleep(0.005)
             refused = httpx.post(f"{base}/v1/chat/completions", json={**QUESTION, "stream": True}, timeout=30)
             events = sse_data(r.read().decode())

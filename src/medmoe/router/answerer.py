@@ -1,15 +1,22 @@
 """The deployed MambaFormer: a router checkpoint plus its two experts, as an `Answerer`.
 
 Per query: tokenize the query text, compute gate features, p_M = gate(features); hard decision
-E_M if p_M > tau; the chosen expert scores the options with the pipeline's rule (`letter`,
-zero-shot). `score_records` returns the harness's `Outcome`s (what `medmoe eval --router` writes);
-`answer_batch` turns them into `Answer`s with the gate's top features (attributions) for `ask` and
-the server. Latency per query = the gate's decision (tokenizing, features, gate forward; amortized
-over the batch) + the chosen expert's scoring; the attributions are computed after, outside it.
+E_M if p_M > tau. The chosen expert then answers:
+  option questions  scored with the pipeline's rule (`letter`, zero-shot): `score_records` returns the
+                    harness's `Outcome`s (what `medmoe eval --router` writes);
+  open questions    greedy generation by that expert, the single-model server's batched decoding
+                    (`medmoe.serve.answerers.CausalLMAnswerer` over the expert), streamed token by
+                    token to a request's sink when it has one (`POST /v1/chat/completions`, stream).
+`answer_batch` returns `Answer`s naming the expert, with p_M and the gate's top features
+(attributions) for `ask` and the server. Latency per query = the gate's decision (tokenizing,
+features, gate forward; amortized over the batch) + the chosen expert's work; the attributions are
+computed after, outside it. The server batches requests by `batch_key` (expert and kind of work) and
+cuts long contexts with `fit` (both experts' windows).
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 from typing import Sequence
@@ -24,18 +31,30 @@ from medmoe.router.checkpoint import RouterCheckpoint
 from medmoe.router.features import pad_batch
 from medmoe.router.gate import torch_threads
 from medmoe.router.queries import query_text
+from medmoe.serve.answerers import CausalLMAnswerer
+from medmoe.serve.streaming import TextSink
 
 RULE = "letter"  # how each expert scores in the pipeline (zero-shot): the outcomes the gate was trained on
 
 
 class RoutedAnswerer:
-    def __init__(self, checkpoint: RouterCheckpoint, experts: dict[str, Expert], name: str = "mambaformer"):
+    """checkpoint: the gate; experts: {"transformer": E_T, "mamba": E_M}.
+    max_new_tokens / max_input_tokens: generation and prompt limits of open questions (the server's)."""
+
+    def __init__(self, checkpoint: RouterCheckpoint, experts: dict[str, Expert], name: str = "mambaformer",
+                 max_new_tokens: int = 64, max_input_tokens: int = 1024):
         self.checkpoint, self.experts, self.name = checkpoint, experts, name
         self.tokenizer = experts["transformer"].tokenizer  # the gate's features use E_T's vocabulary
+        self.max_new_tokens, self.max_input_tokens = max_new_tokens, max_input_tokens
+        self._generators: dict[str, CausalLMAnswerer] = {}
+        # the gate runs on the server's event loop (batch_key) and its worker thread (answer_batch); each
+        # run sets torch's global thread count and restores it, so two at once could leave it at 1
+        self._gate_lock = threading.Lock()
 
     @classmethod
-    def load(cls, router_dir: str | Path) -> "RoutedAnswerer":
-        """Router checkpoint written by the pipeline; its config names the two experts."""
+    def load(cls, router_dir: str | Path, **limits: int) -> "RoutedAnswerer":
+        """Router checkpoint written by the pipeline; its config names the two experts. `limits`:
+        max_new_tokens, max_input_tokens (see the class)."""
         checkpoint = RouterCheckpoint.load(router_dir)
         config = checkpoint.info.get("config") or {}
         if not (isinstance(config, dict) and config.get("transformer") and config.get("mamba")):
@@ -43,7 +62,7 @@ class RoutedAnswerer:
                              "config.mamba, written by `medmoe run`; a `medmoe train router` gate names only its Transformer)")
         experts = {"transformer": load_expert("transformer", config["transformer"]),
                    "mamba": load_expert("mamba", config["mamba"], tokenizer_source=config["transformer"])}
-        return cls(checkpoint, experts, name=f"mambaformer:{router_dir}")
+        return cls(checkpoint, experts, name=f"mambaformer:{router_dir}", **limits)
 
     def score_records(self, records: Sequence[Record], rule: str = RULE, shots: Sequence[Sequence[Record]] = (),
                       multi: bool = False, max_new_tokens: int = 32) -> list[Outcome]:
@@ -54,10 +73,16 @@ class RoutedAnswerer:
             raise MedmoeError(f"the routed system scores as its experts did when the gate was trained: rule {RULE!r}, "
                               f"zero-shot (got rule {rule!r}, {max((len(s) for s in shots), default=0)} shots)")
         if any(not r.is_choice for r in records):
-            raise MedmoeError("the routed system answers option questions (yes/no/maybe or lettered options)")
+            raise MedmoeError("the routed system scores option questions (yes/no/maybe or lettered options); "
+                              "open questions are answered by `answer_batch`, which generates")
         start = time.perf_counter()
         routes = self.route(records)
         gate_ms = (time.perf_counter() - start) * 1000 / len(records)  # per query, amortized
+        return self._score(records, routes, gate_ms, multi, max_new_tokens)
+
+    def _score(self, records: Sequence[Record], routes: Sequence[tuple[str, float]], gate_ms: float,
+               multi: bool = False, max_new_tokens: int = 32) -> list[Outcome]:
+        """Each expert scores the option questions routed to it, in one batched call (rule `letter`)."""
         outcomes: list[Outcome | None] = [None] * len(records)
         for name, expert in self.experts.items():
             chosen = [i for i, (picked, _) in enumerate(routes) if picked == name]
@@ -72,16 +97,35 @@ class RoutedAnswerer:
                 outcomes[i] = outcome
         return outcomes  # type: ignore[return-value]
 
-    def answer_batch(self, records: Sequence[Record]) -> list[Answer]:
-        """`score_records` as `Answer`s, with the gate's top features (why this expert)."""
-        outcomes = self.score_records(records)
+    def answer_batch(self, records: Sequence[Record], sinks: Sequence[TextSink | None] | None = None) -> list[Answer]:
+        """Route every record; the chosen expert scores each option question (`score_records`) and
+        generates for each open one (streamed to its sink, when it has one). Answers carry the expert,
+        p_M and the gate's top features. An open question whose prompt is over its expert's limit
+        raises InputTooLong (in the server: a 422 for that request alone)."""
+        start = time.perf_counter()
+        routes = self.route(records)
+        gate_ms = (time.perf_counter() - start) * 1000 / len(records)  # per query, amortized
+        answers: list[Answer | None] = [None] * len(records)
+        choice = [i for i, r in enumerate(records) if r.options]
+        if choice:
+            outcomes = self._score([records[i] for i in choice], [routes[i] for i in choice], gate_ms)
+            for i, o in zip(choice, outcomes):
+                answers[i] = Answer(answer=o.prediction, expert=o.route["expert"], label_scores=dict(o.probs),
+                                    latency_ms={"gate": gate_ms, "expert": o.route["expert_ms"]})
+        for expert in self.experts:
+            chosen = [i for i, r in enumerate(records) if not r.options and routes[i][0] == expert]
+            if chosen:
+                chosen_sinks = [sinks[i] for i in chosen] if sinks is not None else None
+                for i, answer in zip(chosen, self.generator(expert).answer_batch([records[i] for i in chosen], chosen_sinks)):
+                    answer.latency_ms = {"gate": gate_ms, "expert": answer.latency_ms["expert"]}
+                    answers[i] = answer
         ids = self.tokenizer([query_text(r) for r in records], add_special_tokens=False)["input_ids"]
-        with torch_threads(1):  # tiny tensors: one thread is faster than waking the pool (docs/router.md)
+        with self._gate_lock, torch_threads(1):  # tiny tensors: one thread is faster than waking the pool (docs/router.md)
             reasons = self.checkpoint.explain(*pad_batch(ids), top_tokens=3)
-        return [Answer(answer=o.prediction, expert=o.route["expert"], label_scores=dict(o.probs),
-                       gate_probability=o.route["gate_probability"], top_features=why["top_features"][:5],
-                       latency_ms={"gate": o.route["gate_ms"], "expert": o.route["expert_ms"], "total": o.latency_ms})
-                for o, why in zip(outcomes, reasons)]
+        for answer, (_, p_mamba), why in zip(answers, routes, reasons):
+            answer.gate_probability, answer.top_features = p_mamba, why["top_features"][:5]
+            answer.latency_ms["total"] = answer.latency_ms["gate"] + answer.latency_ms["expert"]
+        return answers  # type: ignore[return-value]
 
     def answer(self, record: Record) -> Answer:
         return self.answer_batch([record])[0]
@@ -89,12 +133,32 @@ class RoutedAnswerer:
     def route(self, records: Sequence[Record]) -> list[tuple[str, float]]:
         """(expert, p_M) per record: the gate's hard decision at tau over each query's text."""
         ids = self.tokenizer([query_text(r) for r in records], add_special_tokens=False)["input_ids"]
-        p_mamba, to_mamba = self.checkpoint.route(*pad_batch(ids), threads=1)
+        with self._gate_lock:
+            p_mamba, to_mamba = self.checkpoint.route(*pad_batch(ids), threads=1)
         return [("mamba" if m else "transformer", p) for p, m in zip(p_mamba.tolist(), to_mamba.tolist())]
 
     def batch_key(self, record: Record) -> str:
-        """The expert the gate picks: the server batches requests for the same expert together."""
-        return self.route([record])[0][0]
+        """The expert the gate picks and the kind of work ("transformer:options", "mamba:open"): the
+        server batches requests for the same expert and computation together."""
+        return f"{self.route([record])[0][0]}:{'options' if record.options else 'open'}"
+
+    def generator(self, expert: str) -> CausalLMAnswerer:
+        """Expert `expert` as the single-model answerer: its greedy (streamable) generation, its prompt
+        rule and window (made on first use: scoring alone never needs it)."""
+        if expert not in self._generators:
+            e = self.experts[expert]
+            self._generators[expert] = CausalLMAnswerer(e.model, e.tokenizer, name=expert, max_new_tokens=self.max_new_tokens,
+                                                        max_input_tokens=self.max_input_tokens)
+        return self._generators[expert]
+
+    def fit(self, record: Record) -> tuple[Record, int]:
+        """(record cut to fit both experts' windows, context tokens dropped): the gate routes the record
+        as it will be answered. InputTooLong when the question alone does not fit (the server: 422)."""
+        dropped = 0
+        for expert in self.experts:
+            record, cut = self.generator(expert).fit(record)
+            dropped += cut
+        return record, dropped
 
 
 def load_routed_answerer(config) -> RoutedAnswerer:
@@ -103,4 +167,5 @@ def load_routed_answerer(config) -> RoutedAnswerer:
     options = getattr(config, "answerer_options", {}) or {}
     if "router" not in options:
         raise MedmoeError("server config: answerer_options.router must name a router checkpoint folder")
-    return RoutedAnswerer.load(options["router"])
+    limits = {name: getattr(config, name) for name in ("max_new_tokens", "max_input_tokens") if hasattr(config, name)}
+    return RoutedAnswerer.load(options["router"], **limits)

@@ -1,4 +1,5 @@
 """HTTP serving: FastAPI app, micro-batcher, schemas, metrics and the web page.
 
-The server imports the core (answerers, data, eval); nothing in the core imports the server.
+The server imports the core (answerers, data, eval); the core does not import the server, except
+that the routed answerer (medmoe.router.answerer) generates with `serve.answerers.CausalLMAnswerer`.
 """

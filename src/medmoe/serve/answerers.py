@@ -1,4 +1,5 @@
-"""Answerers the server can load: a plain causal LM now; the routed MambaFormer system drops in.
+"""Answerers the server can load: a plain causal LM here; the routed MambaFormer system
+(medmoe.router.answerer) drops in and generates with this one over its chosen expert.
 
 The server needs only `Answerer.answer_batch(records) -> answers` (medmoe.answer). Three optional
 additions make it better, and the server uses them when an answerer has them:
@@ -9,6 +10,9 @@ additions make it better, and the server uses them when an answerer has them:
   answer_batch(records, sinks=...): one `medmoe.serve.streaming.TextSink` or None per record; the
       generated text of a record with a sink is pushed to it token by token while the batch decodes
       (`POST /v1/chat/completions` with `stream: true`).
+A request the answerer cannot answer because of the request itself raises `RequestRejected` (a 4xx
+for that request alone, even when found inside a batch); any other exception is a model failure
+(a 500 for the requests at fault only: medmoe.serve.batching answers a failing batch again in halves).
 
 The rule for long inputs (docs/serving.md): the prompt may hold at most `max_input_tokens` tokens
 (and never more than the model's window minus `max_new_tokens`). When it is longer, the context
@@ -31,17 +35,31 @@ from medmoe.errors import MedmoeError
 from medmoe.eval.batch_scoring import score_options_batch
 from medmoe.eval.prompts import LABELS, build_prompt, language_of, question_block, uses_chat
 from medmoe.eval.scoring import bos_ids
+from medmoe.eval.window import cut_context
 from medmoe.serve.streaming import RowStreams, TextSink
 
-CONTEXT_CUT_STEP = 16  # tokens removed per retry when a cut context re-tokenizes longer
+
+class RequestRejected(MedmoeError):
+    """The request itself cannot be answered, whatever the model: the server answers 4xx (`status`,
+    `kind`), naming the field at fault. An answerer may raise it from `fit` or, when it finds the
+    problem late, from `answer_batch`: the batcher then answers that request alone with this error
+    (medmoe.serve.batching), the others of its batch get their answers."""
+
+    status, kind = 422, "invalid_request"
+
+    def __init__(self, message: str, field: str | None = None):
+        self.field = field
+        super().__init__(message)
 
 
-class InputTooLong(MedmoeError):
+class InputTooLong(RequestRejected):
     """The question (with its options) alone is longer than the model accepts."""
 
-    def __init__(self, field: str, tokens: int, limit: int):
-        self.field, self.tokens, self.limit = field, tokens, limit
-        super().__init__(f"{field} is {tokens} tokens; the model accepts at most {limit} (context is cut first, this is without it)")
+    kind = "input_too_long"
+
+    def __init__(self, field: str, tokens: int, limit: int, message: str | None = None):
+        self.tokens, self.limit = tokens, limit
+        super().__init__(message or f"{field} is {tokens} tokens; the model accepts at most {limit} (context is cut first, this is without it)", field)
 
 
 def open_prompt(record: Record, tokenizer: Any) -> str:
@@ -86,17 +104,22 @@ class CausalLMAnswerer:
         bare = self.prompt_tokens(replace(record, context=None))
         if not record.context or bare > limit:
             raise InputTooLong("question", bare, limit)
-        context_ids = self.tokenizer(record.context, add_special_tokens=False)["input_ids"]
-        keep = max(limit - bare - 8, 0)  # 8: room for the "Context:" label and line breaks
-        while True:
-            cut = replace(record, context=self.tokenizer.decode(context_ids[:keep]) or None)
-            if self.prompt_tokens(cut) <= limit or keep == 0:
-                return cut, len(context_ids) - keep
-            keep = max(keep - CONTEXT_CUT_STEP, 0)
+        return cut_context(record, self.prompt_tokens, self.tokenizer, limit)  # the rule `medmoe eval` uses too
+
+    def check_fits(self, record: Record) -> None:
+        """InputTooLong when the record's prompt, as it is, is over the limit (`fit` would have cut it):
+        a record that did not go through `fit` fails alone, with a 422, instead of overrunning the window."""
+        tokens = self.prompt_tokens(record)
+        if tokens > self.max_input_tokens:
+            raise InputTooLong("context" if record.context else "question", tokens, self.max_input_tokens,
+                               f"the prompt is {tokens} tokens; {self.name} accepts at most {self.max_input_tokens} "
+                               "(a longer context must be cut first, as the server does)")
 
     # -- Answerer ----------------------------------------------------------------------------------
     def answer_batch(self, records: Sequence[Record], sinks: Sequence[TextSink | None] | None = None) -> list[Answer]:
         """Answer every record; open records with a sink have their text streamed to it."""
+        for record in records:
+            self.check_fits(record)
         start = time.perf_counter()
         answers: list[Answer | None] = [None] * len(records)
         choice = [i for i, r in enumerate(records) if r.options]

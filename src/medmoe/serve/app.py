@@ -24,7 +24,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 
 from medmoe.answer import Answer
 from medmoe.data.record import Record
-from medmoe.serve.answerers import InputTooLong
+from medmoe.serve.answerers import RequestRejected
 from medmoe.serve.batching import BatcherStopped, BatchInfo, MicroBatcher, QueueFull, RequestTimeout
 from medmoe.serve.config import ServeConfig, build_answerer
 from medmoe.serve.guards import BodyGuard, RequestMetrics, error_body
@@ -59,7 +59,7 @@ def app_from_config(config: ServeConfig) -> FastAPI:
 
 def create_app(answerer: Any, config: ServeConfig | None = None) -> FastAPI:
     config = config or ServeConfig()
-    batcher = MicroBatcher(answerer, config.max_batch_size, config.max_wait_ms, config.max_queue)
+    batcher = MicroBatcher(answerer, config.max_batch_size, config.max_wait_ms, config.max_queue, max_new_tokens=config.max_new_tokens)
     metrics = ServerMetrics(queue_depth=lambda: batcher.depth, batcher_counts=lambda: asdict(batcher.stats))
     batcher.on_batch = lambda size, seconds, wait: metrics.batch_size.observe(size)
     expert_name = getattr(answerer, "name", type(answerer).__name__)
@@ -97,14 +97,18 @@ def create_app(answerer: Any, config: ServeConfig | None = None) -> FastAPI:
         summary = "; ".join(f"{f['field']}: {f['message']}" for f in fields)
         return JSONResponse(error_body(422, "invalid_request", summary, fields[0]["field"] if fields else None, fields=fields), status_code=422)
 
+    def rejected(exc: RequestRejected) -> ApiError:
+        metrics.rejected.inc("invalid")
+        return ApiError(exc.status, exc.kind, str(exc), exc.field)
+
     def fitted(record: Record) -> tuple[Record, int]:
         """(record that fits the model's window, dropped context tokens); 422 when it cannot fit."""
         if fit is None:
             return record, 0
         try:
             return fit(record)
-        except InputTooLong as exc:
-            raise ApiError(422, "input_too_long", str(exc), exc.field) from None
+        except RequestRejected as exc:
+            raise rejected(exc) from None
 
     def admit(record: Record, sink: TextSink | None = None) -> Any:
         """Queue the record (its job) or refuse it now: 503 + Retry-After."""
@@ -117,7 +121,8 @@ def create_app(answerer: Any, config: ServeConfig | None = None) -> FastAPI:
             raise ApiError(503, "unavailable", str(exc), headers={"Retry-After": "5"}) from None
 
     async def settle(job: Any, timeout_s: float) -> tuple[Answer, BatchInfo]:
-        """The job's answer, or the ApiError its failure maps to (504, 503, 500)."""
+        """The job's answer, or the ApiError its failure maps to: 504, 503, the 4xx of a request the
+        answerer rejected (found late, in its batch), 500 for a model failure on this request."""
         try:
             answer, info = await batcher.wait(job, timeout_s)
         except RequestTimeout as exc:
@@ -125,12 +130,14 @@ def create_app(answerer: Any, config: ServeConfig | None = None) -> FastAPI:
             raise ApiError(504, "timeout", str(exc)) from None
         except BatcherStopped as exc:
             raise ApiError(503, "unavailable", str(exc), headers={"Retry-After": "5"}) from None
+        except RequestRejected as exc:
+            raise rejected(exc) from None
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("answering failed")
             metrics.rejected.inc("error")
-            raise ApiError(500, "internal_error", "the model failed on this batch; see the server log") from None
+            raise ApiError(500, "internal_error", "the model failed on this request; see the server log") from None
         metrics.expert_answers.inc(answer.expert)
         metrics.queue_wait.observe(info.queue_ms / 1000)
         return answer, info

@@ -4,16 +4,27 @@ One worker thread owns the model (torch already uses every core inside one call,
 worker would only contend). Requests wait in one bounded FIFO queue:
 
   enqueue(record, ..)  -> QueueFull (the server answers 503 + Retry-After) when the queue holds
-                          `max_queue` requests, or when the batch running, the batches queued ahead
-                          of it and its own ((ceil((depth + 1) / max_batch_size) + 1) x measured
-                          seconds per batch) would take longer than the request timeout;
-                          otherwise the request is queued; `wait(job)` awaits its answer
-                          (`submit` = both). A streamed request carries a TextSink: the answerer
-                          pushes its text there while the batch decodes (medmoe.serve.streaming).
+                          `max_queue` requests, or when the request could not be answered in time:
+                          what is left of the running batch, the batches queued ahead of it and its
+                          own, each predicted from what such batches cost so far (its batch key, kind
+                          of work, size and token budget: medmoe.serve.admission), exceed 80% of its
+                          timeout (`TIMEOUT_SHARE`: batch times vary);
+                          or when more than one batch of one kind of work, of never-measured cost,
+                          would be ahead of it (a fresh server admits one batch's worth of a burst,
+                          times it, then admits by estimate).
+                          An idle server admits any request (that is also how stale estimates heal).
+                          Otherwise the request is queued; `wait(job)` awaits its answer (`submit` =
+                          both). A streamed request carries a TextSink: the answerer pushes its text
+                          there while the batch decodes (medmoe.serve.streaming).
   worker               takes the oldest request's key, waits up to `max_wait_ms` (counted from that
                           request's arrival) for up to `max_batch_size` requests with the same key,
                           removes them from the queue under the lock, runs `answer_batch` once and
                           hands each answer to its own caller.
+  a failing batch      -> when `answer_batch` raises, the batch is answered again in halves, down to
+                          single requests, so that only the requests at fault get an error, each its
+                          own (a RequestRejected becomes a 4xx, anything else a 500, medmoe.serve.app);
+                          the others get their answers. A streamed request's text already sent is not
+                          sent again (ResumedSink).
   timeout / disconnect -> a request still queued is removed (it never reaches the model); one already
                           in a batch has its answer dropped. Either way it is answered exactly once:
                           by its answer, or by the timeout (504). A streamed request's sink is
@@ -28,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import math
 import threading
 import time
@@ -37,8 +49,12 @@ from typing import Any, Callable, Sequence
 
 from medmoe.answer import Answer
 from medmoe.data.record import Record
+from medmoe.serve.admission import CostModel, Wait
+from medmoe.serve.streaming import ResumedSink
 
-SERVICE_TIME_SMOOTHING = 0.2  # weight of the newest batch in the running seconds-per-batch estimate
+log = logging.getLogger(__name__)
+DEFAULT_MAX_NEW_TOKENS = 64  # an open record's token budget when neither the server nor the answerer names one
+TIMEOUT_SHARE = 0.8  # admit a request whose estimated wait fits in this share of its timeout: batch times vary
 
 
 class QueueFull(Exception):
@@ -74,6 +90,25 @@ class _Job:
     future: asyncio.Future
     sink: Any = None  # medmoe.serve.streaming.TextSink for a streamed request
     enqueued: float = field(default_factory=time.perf_counter)
+    withdrawn: bool = False  # its caller gave up (set under the lock; the worker skips it on a retry)
+
+
+@dataclass
+class _Running:
+    """The batch the worker is answering: its key, jobs and start (for the wait of later requests)."""
+
+    key: str
+    jobs: list[_Job]
+    started: float
+
+    @property
+    def records(self) -> list[Record]:
+        return [j.record for j in self.jobs]
+
+    @property
+    def stopping(self) -> bool:
+        """Every row is a stream whose client left: decoding stops at the next step."""
+        return all(j.sink is not None and j.sink.cancelled for j in self.jobs)
 
 
 @dataclass
@@ -99,6 +134,7 @@ class MicroBatcher:
         max_wait_ms: float = 10.0,
         max_queue: int = 128,
         on_batch: Callable[[int, float, float], None] | None = None,
+        max_new_tokens: int | None = None,
     ):
         self.answerer = answerer
         self.max_batch_size, self.max_wait_s, self.max_queue = max_batch_size, max_wait_ms / 1000, max_queue
@@ -110,7 +146,9 @@ class MicroBatcher:
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self.seconds_per_batch: float | None = None  # running estimate (EMA), for admission and Retry-After
+        self._running: _Running | None = None
+        budget = max_new_tokens or getattr(answerer, "max_new_tokens", None) or DEFAULT_MAX_NEW_TOKENS
+        self.costs = CostModel(budget)  # what batches cost so far: admission and Retry-After
         self.stats = BatcherStats()
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -137,16 +175,38 @@ class MicroBatcher:
     def depth(self) -> int:
         return len(self._queue)
 
-    # -- caller side (event loop) ------------------------------------------------------------------
-    def estimated_wait_s(self) -> float:
-        """Seconds until a request queued now is answered: the batch running, the batches ahead of
-        it and its own (0 while the queue is empty or no batch has been timed yet)."""
-        if not self._queue or self.seconds_per_batch is None:
-            return 0.0
-        return (math.ceil((len(self._queue) + 1) / self.max_batch_size) + 1) * self.seconds_per_batch
+    @property
+    def busy(self) -> bool:
+        """A batch is being answered now."""
+        return self._running is not None
 
-    def retry_after(self) -> int:
-        return max(1, math.ceil(self.estimated_wait_s() / 2))  # about half the queue drained by then
+    # -- caller side (event loop) ------------------------------------------------------------------
+    def estimated_wait(self, record: Record, key: str | None = None) -> Wait:
+        """The wait of `record` if it were queued now: what is left of the running batch, every batch
+        queued ahead (per key, in queue order, `max_batch_size` at a time) and its own, plus the batch
+        window; batches never measured count in `unknown` (per kind of work) instead of seconds."""
+        key = self._key_of(record) if key is None else key
+        with self._cond:
+            wait = Wait(self.max_wait_s)
+            running = self._running
+            if running is not None and not running.stopping:
+                seconds, unknown = self.costs.predict(running.key, running.records)
+                wait.add(max(seconds - (time.perf_counter() - running.started), 0.0), unknown)
+            groups: dict[str, list[Record]] = {}
+            for job in self._queue:
+                groups.setdefault(job.key, []).append(job.record)
+            groups.setdefault(key, []).append(record)
+            for group_key, records in groups.items():
+                for start in range(0, len(records), self.max_batch_size):
+                    wait.add(*self.costs.predict(group_key, records[start:start + self.max_batch_size]))
+            return wait
+
+    def retry_after(self, wait: Wait) -> int:
+        """Seconds until about half the work ahead is done (at least 1); a batch of unknown cost is
+        guessed to take as long as the running batch has taken so far."""
+        running = self._running
+        elapsed = time.perf_counter() - running.started if running is not None else 0.0
+        return max(1, math.ceil((wait.seconds + wait.unknown_batches * elapsed) / 2))
 
     def enqueue(self, record: Record, timeout_s: float, sink: Any = None) -> _Job:
         """Admit a request that must be answered within `timeout_s` (call on the event loop), or
@@ -158,16 +218,30 @@ class MicroBatcher:
         with self._cond:
             if self._stopping:
                 raise BatcherStopped("server is shutting down")
-            if len(self._queue) >= self.max_queue:
+            refusal = self._refusal(job, timeout_s)
+            if refusal is not None:
                 self.stats.rejected += 1
-                raise QueueFull("queue full", self.retry_after())
-            if self.estimated_wait_s() > timeout_s:
-                self.stats.rejected += 1  # it would time out behind the batches already queued: refuse now
-                raise QueueFull("estimated wait exceeds the request timeout", self.retry_after())
+                raise refusal
             self._queue.append(job)
             self.stats.accepted += 1
             self._cond.notify()
         return job
+
+    def _refusal(self, job: _Job, timeout_s: float) -> QueueFull | None:
+        """Why `job` cannot be admitted now (None: it can). Call under the lock."""
+        if not self._queue and self._running is None:
+            return None  # idle: nothing would answer it sooner (and its batch refreshes the estimates)
+        wait = self.estimated_wait(job.record, job.key)
+        if len(self._queue) >= self.max_queue:
+            return QueueFull("queue full", self.retry_after(wait))
+        untimed = [kind for kind, batches in wait.unknown.items() if batches > 1]
+        if untimed:
+            return QueueFull(f"no {untimed[0]} batch like the ones ahead has been timed yet; one at a time until then",
+                             self.retry_after(wait))
+        if wait.seconds > timeout_s * TIMEOUT_SHARE:
+            return QueueFull(f"estimated wait {wait.seconds:.1f} s is too close to the request timeout {timeout_s:g} s",
+                             self.retry_after(wait))
+        return None
 
     async def wait(self, job: _Job, timeout_s: float) -> tuple[Answer, BatchInfo]:
         """The job's answer; RequestTimeout after `timeout_s` (the job is withdrawn)."""
@@ -191,6 +265,7 @@ class MicroBatcher:
         if job.future.done():
             return  # answered, failed or withdrawn before: counted there
         with self._cond:
+            job.withdrawn = True
             try:
                 self._queue.remove(job)
             except ValueError:
@@ -200,7 +275,7 @@ class MicroBatcher:
 
     # -- worker side (thread) ----------------------------------------------------------------------
     def _take_batch(self) -> list[_Job] | None:
-        """Block until a batch is ready; remove and return it (None when stopping)."""
+        """Block until a batch is ready; remove and return it, marked running (None when stopping)."""
         with self._cond:
             while not self._queue and not self._stopping:
                 self._cond.wait()
@@ -219,6 +294,7 @@ class MicroBatcher:
             batch = [j for j in self._queue if j.key == oldest.key][: self.max_batch_size]
             for job in batch:
                 self._queue.remove(job)
+            self._running = _Running(oldest.key, batch, time.perf_counter())
             return batch
 
     def _run(self) -> None:
@@ -227,31 +303,57 @@ class MicroBatcher:
             if batch is None:
                 return
             if batch:
-                self._answer(batch)
+                try:
+                    self._answer(batch)
+                finally:
+                    with self._cond:
+                        self._running = None
 
-    def _answer(self, batch: Sequence[_Job]) -> None:
+    def _answer(self, batch: Sequence[_Job], retry: bool = False) -> None:
+        """One `answer_batch` call for `batch`; its answers go to their callers, a failure to `_isolate`.
+        A first try that ran to the end (no stream cut short) teaches the cost model."""
         start = time.perf_counter()
         try:
-            records, sinks = [j.record for j in batch], [j.sink for j in batch]
-            if any(sink is not None for sink in sinks):
-                answers = self.answerer.answer_batch(records, sinks=sinks)
-            else:
-                answers = self.answerer.answer_batch(records)
-            if len(answers) != len(batch):
-                raise RuntimeError(f"answerer returned {len(answers)} answers for {len(batch)} questions")
-        except Exception as exc:  # the batch fails, the server keeps serving
-            for job in batch:
-                job.loop.call_soon_threadsafe(self._fail, job, exc)
+            answers = self._call(batch, retry)
+        except Exception as exc:
+            self._isolate(batch, exc)
             return
         elapsed = time.perf_counter() - start
-        self.seconds_per_batch = elapsed if self.seconds_per_batch is None else (
-            SERVICE_TIME_SMOOTHING * elapsed + (1 - SERVICE_TIME_SMOOTHING) * self.seconds_per_batch)
+        if not retry and not any(j.sink is not None and j.sink.cancelled for j in batch):
+            with self._cond:  # the event loop reads the costs under this lock (admission)
+                self.costs.observe(batch[0].key, [j.record for j in batch], elapsed)
         self.stats.batches += 1
         if self.on_batch:
             self.on_batch(len(batch), elapsed, start - batch[0].enqueued)
         for job, answer in zip(batch, answers):
             info = BatchInfo(queue_ms=(start - job.enqueued) * 1000, batch_size=len(batch), batch_ms=elapsed * 1000)
             job.loop.call_soon_threadsafe(self._deliver, job, (answer, info))
+
+    def _call(self, batch: Sequence[_Job], retry: bool) -> list[Answer]:
+        records, sinks = [j.record for j in batch], [j.sink for j in batch]
+        if retry:  # the text of an earlier try was already sent: do not send it again
+            sinks = [ResumedSink(s) if s is not None else None for s in sinks]
+        if any(sink is not None for sink in sinks):
+            answers = self.answerer.answer_batch(records, sinks=sinks)
+        else:
+            answers = self.answerer.answer_batch(records)
+        if len(answers) != len(batch):
+            raise RuntimeError(f"answerer returned {len(answers)} answers for {len(batch)} questions")
+        return answers
+
+    def _isolate(self, batch: Sequence[_Job], exc: Exception) -> None:
+        """`answer_batch` raised for `batch`: a single job gets the error; a larger batch is answered
+        again in halves (jobs whose callers left are dropped), so only the jobs at fault fail."""
+        if len(batch) == 1:
+            job = batch[0]
+            job.loop.call_soon_threadsafe(self._fail, job, exc)
+            return
+        log.warning("a batch of %d failed (%s: %s); answering it again in halves", len(batch), type(exc).__name__, exc)
+        live = [j for j in batch if not j.withdrawn]
+        half = (len(live) + 1) // 2
+        for part in (live[:half], live[half:]):
+            if part:
+                self._answer(part, retry=True)
 
     def _deliver(self, job: _Job, result: tuple[Answer, BatchInfo]) -> None:
         if job.future.cancelled():

@@ -11,6 +11,8 @@ Two parts, one on each side of the thread boundary between the event loop and th
                streamed row's newly settled text to its sink; `__call__` marks a row finished once
                it has its own number of tokens or its sink is cancelled, so a batch stops decoding
                as soon as every row is finished, cancelled or at EOS (no work for a gone client).
+  ResumedSink  a TextSink seen through by a retried request (its batch failed): the text already
+               sent is not sent again.
 
 Settled text. The answer is `decode(tokens).strip()`. A piece is pushed only when it can no longer
 change: leading whitespace is dropped, trailing whitespace and trailing U+FFFD (the bytes of one
@@ -50,6 +52,7 @@ class TextSink:
         self.loop = loop
         self.queue: asyncio.Queue = asyncio.Queue()
         self._cancelled = threading.Event()
+        self.pushed = 0  # characters sent so far (worker thread only): what a retry must not send again
 
     @property
     def cancelled(self) -> bool:
@@ -63,6 +66,7 @@ class TextSink:
         if text and not self.cancelled:
             try:
                 self.loop.call_soon_threadsafe(self.queue.put_nowait, text)
+                self.pushed += len(text)
             except RuntimeError:  # the event loop is closed: the server is gone
                 self.cancel()
 
@@ -73,6 +77,25 @@ class TextSink:
     async def next(self, deadline: float) -> Any:
         """The next piece or END; TimeoutError once `deadline` (time.perf_counter) has passed."""
         return await asyncio.wait_for(self.queue.get(), max(deadline - time.perf_counter(), 0.0))
+
+
+class ResumedSink:
+    """The sink of a streamed request that is answered again (its batch failed, so the batcher answers
+    the batch's requests in smaller groups, medmoe.serve.batching): the answerer streams the text from
+    its start once more, and the part the client already has is dropped here, so it arrives once.
+    (Greedy decoding gives a row the same tokens in any batch, so the text repeats exactly.)"""
+
+    def __init__(self, sink: TextSink):
+        self.sink, self.skip = sink, sink.pushed
+
+    @property
+    def cancelled(self) -> bool:
+        return self.sink.cancelled
+
+    def push(self, text: str) -> None:
+        dropped = min(self.skip, len(text))
+        self.skip -= dropped
+        self.sink.push(text[dropped:])
 
 
 class RowStreams(BaseStreamer, StoppingCriteria):
