@@ -103,3 +103,42 @@ def test_loramoe_adapter_is_refused_by_stock_loaders(tmp_path):
         AutoModelForCausalLM.from_pretrained(tmp_path)
     with pytest.raises((OSError, ValueError)):
         PeftModel.from_pretrained(tiny_llama(), tmp_path)
+
+
+def test_the_server_and_the_zoo_load_every_hybrid_format_as_a_hybrid(hybrid_folder, tmp_path):
+    """`medmoe serve --model FOLDER` and `load_causal_lm(FOLDER)`: a hybrid in either format is a
+    hybrid, never a Llama with fresh attention layers (what the earlier format's config.json says)."""
+    from medmoe.models import load_causal_lm
+    from medmoe.serve.answerers import load_causal_lm_answerer
+    from medmoe.serve.config import ServeConfig
+
+    folder, student = hybrid_folder
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    config = json.loads((folder / "config.json").read_text())
+    spec = config.pop("hybrid")
+    config.update(model_type="llama", architectures=["LlamaForCausalLM"])
+    (legacy / "config.json").write_text(json.dumps(config))
+    (legacy / SPEC_FILE).write_text(json.dumps(spec))
+    for name in ("model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        (legacy / name).write_bytes((folder / name).read_bytes())
+    ids = torch.randint(4, 40, (1, 7))
+    for source in (folder, legacy):
+        model, _ = load_causal_lm(str(source))
+        assert isinstance(model, MambaHybridForCausalLM)
+        torch.testing.assert_close(_logits(model, ids), _logits(student.eval(), ids))
+        served = load_causal_lm_answerer(ServeConfig(model=str(source)))
+        assert isinstance(served.model, MambaHybridForCausalLM)
+
+
+def test_the_server_applies_an_adapter(tmp_path):
+    from medmoe.loramoe import LoraMoeConfig, LoraMoeModel
+    from medmoe.serve.answerers import load_causal_lm_answerer
+    from medmoe.serve.config import ServeConfig
+
+    base = tmp_path / "base"
+    tiny_llama().save_pretrained(base)
+    tiny_tokenizer().save_pretrained(base)
+    LoraMoeModel(tiny_llama(), LoraMoeConfig(num_experts=4, top_k=2, rank=4, router_dim=8, queue_size=16)).save_adapter(tmp_path / "ad")
+    served = load_causal_lm_answerer(ServeConfig(model=str(base), adapter=str(tmp_path / "ad")))
+    assert isinstance(served.model, LoraMoeModel)

@@ -141,9 +141,8 @@ def test_scan_gated_kernel_matches_reference(g):
 def test_attention_mamba_fused_matches_reference(monkeypatch):
     """The transferred mixer (GQA: 4 query heads, 2 kv heads) on the fused path, with left padding read
     from a 4D mask and a recurrent state continued through a cache, against its unfused path."""
-    from types import SimpleNamespace
-
-    from medmoe.mamba.transfer import AttentionMamba
+    from medmoe.mamba.attention_mixer import AttentionMamba
+    from medmoe.mamba.hybrid_cache import HybridCache
 
     torch.manual_seed(5)
     m = AttentionMamba(hidden=32, heads=4, kv_heads=2, head_dim=8).eval()
@@ -164,10 +163,10 @@ def test_attention_mamba_fused_matches_reference(monkeypatch):
     with torch.no_grad():
         for fused in (True, False):
             m.fused, m.scan_backend = fused, "auto" if fused else "reference"
-            cache = SimpleNamespace()
-            first = m(hidden[:, :7], mask4[..., :7, :7], cache)[0]
-            second = m(hidden[:, 7:], None, cache)[0]
-            state = cache.medmoe_recurrent_states[0]
+            cache = HybridCache()
+            first = m(hidden[:, :7], mask4[..., :7, :7], cache=cache)[0]
+            second = m(hidden[:, 7:], None, cache=cache)[0]
+            state = cache.recurrent[0]
             results.append((torch.cat([first, second], 1), state.conv, state.ssm))
     assert len(calls) == 2, "the fused path was not taken (or taken when switched off)"
     for got, want in zip(*results):

@@ -12,7 +12,7 @@ from medmoe.eval.scoring import score_options
 from medmoe.errors import ModelError
 from medmoe.mamba.hybrid_cache import HybridCache
 from medmoe.mamba.transfer import AttentionMamba, build_hybrid
-from medmoe.models.hf_compat import output_cache, with_cache
+from medmoe.hf_compat import output_cache, with_cache
 
 
 def _randomise_mixers(model) -> None:

@@ -29,33 +29,17 @@ class Expert:
         return sum(p.numel() for p in self.model.parameters())
 
 
-def mamba_folder(path: str | Path) -> Path | None:
-    """The hybrid folder for a path: the folder itself, or the latest checkpoint of a distill run."""
-    from medmoe.mamba.distill import latest_checkpoint
-    from medmoe.mamba.transfer import is_hybrid_folder
-
-    folder = Path(path)
-    if is_hybrid_folder(folder):
-        return folder
-    return latest_checkpoint(folder)
-
-
 def load_expert(name: str, source: str, tokenizer_source: str | None = None) -> Expert:
-    """Load an expert from a bundled name, hub id, local folder, or a `medmoe distill` run folder."""
-    from medmoe.models import load_causal_lm, load_tokenizer
+    """Load an expert from a bundled name, hub id, local folder, or a `medmoe distill` run folder
+    (through the model zoo, which knows every kind); a hybrid saved without a tokenizer takes
+    `tokenizer_source`'s, else its teacher's."""
+    from medmoe.models import load_causal_lm
+    from medmoe.models.zoo import hybrid_folder
 
-    hybrid = mamba_folder(source) if Path(source).exists() else None
-    if hybrid is None:
-        model, tokenizer = load_causal_lm(source)
-        return Expert(name, source, model, tokenizer, _provenance(Path(source)))
-    from medmoe.mamba.transfer import load_hybrid
-
-    model, tokenizer, spec = load_hybrid(hybrid)
-    if tokenizer is None:
-        tokenizer = load_tokenizer(tokenizer_source or spec.teacher)
-    if tokenizer is None:
-        raise ModelError(f"{hybrid}: no tokenizer saved and none given")
-    return Expert(name, str(hybrid), model, tokenizer, _provenance(hybrid))
+    hybrid = hybrid_folder(Path(source))
+    saved_tokenizer = hybrid is not None and (hybrid / "tokenizer_config.json").exists()
+    model, tokenizer = load_causal_lm(str(hybrid or source), tokenizer=None if saved_tokenizer else tokenizer_source)
+    return Expert(name, str(hybrid or source), model, tokenizer, _provenance(hybrid or Path(source)))
 
 
 def _provenance(folder: Path) -> dict | None:

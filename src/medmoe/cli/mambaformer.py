@@ -24,9 +24,9 @@ def default_mamba_expert() -> Path:
 
 def ensure_mamba_expert(path: Path, minutes: float, threads: Optional[int]) -> None:
     """Build the default Mamba expert by distillation when it does not exist yet (resumes if interrupted)."""
-    from medmoe.experts import mamba_folder
+    from medmoe.models.zoo import hybrid_folder
 
-    if path.exists() and mamba_folder(path) is not None:
+    if path.exists() and hybrid_folder(path) is not None:
         return
     console.print(f"[bold]building the default Mamba expert[/] ({minutes:g} min of distillation from smollm2-135m) -> {path}")
     cmd = [sys.executable, "-m", "medmoe", "distill", "--out", str(path), "--size", "shallow", "--minutes", str(minutes)]

@@ -29,7 +29,7 @@ from typing import Any, Sequence
 import torch
 
 from medmoe.eval.prompts import Prompt
-from medmoe.models.hf_compat import output_cache, with_cache
+from medmoe.hf_compat import output_cache, with_cache
 from medmoe.eval.scoring import (
     OptionScores,
     accepts_logits_to_keep,

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import torch
 
-from medmoe.models.hf_compat import output_cache, with_cache
+from medmoe.hf_compat import output_cache, with_cache
 
 
 @dataclass

@@ -29,7 +29,7 @@ from transformers.models.llama.modeling_llama import LlamaPreTrainedModel
 from medmoe.errors import ModelError
 from medmoe.mamba.attention_mixer import AttentionMamba
 from medmoe.mamba.hybrid_cache import HybridCache
-from medmoe.models.hf_compat import cache_kwarg
+from medmoe.hf_compat import cache_kwarg
 
 MODEL_TYPE = "medmoe_mamba_hybrid"
 

@@ -164,15 +164,22 @@ def load_tokenizer(name_or_path: str) -> Any:
     return tokenizer
 
 
-def load_causal_lm(name_or_path: str, dtype: Any = None, device: str = "cpu") -> tuple[Any, Any]:
-    """(model, tokenizer) for a causal LM: bundled name, hub id, local HF folder or .gguf file.
+def load_causal_lm(name_or_path: str, dtype: Any = None, device: str = "cpu",
+                   tokenizer: str | None = None) -> tuple[Any, Any]:
+    """(model, tokenizer) for a causal LM: bundled name, hub id, local HF folder or .gguf file;
+    `tokenizer` names another tokenizer source (default: the model's own).
 
     Encoder-decoder checkpoints (T5 family) load with AutoModelForSeq2SeqLM through the same call.
+    A medmoe Mamba hybrid (its folder, or a `medmoe distill` run folder: its latest checkpoint) loads
+    as a `MambaHybridForCausalLM`, whichever format it was saved in.
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     source = resolve(name_or_path)
+    hybrid = hybrid_folder(Path(source))
+    if hybrid is not None:
+        return _load_hybrid(hybrid, dtype, device, tokenizer)
     loader = AutoModelForCausalLM
     if not source.endswith(".gguf"):
         config = _from_pretrained(AutoConfig, source, "config")
@@ -180,7 +187,30 @@ def load_causal_lm(name_or_path: str, dtype: Any = None, device: str = "cpu") ->
             loader = AutoModelForSeq2SeqLM
     model = _from_pretrained(loader, source, "model", dtype=dtype or torch.float32)
     model.to(device).eval()
-    return model, load_tokenizer(name_or_path)
+    return model, load_tokenizer(tokenizer or name_or_path)
+
+
+def hybrid_folder(path: Path) -> Path | None:
+    """The saved Mamba hybrid `path` names: the folder itself, or a distill run's latest checkpoint."""
+    from medmoe.mamba.distill import latest_checkpoint
+    from medmoe.mamba.transfer import is_hybrid_folder
+
+    if not path.is_dir():
+        return None
+    if is_hybrid_folder(path):
+        return path
+    return latest_checkpoint(path)
+
+
+def _load_hybrid(folder: Path, dtype: Any, device: str, tokenizer_source: str | None) -> tuple[Any, Any]:
+    from medmoe.mamba.transfer import load_hybrid
+
+    model, tokenizer, spec = load_hybrid(folder)
+    if tokenizer_source or tokenizer is None:  # asked for another, or saved without one: the teacher's
+        tokenizer = load_tokenizer(tokenizer_source or spec.teacher)
+    if dtype is not None:
+        model.to(dtype)
+    return model.to(device).eval(), tokenizer
 
 
 def load_encoder(name_or_path: str = "minilm-l6", device: str = "cpu") -> tuple[Any, Any]:

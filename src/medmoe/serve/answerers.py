@@ -183,10 +183,11 @@ class CausalLMAnswerer:
 
 
 def load_causal_lm_answerer(config: Any) -> CausalLMAnswerer:
-    """Factory named by the default server config: `config.model` through the model zoo."""
-    from medmoe.models import load_causal_lm
+    """Factory named by the default server config: `config.model` (any kind the model zoo loads:
+    bundled name, hub id, HF folder, GGUF, Mamba hybrid, fine-tuned model), with `config.adapter`."""
+    from medmoe.train.adapters import load_tuned
 
-    model, tokenizer = load_causal_lm(config.model)
+    model, tokenizer = load_tuned(config.model, getattr(config, "adapter", None))
     return CausalLMAnswerer(
         model, tokenizer, name=config.model_label or config.model,
         max_new_tokens=config.max_new_tokens, max_input_tokens=config.max_input_tokens,

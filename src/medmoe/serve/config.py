@@ -22,7 +22,8 @@ DEFAULT_FACTORY = "medmoe.serve.answerers:load_causal_lm_answerer"
 @dataclass
 class ServeConfig:
     # what answers
-    model: str = "smollm2-135m"  # bundled name, hub id or local path, for the default factory
+    model: str = "smollm2-135m"  # bundled name, hub id or local path (any medmoe artifact), for the default factory
+    adapter: str | None = None  # a `medmoe finetune` adapter folder (LoRA-MoE or PEFT LoRA) applied to `model`
     model_label: str | None = None  # name reported as the expert [default: model]
     answerer: str = DEFAULT_FACTORY  # "module:callable", called as factory(config) -> Answerer
     answerer_options: dict[str, Any] = field(default_factory=dict)  # free-form, for custom factories
