@@ -83,7 +83,7 @@ def main() -> None:
 
     meta = {"command": f"PYTHONPATH=src python benchmarks/agreement.py --model {args.model} --benchmark {args.benchmark} "
                        f"--examples {args.examples} --threads {args.threads}",
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "machine": f"{platform.platform()}, 2 shared CPU cores, torch {torch.__version__}, CPU, lm-eval {lm_eval.__version__}"}
     Path(args.out + ".json").write_text(json.dumps(meta | {"reproducibility": repro, "lm_eval_agreement": agreement}, indent=2) + "\n")
     lines = [f"# Reproducibility and lm-eval agreement ({args.model}, {args.benchmark}, fixed subsample of {args.examples})", "",

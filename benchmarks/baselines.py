@@ -91,7 +91,7 @@ def report(args: argparse.Namespace) -> None:
                    f"(per model and K), then report --limit {args.limit} --open-limit {args.open_limit}",
         "limit": args.limit,
         "open_limit": args.open_limit,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": f"{platform.platform()}, 2 shared CPU cores, torch {torch.__version__}, CPU",
         "rule": RULE,
     }

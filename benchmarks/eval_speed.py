@@ -58,10 +58,10 @@ def main() -> None:
         prompts = [build_prompt(r, loaded.tokenizer, bench.shots_for(r, shots), kind) for r in bench.records]
         ours = HFEvalModel(loaded.model, loaded.tokenizer, args.model)  # a fresh prefix cache per config
 
-        def run_naive():
+        def run_naive(prompts=prompts):  # bound explicitly: this iteration's prompts (and model below)
             return [naive_scores(loaded.model, loaded.tokenizer, p.context, p.continuations) for p in prompts]
 
-        def run_ours():
+        def run_ours(prompts=prompts, ours=ours):
             ours.prefix = type(ours.prefix)()  # start cold each repeat: the first question pays for the shots
             return [ours.score_options(p.context, p.continuations).logprobs for p in prompts]
 
@@ -83,7 +83,7 @@ def main() -> None:
         print(rows[-1], flush=True)
     meta = {"command": f"PYTHONPATH=src python benchmarks/eval_speed.py --model {args.model} --examples {args.examples} "
                        f"--repeats {args.repeats} --threads {args.threads}",
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "machine": f"{platform.platform()}, 2 shared CPU cores (other jobs running), torch {torch.__version__}, CPU",
             "model": args.model}
     Path(args.out).parent.mkdir(exist_ok=True)

@@ -1,6 +1,6 @@
 """Gate overhead: gate features + gate on one PubMedQA query vs the experts' forward pass.
 
-Target (methods.md 1.2): the gate costs < 2% of the cheaper expert's median latency. Times, alternating
+Target (docs/methods.md 1.2): the gate costs < 2% of the cheaper expert's median latency. Times, alternating
 A B C A B C in one process after a warm-up, with torch.set_num_threads(2), the median of --repeats runs:
   gate        featurizer (complexity, rarity, fragmentation, domain, globals) + TokenGate, batch of 1
   smollm2     SmolLM2-135M-Instruct forward pass (the default Transformer expert), same token ids
@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_report  # noqa: E402  (reports/<name>.md + .json naming command, machine, date)
+from common import write_report  # reports/<name>.md + .json naming command, machine, date
 
 
 def timed(fn) -> float:
@@ -110,8 +110,9 @@ def main() -> None:
         subjects["smollm2-135m"] = forward(smollm)
         subjects["mamba-shallow"] = forward(mamba)
     times: dict[str, list[float]] = {k: [] for k in subjects}
-    for fn in subjects.values():                      # warm-up
-        fn(); fn()
+    for fn in subjects.values():                      # warm-up: two calls each
+        fn()
+        fn()
     load = os.getloadavg()
     for _ in range(args.repeats):                     # alternate A B C ...
         for name, fn in subjects.items():

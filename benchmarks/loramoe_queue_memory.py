@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _loramoe_common import write_report  # noqa: E402
+from _loramoe_common import write_report
 
 MODES = {
     "none": dict(contrastive_weight=0.0),

@@ -159,14 +159,14 @@ def main() -> None:
     args.eval = args.eval or ["pubmedqa:200", "dental:200"]
     torch.set_num_threads(args.threads)
 
-    from medmoe.train.base_models import load_base
+    from medmoe.models import load_causal_lm
     from medmoe.train.finetune import FinetuneConfig, finetune
 
     work = Path(args.workdir) / args.name
     results, meta, routing = {}, {}, None
     moe_params = None
     for variant in args.variants.split(","):
-        model, tokenizer = load_base(args.base)
+        model, tokenizer = load_causal_lm(args.base)
         meta[variant] = {"train_examples": 0, "steps": 0, "trainable_params": 0}
         if variant != "base":
             start = time.time()
@@ -181,7 +181,7 @@ def main() -> None:
                 if moe_params is None:  # budget of the default LoRA-MoE adapter on this base
                     from medmoe.loramoe import LoraMoeConfig, LoraMoeModel
 
-                    probe, _ = load_base(args.base)
+                    probe, _ = load_causal_lm(args.base)
                     moe_params = LoraMoeModel(probe, LoraMoeConfig()).trainable_parameter_count()
                     del probe
                 cfg.lora_rank = matched_lora_rank(model, moe_params)

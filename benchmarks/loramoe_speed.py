@@ -32,7 +32,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _loramoe_common import alternate, ratio_summary, write_report
-
 from medmoe.loramoe import LoraMoeConfig, LoraMoeLinear, LoraMoeModel
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -154,13 +153,13 @@ def main() -> None:
         print("\n".join(kernel_table(*layer_kernels(tokens, args.layer_repeats))))
         return
 
-    from medmoe.train.base_models import load_base
+    from medmoe.models import load_causal_lm
 
     print(f"layer kernels at {tokens} tokens ...", flush=True)
     kernels, loop_over_ours = layer_kernels(tokens, args.layer_repeats)
     print(kernels, flush=True)
 
-    base, _ = load_base(args.base)
+    base, _ = load_causal_lm(args.base)
     base.eval()
     for p in base.parameters():
         p.requires_grad_(False)

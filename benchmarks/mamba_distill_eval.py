@@ -107,7 +107,7 @@ def main() -> None:
 
 def write(args, results, predictions, ppl_tokens) -> None:
     meta = {"command": "PYTHONPATH=src python benchmarks/mamba_distill_eval.py " + " ".join(sys.argv[1:]),
-            "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, threads={args.threads}",
             "load_average": round(os.getloadavg()[0], 1), "torch": torch.__version__}
     args.out.parent.mkdir(parents=True, exist_ok=True)

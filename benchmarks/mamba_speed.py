@@ -126,7 +126,7 @@ def measure_decode(ours, prefixes, tokens) -> list[dict]:
         per_token = {p: [] for p in prefixes}
         for _ in range(tokens):
             for p in prefixes:
-                per_token[p].append(_timed(lambda: ours.step(toks[p], caches[p])))
+                per_token[p].append(_timed(lambda p=p: ours.step(toks[p], caches[p])))
     return [{"prefix": p, "tokens": tokens, "median_s_per_token": statistics.median(v)} for p, v in per_token.items()]
 
 
@@ -169,14 +169,17 @@ def main() -> None:
     rows, decode, memory = [], None, None
     for i, n in enumerate(args.lengths):  # the report is rewritten after every length, so a cut-short run still reports
         ids = torch.randint(0, 49152, (1, n))  # below both vocabularies (SmolLM2 has 49,152)
-        fns = {}
-        ours_chunked = lambda: (ours.set_scan_backend("chunked"), ours.backbone(ids), ours.set_scan_backend("auto"))
-        fns["ours"] = lambda: ours.backbone(ids)
+        fns = {}  # this length's ids bound explicitly (ids=ids): each callable runs within this iteration
+
+        def ours_chunked(ids=ids):
+            return ours.set_scan_backend("chunked"), ours.backbone(ids), ours.set_scan_backend("auto")
+
+        fns["ours"] = lambda ids=ids: ours.backbone(ids)
         if n <= args.chunked_up_to:
             fns["ours_chunked"] = ours_chunked
-        fns["transformers"] = lambda: hf(ids, use_cache=False)
+        fns["transformers"] = lambda ids=ids: hf(ids, use_cache=False)
         if smol is not None:
-            fns["smollm2"] = lambda: smol.model(ids, use_cache=False)
+            fns["smollm2"] = lambda ids=ids: smol.model(ids, use_cache=False)
         reps = args.slow_repeats if n >= args.slow_from else args.repeats
         with torch.no_grad():
             med = alternate(fns, reps, skip_warmup=("transformers",) if n >= args.slow_from else ())
@@ -217,7 +220,7 @@ def write_report(args, rows, decode, memory, kernel, shape, load_start) -> None:
     }
     meta = {
         "command": "PYTHONPATH=src python benchmarks/mamba_speed.py " + " ".join(sys.argv[1:]),
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, threads={args.threads}",
         "load_average_at_start_and_now": [round(load_start[0], 1), round(os.getloadavg()[0], 1)],
         "torch": torch.__version__, "device": "cpu", "fused_cpu_kernel": kernel, "shape": shape,

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_report  # noqa: E402
+from common import write_report
 
 NAMES = {"transformer": "E_T alone", "mamba": "E_M alone", "mambaformer": "MambaFormer (gate)",
          "oracle-rouge": "oracle (best ROUGE-L per query; upper bound)"}

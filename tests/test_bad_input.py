@@ -10,7 +10,6 @@ import sys
 from dataclasses import replace
 
 import pytest
-from tiny_lm import tiny_llama, tiny_tokenizer
 from typer.testing import CliRunner
 
 from medmoe.cli import app
@@ -22,6 +21,7 @@ from medmoe.eval.harness import evaluate
 from medmoe.eval.model import HFEvalModel
 from medmoe.eval.runner import run_benchmark
 from medmoe.eval.window import PromptFitter, cut_context, fit_record
+from tiny_lm import tiny_llama, tiny_tokenizer
 
 ROW = {"question": "which drug is best ?", "options": ["aspirin", "heparin"], "answer": "A"}
 WINDOW = 512  # tiny_llama's max_position_embeddings
@@ -189,13 +189,13 @@ def test_a_truncated_loramoe_adapter_is_named_as_truncated(model_dir, tmp_path):
 def test_a_truncated_peft_adapter_is_named_as_truncated(model_dir, tmp_path):
     from peft import LoraConfig, get_peft_model
 
-    from medmoe.train.adapters import load_tuned
+    from medmoe.models import load_causal_lm
 
     adapter = tmp_path / "lora"
     get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).save_pretrained(adapter)
     truncate(adapter / "adapter_model.safetensors")
     with pytest.raises(ModelError, match="adapter_model.safetensors: truncated: [0-9,]+ bytes of the [0-9,]+"):
-        load_tuned(str(model_dir), str(adapter))
+        load_causal_lm(str(model_dir), adapter=str(adapter))
 
 
 def test_a_truncated_model_safetensors_is_named_as_truncated(model_dir):
@@ -226,8 +226,8 @@ def test_a_truncated_gguf_says_truncated_or_corrupt(tmp_path):
     gguf = pytest.importorskip("gguf")
     import numpy as np
 
+    from medmoe.file_checks import gguf_problem
     from medmoe.models import load_causal_lm
-    from medmoe.models.files import gguf_problem
 
     path = tmp_path / "small.gguf"
     writer = gguf.GGUFWriter(str(path), "llama")

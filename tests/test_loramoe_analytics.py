@@ -61,9 +61,9 @@ def test_routing_command_on_smollm2_writes_plot_and_shares(tmp_path):
     from typer.testing import CliRunner
 
     from medmoe.cli import app
-    from medmoe.train.base_models import load_base
+    from medmoe.models import load_causal_lm
 
-    model, _ = load_base("smollm2-135m")
+    model, _ = load_causal_lm("smollm2-135m")
     LoraMoeModel(model, LoraMoeConfig(num_experts=4, top_k=2, rank=4)).save_adapter(tmp_path / "adapter")
     out = tmp_path / "routing"
     result = CliRunner().invoke(app, ["routing", "--adapter", str(tmp_path / "adapter"), "--data", "pubmedqa,dental",

@@ -2,8 +2,7 @@
 
 import pytest
 import torch
-from transformers import MambaConfig as HFMambaConfig
-from transformers import MambaForCausalLM
+from transformers import MambaConfig as HFMambaConfig, MambaForCausalLM
 
 from medmoe.errors import ModelError
 from medmoe.mamba import cpu_kernel

@@ -7,12 +7,12 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from medmoe.errors import ModelError
 from medmoe.eval.model import HFEvalModel
 from medmoe.eval.scoring import score_options
-from medmoe.errors import ModelError
+from medmoe.hf_compat import output_cache, with_cache
 from medmoe.mamba.hybrid_cache import HybridCache
 from medmoe.mamba.transfer import AttentionMamba, build_hybrid
-from medmoe.hf_compat import output_cache, with_cache
 
 
 def _randomise_mixers(model) -> None:

@@ -6,8 +6,15 @@ import numpy as np
 import pytest
 
 from medmoe.errors import MedmoeError
-from medmoe.router.baselines import (AlwaysMamba, AlwaysTransformer, LengthThreshold, OracleRouter, RandomRouter,
-                                     ScoreRouter, make_router)
+from medmoe.router.baselines import (
+    AlwaysMamba,
+    AlwaysTransformer,
+    LengthThreshold,
+    OracleRouter,
+    RandomRouter,
+    ScoreRouter,
+    make_router,
+)
 from medmoe.router.metrics import evaluate, total_utility
 from router_helpers import length_table, random_table
 

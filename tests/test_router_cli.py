@@ -16,7 +16,7 @@ from medmoe.router.results import ExpertOutcome, ExpertResults
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     folder = tmp_path_factory.mktemp("tiny-lm")

@@ -71,7 +71,7 @@ def test_parameter_budget_and_explanations():
 
 def test_checkpoint_round_trip(tmp_path):
     V = 30
-    vocab = VocabInfo.from_tokens(["Ġw%d" % i for i in range(V)])
+    vocab = VocabInfo.from_tokens([f"Ġw{i}" for i in range(V)])
     featurizer = GateFeaturizer.build(torch.randn(V, 6), vocab, [[1, 2, 3, 3]], FeatureConfig(embed_dim=4))
     gate = TokenGate()
     with torch.no_grad():

@@ -6,8 +6,15 @@ import numpy as np
 import pytest
 
 from medmoe.router.baselines import AlwaysMamba, AlwaysTransformer, OracleRouter, RandomRouter
-from medmoe.router.pareto import (OperatingPoint, baseline_points, envelope_area, pareto_mask, pareto_report,
-                                  sweep_points, write_report)
+from medmoe.router.pareto import (
+    OperatingPoint,
+    baseline_points,
+    envelope_area,
+    pareto_mask,
+    pareto_report,
+    sweep_points,
+    write_report,
+)
 from router_helpers import length_table
 
 

@@ -6,12 +6,23 @@ import torch
 
 from medmoe.errors import DataError, MedmoeError
 from medmoe.router.features import GateFeatures
+from medmoe.router.latency import LatencyModel
 from medmoe.router.loss import LossConfig
 from medmoe.router.metrics import evaluate
 from medmoe.router.results import ExpertResults
-from medmoe.router.train import TrainConfig, expert_costs, gate_scores, train_gate, train_for_betas
-from medmoe.router.latency import LatencyModel
+from medmoe.router.train import TrainConfig, expert_costs, gate_scores, train_gate
 from router_helpers import length_table
+
+
+def train_for_betas(betas, features, table, costs, loss_config, eval_features, train_config=None):
+    """The beta half of the Pareto sweep: one gate per beta, p_M on `eval_features` per beta (what
+    `medmoe router pareto` gets from one checkpoint per beta)."""
+    scores = {}
+    for beta in betas:
+        config = LossConfig.from_dict({**loss_config.to_dict(), "beta": float(beta)})
+        gate, _ = train_gate(features, table, costs, config, train_config)
+        scores[float(beta)] = gate_scores(gate, eval_features)
+    return scores
 
 
 def planted(n=128, seed=0):

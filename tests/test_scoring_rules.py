@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from medmoe.data.record import Record
+from medmoe.eval.batch_scoring import score_options_batch
 from medmoe.eval.model import Generation, HFEvalModel
 from medmoe.eval.prompts import build_prompt
 from medmoe.eval.rules import apply_rule
-from medmoe.eval.batch_scoring import score_options_batch
 from medmoe.eval.scoring import score_options
 from tiny_lm import tiny_llama, tiny_tokenizer
 

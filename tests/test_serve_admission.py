@@ -9,13 +9,13 @@ import pytest
 import torch
 
 pytest.importorskip("fastapi")
-import httpx  # noqa: E402
+import httpx
 
-from medmoe.data.record import Record  # noqa: E402
-from medmoe.serve.admission import CostModel, size_class  # noqa: E402
-from medmoe.serve.app import create_app  # noqa: E402
-from medmoe.serve.config import ServeConfig  # noqa: E402
-from serve_helpers import FakeGenerator, running_server, slowed, tiny_answerer  # noqa: E402
+from medmoe.data.record import Record
+from medmoe.serve.admission import CostModel, size_class
+from medmoe.serve.app import create_app
+from medmoe.serve.config import ServeConfig
+from serve_helpers import FakeGenerator, running_server, slowed, tiny_answerer
 
 torch.set_num_threads(1)
 

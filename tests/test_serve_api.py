@@ -8,15 +8,15 @@ import pytest
 import torch
 
 pytest.importorskip("fastapi")
-from fastapi.testclient import TestClient  # noqa: E402
+from fastapi.testclient import TestClient
 
-from medmoe.data.record import Record  # noqa: E402
-from medmoe.eval.prompts import build_prompt  # noqa: E402
-from medmoe.eval.scoring import score_options  # noqa: E402
-from medmoe.serve.answerers import InputTooLong, open_prompt  # noqa: E402
-from medmoe.serve.app import create_app  # noqa: E402
-from medmoe.serve.config import ServeConfig  # noqa: E402
-from serve_helpers import tiny_answerer  # noqa: E402
+from medmoe.data.record import Record
+from medmoe.eval.prompts import build_prompt
+from medmoe.eval.scoring import score_options
+from medmoe.serve.answerers import InputTooLong, open_prompt
+from medmoe.serve.app import create_app
+from medmoe.serve.config import ServeConfig
+from serve_helpers import tiny_answerer
 
 torch.set_num_threads(1)  # tiny matrices: more threads only add contention on a shared machine
 

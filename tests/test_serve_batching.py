@@ -8,13 +8,13 @@ import time
 import pytest
 
 pytest.importorskip("fastapi")
-import httpx  # noqa: E402
+import httpx
 
-from medmoe.data.record import Record  # noqa: E402
-from medmoe.serve.app import create_app  # noqa: E402
-from medmoe.serve.batching import MicroBatcher, QueueFull, RequestTimeout  # noqa: E402
-from medmoe.serve.config import ServeConfig  # noqa: E402
-from serve_helpers import FakeAnswerer, running_server  # noqa: E402
+from medmoe.data.record import Record
+from medmoe.serve.app import create_app
+from medmoe.serve.batching import MicroBatcher, QueueFull, RequestTimeout
+from medmoe.serve.config import ServeConfig
+from serve_helpers import FakeAnswerer, running_server
 
 
 def record(i: int, **kw) -> Record:

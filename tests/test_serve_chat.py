@@ -8,11 +8,11 @@ import pytest
 import torch
 
 pytest.importorskip("fastapi")
-from fastapi.testclient import TestClient  # noqa: E402
+from fastapi.testclient import TestClient
 
-from medmoe.serve.app import create_app  # noqa: E402
-from medmoe.serve.config import ServeConfig  # noqa: E402
-from serve_helpers import FakeAnswerer, tiny_answerer  # noqa: E402
+from medmoe.serve.app import create_app
+from medmoe.serve.config import ServeConfig
+from serve_helpers import FakeAnswerer, tiny_answerer
 
 torch.set_num_threads(1)
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "What causes scurvy?"}]

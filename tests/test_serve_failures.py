@@ -11,14 +11,14 @@ import pytest
 import torch
 
 pytest.importorskip("fastapi")
-import httpx  # noqa: E402
+import httpx
 
-from medmoe.data.record import Record  # noqa: E402
-from medmoe.serve.answerers import InputTooLong, RequestRejected  # noqa: E402
-from medmoe.serve.app import create_app  # noqa: E402
-from medmoe.serve.batching import MicroBatcher  # noqa: E402
-from medmoe.serve.config import ServeConfig  # noqa: E402
-from serve_helpers import FakeStreamer, PoisonedAnswerer, running_server, sse_data, tiny_answerer  # noqa: E402
+from medmoe.data.record import Record
+from medmoe.serve.answerers import InputTooLong, RequestRejected
+from medmoe.serve.app import create_app
+from medmoe.serve.batching import MicroBatcher
+from medmoe.serve.config import ServeConfig
+from serve_helpers import FakeStreamer, PoisonedAnswerer, running_server, sse_data, tiny_answerer
 
 torch.set_num_threads(1)
 QUESTIONS = ["q0", "q1", "q2", "boom", "q4", "q5"]  # one bad item among five good ones

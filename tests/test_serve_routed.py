@@ -10,13 +10,13 @@ import pytest
 import torch
 
 pytest.importorskip("fastapi")
-import httpx  # noqa: E402
-from fastapi.testclient import TestClient  # noqa: E402
+import httpx
+from fastapi.testclient import TestClient
 
-from medmoe.data.record import Record  # noqa: E402
-from medmoe.serve.app import create_app  # noqa: E402
-from medmoe.serve.config import ServeConfig  # noqa: E402
-from serve_helpers import running_server, sse_data, tiny_model, tiny_router, tiny_tokenizer  # noqa: E402
+from medmoe.data.record import Record
+from medmoe.serve.app import create_app
+from medmoe.serve.config import ServeConfig
+from serve_helpers import running_server, sse_data, tiny_model, tiny_router, tiny_tokenizer
 
 torch.set_num_threads(1)
 QUESTION = "What causes scurvy?"

@@ -11,13 +11,13 @@ import pytest
 import torch
 
 pytest.importorskip("fastapi")
-import httpx  # noqa: E402
+import httpx
 
-from medmoe.data.record import Record  # noqa: E402
-from medmoe.serve.app import create_app  # noqa: E402
-from medmoe.serve.config import ServeConfig  # noqa: E402
-from medmoe.serve.streaming import settled  # noqa: E402
-from serve_helpers import FakeAnswerer, FakeStreamer, running_server, slowed, sse_data, tiny_answerer  # noqa: E402
+from medmoe.data.record import Record
+from medmoe.serve.app import create_app
+from medmoe.serve.config import ServeConfig
+from medmoe.serve.streaming import settled
+from serve_helpers import FakeAnswerer, FakeStreamer, running_server, slowed, sse_data, tiny_answerer
 
 torch.set_num_threads(1)
 QUESTION = {"messages": [{"role": "user", "content": "What causes scurvy?"}]}

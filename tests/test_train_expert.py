@@ -3,8 +3,6 @@ and the pipeline's guard against a gate trained on records the experts were fine
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 import typer

@@ -6,8 +6,9 @@ answerer, LoRA-MoE models and the routed MambaFormer system implement it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Protocol
 
 from medmoe.data.record import Record
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 
 class MedmoeError(Exception):
@@ -38,9 +40,26 @@ class DataError(MedmoeError):
         super().__init__(head + more)
 
     @classmethod
-    def single(cls, path: str | Path, message: str, line: int | None = None, record: str | None = None) -> "DataError":
+    def single(cls, path: str | Path, message: str, line: int | None = None, record: str | None = None) -> DataError:
         return cls([Problem(str(path), message, line, record)])
 
 
 class ModelError(MedmoeError):
     """A model that cannot be found, installed or loaded."""
+
+
+class MissingExtra(MedmoeError, ImportError):
+    """An optional dependency is not installed; the message names the pyproject extra that installs it
+    (`serve`: fastapi, uvicorn; `plots`: matplotlib; `kernels`: ninja)."""
+
+    def __init__(self, module: str, extra: str, purpose: str):
+        self.module, self.extra = module, extra
+        super().__init__(f"{purpose} needs {module}, which is not installed: pip install 'medmoe[{extra}]'")
+
+
+def require(module: str, extra: str, purpose: str) -> ModuleType:
+    """Import an optional dependency, or raise MissingExtra naming the extra that installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise MissingExtra(module, extra, purpose) from exc

@@ -8,7 +8,6 @@ or option letters), and generation is greedy decoding.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,20 +32,12 @@ def load_expert(name: str, source: str, tokenizer_source: str | None = None) -> 
     """Load an expert from a bundled name, hub id, local folder, or a `medmoe distill` run folder
     (through the model zoo, which knows every kind); a hybrid saved without a tokenizer takes
     `tokenizer_source`'s, else its teacher's."""
-    from medmoe.models import load_causal_lm
-    from medmoe.models.zoo import hybrid_folder
+    from medmoe.models import hybrid_folder, load_causal_lm, training_provenance
 
     hybrid = hybrid_folder(Path(source))
     saved_tokenizer = hybrid is not None and (hybrid / "tokenizer_config.json").exists()
     model, tokenizer = load_causal_lm(str(hybrid or source), tokenizer=None if saved_tokenizer else tokenizer_source)
-    return Expert(name, str(hybrid or source), model, tokenizer, _provenance(hybrid or Path(source)))
-
-
-def _provenance(folder: Path) -> dict | None:
-    from medmoe.train.finetune import TRAINING_FILE
-
-    path = folder / TRAINING_FILE
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    return Expert(name, str(hybrid or source), model, tokenizer, training_provenance(hybrid or Path(source)))
 
 
 def check_gate_records(experts: dict[str, Expert], dataset: str, n_gate: int) -> None:

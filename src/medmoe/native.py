@@ -1,10 +1,11 @@
 """Building medmoe's C++ CPU kernels: compiled on first use with torch's C++ extension loader.
 
 One loader for every kernel (the Mamba scan in mamba/cpu_kernel.py, the sparse LoRA-MoE experts in
-loramoe/sparse_kernel.py). Building needs a C++ compiler (g++) and ninja; torch caches the build in
-$TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions), one folder per kernel version and Python
-environment. When the build fails, `build` logs why once and returns None, and the caller uses its
-PyTorch fallback. Each kernel has an environment switch (e.g. MEDMOE_MAMBA_CPU_KERNEL=0) to disable it.
+loramoe/sparse_kernel.py). Building needs a C++ compiler (g++) and ninja (the `kernels` extra); torch
+caches the build in $TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions), one folder per kernel
+version and Python environment. When the build fails, `build` logs why once and returns None, and the
+caller uses its PyTorch fallback. Each kernel has an environment switch (e.g. MEDMOE_MAMBA_CPU_KERNEL=0)
+to disable it.
 """
 
 from __future__ import annotations
@@ -43,10 +44,20 @@ def build(stem: str, source: str, disable_env: str, fallback: str):
         _remove_stale_build_lock(folder)
         return load_inline(name=name, cpp_sources=[source], functions=None, verbose=False,
                            extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"])
-    except Exception as exc:  # noqa: BLE001  (no compiler, no ninja, or a build error: fall back, say so once)
-        log.warning("medmoe: C++ kernel %s unavailable (%s); using %s", stem,
-                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__, fallback)
+    except Exception as exc:  # no compiler, no ninja, or a build error: fall back, say so once
+        log.warning("medmoe: C++ kernel %s unavailable (%s%s); using %s", stem,
+                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__, _ninja_hint(), fallback)
         return None
+
+
+def _ninja_hint() -> str:
+    """Where to get ninja when torch cannot find it (it is the optional `kernels` extra)."""
+    try:
+        from torch.utils.cpp_extension import is_ninja_available
+
+        return "" if is_ninja_available() else "; the kernels extra installs ninja: pip install 'medmoe[kernels]'"
+    except Exception:
+        return ""
 
 
 def _remove_stale_build_lock(folder: str, max_age_s: float = 600.0) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -30,7 +29,7 @@ def show(
     name: str = typer.Argument(..., help="Bundled dataset name (see `medmoe data list`) or a file path."),
     split: str = typer.Option("test", help="Split to show."),
     n: int = typer.Option(3, "-n", min=1, help="How many records."),
-    id: Optional[str] = typer.Option(None, "--id", help="Show the record with this id."),
+    id: str | None = typer.Option(None, "--id", help="Show the record with this id."),
 ) -> None:
     """Print records as JSON, to see exactly what a model is given."""
     from medmoe.data import load_dataset
@@ -63,7 +62,7 @@ def stats(name: str = typer.Argument(..., help="Bundled dataset name or a file p
 def validate(
     path: str = typer.Argument(..., help="A JSONL, JSON or CSV file (or a CMMLU folder)."),
     format: str = typer.Option("auto", "--format", help="auto, generic, pubmedqa, medmcqa, cmexam, cmmlu, cmb-clin, cmb-exam."),
-    map: Optional[str] = typer.Option(None, "--map", help="Generic format field mapping, e.g. 'question=Q,answer=label,options=opa|opb|opc|opd'."),
+    map: str | None = typer.Option(None, "--map", help="Generic format field mapping, e.g. 'question=Q,answer=label,options=opa|opb|opc|opd'."),
 ) -> None:
     """List every problem in a file at once (file, line or record, and what is wrong). Exit 1 if any.
 

@@ -17,10 +17,10 @@ def _parse_layers(text: str | None) -> list[int]:
         return []
     try:
         return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
+    except ValueError as err:
         from medmoe.errors import MedmoeError
 
-        raise MedmoeError(f"--keep-attention: expected comma-separated layer numbers like 7,15; got {text!r}")
+        raise MedmoeError(f"--keep-attention: expected comma-separated layer numbers like 7,15; got {text!r}") from err
 
 
 def distill_command(
@@ -84,7 +84,7 @@ def distill_command(
     with Progress(*columns, console=console) as progress:
         total_s = 60 * minutes
         task = progress.add_task("distill", total=total_s, kl=float("nan"), tps=0.0, step=0)
-        steps_seen = {"first": None}
+        steps_seen = {"first": 0}  # 0: no step seen yet
 
         def on_step(step: int, kl: float, elapsed: float) -> None:
             steps_seen["first"] = steps_seen["first"] or step

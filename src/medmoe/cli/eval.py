@@ -4,7 +4,7 @@ per-example JSONL, intervals and a plot."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -15,20 +15,20 @@ DEFAULT_MODEL = "smollm2-135m"
 
 
 def eval_command(
-    model: Optional[str] = typer.Option(None, help=f"Bundled short name, Hugging Face hub id or local path (the base model when --adapter is given) [default: {DEFAULT_MODEL}]."),
+    model: str | None = typer.Option(None, help=f"Bundled short name, Hugging Face hub id or local path (the base model when --adapter is given) [default: {DEFAULT_MODEL}]."),
     benchmarks: str = typer.Option(
         "pubmedqa", help="Comma-separated: pubmedqa, medmcqa, dental, cmmlu-med, cmexam, cmb-clin, cmb-exam:PATH, or file paths."
     ),
     shots: int = typer.Option(0, min=0, help="Few-shot examples per question (from train/dev splits only)."),
     rule: str = typer.Option("letter", help="Scoring rule: letter, loglik, loglik-norm or generate (docs/evaluation.md)."),
-    limit: Optional[int] = typer.Option(None, min=1, help="Fixed subsample of at most N examples per benchmark (sha256 order of ids)."),
-    output: Optional[Path] = typer.Option(None, help="Results folder [default: runs/eval-MODEL-RULE-Kshot; with --router DIR: runs/eval-routed-PARENT-NAME of DIR]."),
-    adapter: Optional[str] = typer.Option(None, help="A `medmoe finetune` output folder: LoRA-MoE adapter, PEFT LoRA adapter, or full model."),
+    limit: int | None = typer.Option(None, min=1, help="Fixed subsample of at most N examples per benchmark (sha256 order of ids)."),
+    output: Path | None = typer.Option(None, help="Results folder [default: runs/eval-MODEL-RULE-Kshot; with --router DIR: runs/eval-routed-PARENT-NAME of DIR]."),
+    adapter: str | None = typer.Option(None, help="A `medmoe finetune` output folder: LoRA-MoE adapter, PEFT LoRA adapter, or full model."),
     batch_size: int = typer.Option(1, min=1, help="Examples per forward pass for single-token rules (latency is then amortized)."),
     max_new_tokens: int = typer.Option(32, min=1, help="Generation length for --rule generate."),
-    shots_from: Optional[str] = typer.Option(None, help="Few-shot pool for cmb-exam:PATH and user files (a dataset file)."),
-    threads: Optional[int] = typer.Option(None, min=1, help="torch CPU threads [default: all cores]."),
-    router: Optional[Path] = typer.Option(None, help="Evaluate the routed MambaFormer system instead of one model: a gate folder written by `medmoe run` (it names its two experts). Not with --model/--adapter."),
+    shots_from: str | None = typer.Option(None, help="Few-shot pool for cmb-exam:PATH and user files (a dataset file)."),
+    threads: int | None = typer.Option(None, min=1, help="torch CPU threads [default: all cores]."),
+    router: Path | None = typer.Option(None, help="Evaluate the routed MambaFormer system instead of one model: a gate folder written by `medmoe run` (it names its two experts). Not with --model/--adapter."),
 ) -> None:
     """Evaluate a model, or the routed MambaFormer system (--router), on medical benchmarks; writes
     predictions, summary.json, report.md and a plot.
@@ -58,7 +58,7 @@ def eval_command(
 
         folder = output or Path("runs") / f"eval-routed-{router.resolve().parent.name}-{router.name}"
         with console.status(f"loading the gate {router} and its experts..."):
-            lm = RoutedAnswerer.load(router)
+            lm: Any = RoutedAnswerer.load(router)  # not an EvalModel: apply_rule asks it through score_records
         settings = {"router": str(router.resolve()), "tau": lm.checkpoint.tau,
                     "experts": {name: e.source for name, e in lm.experts.items()}}
     else:
@@ -92,7 +92,7 @@ def export_lm_eval_task(
     output: Path = typer.Option(..., help="Folder for <task>.jsonl and <task>.yaml (lm-eval --include_path)."),
     model: str = typer.Option("smollm2-135m", help="Model whose tokenizer decides the prompt style (plain prompts only)."),
     rule: str = typer.Option("loglik", help="loglik (options as text) or letter (options as letters)."),
-    limit: Optional[int] = typer.Option(None, min=1, help="Fixed subsample of at most N examples."),
+    limit: int | None = typer.Option(None, min=1, help="Fixed subsample of at most N examples."),
 ) -> None:
     """Write a local lm-evaluation-harness task with medmoe's prompts, to compare with lm-eval.
 

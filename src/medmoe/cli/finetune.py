@@ -59,7 +59,7 @@ def finetune_command(
     """Fine-tune BASE on DATA with LoRA-MoE, plain LoRA or full fine-tuning; resumable."""
     import torch
 
-    from medmoe.train.base_models import load_base
+    from medmoe.models import load_causal_lm
     from medmoe.train.data import load_examples, select_examples
     from medmoe.train.distributed import init_from_env
     from medmoe.train.finetune import FinetuneConfig, finetune
@@ -78,7 +78,7 @@ def finetune_command(
                      compute=compute),
     )
     rank_id, world = init_from_env()
-    model, tokenizer = load_base(base)
+    model, tokenizer = load_causal_lm(base)
     examples = select_examples(load_examples(data, tokenizer, with_explanation=with_explanations), skip_first, limit)
     if rank_id == 0:
         typer.echo(f"{method} fine-tuning of {base} on {len(examples)} examples from {data}; {world} process(es)")
@@ -112,16 +112,17 @@ def routing_command(
     import torch
 
     from medmoe.data import load_dataset
-    from medmoe.errors import ModelError
+    from medmoe.errors import ModelError, require
     from medmoe.loramoe.analytics import plot_routing, record_groups, routing_profile
+    from medmoe.models import load_causal_lm
     from medmoe.paths import atomic_write_json
-    from medmoe.train.adapters import load_tuned
 
+    require("matplotlib", "plots", "routing analytics (the heatmaps)")  # before minutes of model loading
     if threads > 0:
         torch.set_num_threads(threads)
     if not (adapter / "loramoe_config.json").is_file():
         raise ModelError(f"{adapter}: no loramoe_config.json; routing analytics need a LoRA-MoE adapter folder")
-    model, tokenizer = load_tuned(base, adapter)
+    model, tokenizer = load_causal_lm(base, adapter=adapter)
     datasets = {name.strip(): load_dataset(name.strip(), split=split) for name in data.split(",") if name.strip()}
     try:
         groups = record_groups(datasets, group_by, per_group)

@@ -6,7 +6,6 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -22,9 +21,9 @@ def default_mamba_expert() -> Path:
     return medmoe_home() / "experts" / "mamba-shallow"
 
 
-def ensure_mamba_expert(path: Path, minutes: float, threads: Optional[int]) -> None:
+def ensure_mamba_expert(path: Path, minutes: float, threads: int | None) -> None:
     """Build the default Mamba expert by distillation when it does not exist yet (resumes if interrupted)."""
-    from medmoe.models.zoo import hybrid_folder
+    from medmoe.models import hybrid_folder
 
     if path.exists() and hybrid_folder(path) is not None:
         return
@@ -52,15 +51,15 @@ def print_summary(dataset: str, report: dict) -> None:
 def run(
     datasets: str = typer.Option("pubmedqa,dental", help="Comma-separated datasets with train/dev/test splits."),
     transformer: str = typer.Option("smollm2-135m", help="E_T: bundled name, hub id or local folder."),
-    mamba: Optional[Path] = typer.Option(None, help="E_M: a `medmoe distill` run or hybrid folder [default: built once under $MEDMOE_HOME/experts]."),
+    mamba: Path | None = typer.Option(None, help="E_M: a `medmoe distill` run or hybrid folder [default: built once under $MEDMOE_HOME/experts]."),
     big: str = typer.Option("gemma3-270m", help="The largest offline Transformer, evaluated alone ('' to skip)."),
     distill_minutes: float = typer.Option(3.0, help="Distillation budget when the default Mamba expert is built."),
     train_limit: int = typer.Option(100, help="Train examples for the gate (0 = all)."),
     dev_limit: int = typer.Option(50, help="Dev examples for calibration (0 = all)."),
     test_limit: int = typer.Option(200, help="Test examples (0 = the whole test split)."),
-    latency_budget: Optional[float] = typer.Option(None, "--latency-budget", help="Calibrate tau for this p50 budget (ms) instead of 'fastest within 1 point of E_T'."),
+    latency_budget: float | None = typer.Option(None, "--latency-budget", help="Calibrate tau for this p50 budget (ms) instead of 'fastest within 1 point of E_T'."),
     out: Path = typer.Option(DEFAULT_OUT, help="Run folder (per-example results are cached here and reused)."),
-    threads: Optional[int] = typer.Option(None, help="torch CPU threads [default: all cores]."),
+    threads: int | None = typer.Option(None, help="torch CPU threads [default: all cores]."),
 ) -> None:
     """The main job: build (or load cached) experts and gate, route PubMedQA and Dental test questions.
 
@@ -89,7 +88,7 @@ def run(
 
 def ask(
     question: str = typer.Argument(..., help="The question."),
-    context: Optional[str] = typer.Option(None, help="Supporting text (e.g. an abstract)."),
+    context: str | None = typer.Option(None, help="Supporting text (e.g. an abstract)."),
     options: str = typer.Option("yes|no|maybe", help="Options separated by '|'."),
     router: Path = typer.Option(DEFAULT_OUT / "pubmedqa" / "router", help="Router checkpoint folder (written by `medmoe run`)."),
 ) -> None:
@@ -146,11 +145,11 @@ def calibrate(
 ) -> None:
     """Re-pick tau for a latency budget on the run's cached dev results, and save it in the checkpoint."""
     from medmoe.data import load_dataset
+    from medmoe.eval.runner import read_done
+    from medmoe.models import load_tokenizer
     from medmoe.router.calibrate import calibrate_tau
     from medmoe.router.checkpoint import RouterCheckpoint
     from medmoe.router.pipeline import PipelineConfig, gate_inputs, table_from_rows
-    from medmoe.eval.runner import read_done
-    from medmoe.models import load_tokenizer
 
     checkpoint = RouterCheckpoint.load(router)
     cfg = PipelineConfig(**checkpoint.info["config"])

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, cast
 
 import typer
 from rich.console import Console
@@ -28,7 +28,7 @@ def _features(featurizer, tokenizer, table, dataset: str, split: str, max_length
     return batched_features(featurizer, encode_queries(tokenizer, records, max_length))
 
 
-def _latency_models(transformer: Optional[Path], mamba: Optional[Path]):
+def _latency_models(transformer: Path | None, mamba: Path | None):
     if transformer is None and mamba is None:
         return None
     if transformer is None or mamba is None:
@@ -40,7 +40,7 @@ def _latency_models(transformer: Optional[Path], mamba: Optional[Path]):
 
 @router_app.command("lexicon")
 def lexicon(
-    dataset: List[str] = typer.Option(["pubmedqa", "dental"], help="Datasets whose train split feeds the lexicon."),
+    dataset: list[str] = typer.Option(["pubmedqa", "dental"], help="Datasets whose train split feeds the lexicon."),
     out: Path = typer.Option(Path("lexicon.json"), help="Where to write the lexicon (JSON)."),
 ) -> None:
     """Build the medical lexicon (MeSH words + clinical/dental terms) from training splits only."""
@@ -60,10 +60,10 @@ def train_router(
     dataset: str = typer.Option("pubmedqa", help="Bundled dataset the result ids come from."),
     model: str = typer.Option("smollm2-135m", help="The Transformer expert: its tokenizer and embedding table feed the gate."),
     out: Path = typer.Option(Path("runs/router"), help="Checkpoint folder."),
-    transformer_latency: Optional[Path] = typer.Option(None, help="E_T's latency model (`medmoe profile ... --output`); with --mamba-latency the costs C_e(n) [default: measured latencies]."),
-    mamba_latency: Optional[Path] = typer.Option(None, help="E_M's latency model (`medmoe profile ... --output`)."),
-    lexicon_path: Optional[Path] = typer.Option(None, "--lexicon", help="Lexicon JSON [default: build from the dataset's train split]."),
-    latency_budget: Optional[float] = typer.Option(None, help="Latency budget in ms: dual ascent on lambda_cost and calibration of tau."),
+    transformer_latency: Path | None = typer.Option(None, help="E_T's latency model (`medmoe profile ... --output`); with --mamba-latency the costs C_e(n) [default: measured latencies]."),
+    mamba_latency: Path | None = typer.Option(None, help="E_M's latency model (`medmoe profile ... --output`)."),
+    lexicon_path: Path | None = typer.Option(None, "--lexicon", help="Lexicon JSON [default: build from the dataset's train split]."),
+    latency_budget: float | None = typer.Option(None, help="Latency budget in ms: dual ascent on lambda_cost and calibration of tau."),
     statistic: str = typer.Option("p50", help="Latency statistic for the budget: p50, mean or p95."),
     beta: float = typer.Option(1.0, help="Cost weight beta in the utility U_e = -l_e - beta C_e / C_ref."),
     lambda_cost: float = typer.Option(0.1), lambda_util: float = typer.Option(0.5),
@@ -148,9 +148,9 @@ def calibrate(
 
 @router_app.command("pareto")
 def pareto(
-    router: List[Path] = typer.Option(..., help="Router checkpoint folder(s); one per beta for the beta sweep."),
+    router: list[Path] = typer.Option(..., help="Router checkpoint folder(s); one per beta for the beta sweep."),
     results: Path = typer.Option(..., help="ExpertResults JSONL of the evaluation split."),
-    dev_results: Optional[Path] = typer.Option(None, help="Dev ExpertResults JSONL (fits the length threshold)."),
+    dev_results: Path | None = typer.Option(None, help="Dev ExpertResults JSONL (fits the length threshold)."),
     dataset: str = typer.Option("pubmedqa"), split: str = typer.Option("test"),
     out: Path = typer.Option(Path("runs/pareto"), help="Folder for pareto.md, pareto.json, pareto.png."),
     statistic: str = typer.Option("p50", help="Latency axis: p50, mean or p95."),
@@ -166,7 +166,9 @@ def pareto(
 
     table = ExpertResults.load_jsonl(results)
     dev = ExpertResults.load_jsonl(dev_results) if dev_results else None
-    scores_by_beta, tau, first_beta = {}, None, None
+    scores_by_beta: dict[float, Any] = {}
+    tau: float | None = None
+    first_beta: float | None = None
     for folder in router:
         ckpt = RouterCheckpoint.load(folder)
         tokenizer = load_tokenizer(ckpt.info.get("model", "smollm2-135m"))
@@ -174,7 +176,8 @@ def pareto(
         scores_by_beta[beta] = gate_scores(ckpt.gate, _features(ckpt.featurizer, tokenizer, table, dataset, split, max_length))
         tau = ckpt.tau if tau is None else tau
         first_beta = beta if first_beta is None else first_beta
-    report = pareto_run(table, scores_by_beta, tau, dev, seed=seed, statistic=statistic, oracle_beta=first_beta)
+    # --router is required (one folder at least), so tau and first_beta are set
+    report = pareto_run(table, scores_by_beta, cast(float, tau), dev, seed=seed, statistic=statistic, oracle_beta=cast(float, first_beta))
     paths = write_report(report, out, "pareto", statistic,
                          header=f"# Pareto sweep on {dataset} {split} ({len(table)} examples)\n")
     console.print(Path(paths["md"]).read_text(encoding="utf-8"))

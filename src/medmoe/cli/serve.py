@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -12,20 +11,24 @@ console = Console(stderr=True)
 
 
 def serve(
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML file of server settings (see docs/serving.md)."),
-    model: Optional[str] = typer.Option(None, help="Model for the default answerer: bundled name, hub id or local path (default: smollm2-135m)."),
-    adapter: Optional[str] = typer.Option(None, help="Adapter folder from `medmoe finetune` (LoRA-MoE or PEFT LoRA) applied to --model."),
-    answerer: Optional[str] = typer.Option(None, help="Answerer factory 'module:callable' (e.g. the routed MambaFormer system)."),
-    host: Optional[str] = typer.Option(None, help="Interface to listen on (default: 127.0.0.1; use 0.0.0.0 to expose it)."),
-    port: Optional[int] = typer.Option(None, help="Port (default: 8000)."),
-    threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's choice)."),
-    max_batch_size: Optional[int] = typer.Option(None, help="Requests per micro-batch (default: 16)."),
+    config: Path | None = typer.Option(None, "--config", "-c", help="YAML file of server settings (see docs/serving.md)."),
+    model: str | None = typer.Option(None, help="Model for the default answerer: bundled name, hub id or local path (default: smollm2-135m)."),
+    adapter: str | None = typer.Option(None, help="Adapter folder from `medmoe finetune` (LoRA-MoE or PEFT LoRA) applied to --model."),
+    answerer: str | None = typer.Option(None, help="Answerer factory 'module:callable' (e.g. the routed MambaFormer system)."),
+    host: str | None = typer.Option(None, help="Interface to listen on (default: 127.0.0.1; use 0.0.0.0 to expose it)."),
+    port: int | None = typer.Option(None, help="Port (default: 8000)."),
+    threads: int | None = typer.Option(None, help="torch CPU threads (default: torch's choice)."),
+    max_batch_size: int | None = typer.Option(None, help="Requests per micro-batch (default: 16)."),
 ) -> None:
     """Serve a model over HTTP: POST /v1/answer, OpenAI-compatible /v1/chat/completions, the page at /.
 
     Starts with the bundled smollm2-135m by default; `--config` names a YAML file whose settings
     flags override. Open http://HOST:PORT/ in a browser to ask questions.
     """
+    from medmoe.errors import require
+
+    require("fastapi", "serve", "`medmoe serve`")
+    require("uvicorn", "serve", "`medmoe serve`")
     import uvicorn
 
     from medmoe.serve.app import app_from_config

@@ -39,13 +39,13 @@ def train_expert(
     import torch
 
     from medmoe.cli.finetune import outcome_line
-    from medmoe.train.base_models import load_base
+    from medmoe.models import load_causal_lm
     from medmoe.train.data import load_examples, select_examples
     from medmoe.train.finetune import FinetuneConfig, finetune
 
     if threads > 0:
         torch.set_num_threads(threads)
-    model, tokenizer = load_base(source)
+    model, tokenizer = load_causal_lm(source)
     examples = select_examples(load_examples(dataset, tokenizer), gate_holdout)
     eval_examples = min(32, len(examples) // 5)
     steps = max(1, math.ceil((len(examples) - eval_examples) * epochs / (batch_size * grad_accum)))

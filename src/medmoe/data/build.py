@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import difflib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from medmoe.data.readers import Location
 from medmoe.data.record import LETTERS, Record
@@ -96,7 +97,7 @@ def make_record(
         gold = str(answer).strip()
         if not gold:
             check.add(loc, "empty answer")
-    if len(check.problems) > before or question is None or answer is None:
+    if len(check.problems) > before or question is None or gold is None:  # gold is None exactly when answer is
         return None
     if not check.unique_id(id, loc):
         return None

@@ -16,11 +16,11 @@ split (of any dataset: CMExam shares some questions with CMMLU's test) is left o
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 from importlib.resources import files
 from pathlib import Path
-from typing import Callable
 
 from medmoe.data import formats
 from medmoe.data.generic import load_file
@@ -110,7 +110,7 @@ def dataset_info(name: str) -> DatasetInfo:
     return DATASETS[name][0]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _raw_splits(name: str) -> dict[str, list[Record]]:
     dataset_info(name)
     return DATASETS[name][1]()
@@ -121,7 +121,7 @@ def _all_test_questions() -> frozenset[str]:
     return frozenset(question_key(r) for name in DATASETS for r in _raw_splits(name).get("test", []))
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_splits(name: str) -> dict[str, list[Record]]:
     """Every split of a bundled dataset, decontaminated (cached per process; Records are immutable)."""
     splits = dict(_raw_splits(name))

@@ -200,7 +200,8 @@ def load_cmb_exam(path: str | Path) -> list[Record]:
         if option_map is not None and not isinstance(option_map, dict):
             check.add(loc, "field 'option' must map letters to option texts")
             continue
-        keys = sorted(option_map or {})
+        option_map = option_map or {}
+        keys = sorted(option_map)
         if keys and keys != list(LETTERS[: len(keys)]):
             check.add(loc, f"option letters {''.join(keys)} are not consecutive from A")
             continue

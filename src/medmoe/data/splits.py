@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections import defaultdict
-from typing import Sequence
+from collections.abc import Sequence
 
 from medmoe.data.record import Record
 
@@ -24,7 +24,7 @@ def question_key(record: Record) -> str:
 
 
 def _rank(key: str) -> str:
-    return hashlib.sha256(f"{SPLIT_SALT}:{key}".encode("utf-8")).hexdigest()
+    return hashlib.sha256(f"{SPLIT_SALT}:{key}".encode()).hexdigest()
 
 
 def hashed_split(records: Sequence[Record], test: int, dev: int) -> dict[str, list[Record]]:

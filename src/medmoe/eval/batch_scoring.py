@@ -24,12 +24,12 @@ an unbatched run's (up to float reduction order). The LM head runs only at the r
 from __future__ import annotations
 
 import copy
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any, cast
 
 import torch
 
 from medmoe.eval.prompts import Prompt
-from medmoe.hf_compat import output_cache, with_cache
 from medmoe.eval.scoring import (
     OptionScores,
     accepts_logits_to_keep,
@@ -39,6 +39,7 @@ from medmoe.eval.scoring import (
     option_lengths,
     score_options,
 )
+from medmoe.hf_compat import output_cache, with_cache
 
 MAX_PADDING_WASTE = 0.15  # a sub-batch may run at most this fraction more tokens than its rows hold
 MIN_SHARED_PREFIX = 8  # a shorter common prefix is not worth a separate pass
@@ -79,22 +80,23 @@ def score_options_batch(model: Any, tokenizer: Any, prompts: Sequence[Prompt], m
         return [score_options(model, tokenizer, p.context, p.continuations) for p in prompts]
     results: list[OptionScores | None] = [None] * len(prompts)
     plans = [_single_token_plan(tokenizer, p) for p in prompts]
-    batch = [i for i, plan in enumerate(plans) if plan is not None]
+    planned = {i: plan for i, plan in enumerate(plans) if plan is not None}  # (context ids, option ids)
+    batch = list(planned)
     for i, prompt in enumerate(prompts):
         if plans[i] is None:
             results[i] = score_options(model, tokenizer, prompt.context, prompt.continuations)
     if batch:
-        contexts = [plans[i][0] for i in batch]
+        contexts = [planned[i][0] for i in batch]
         last = _next_token_logprobs(model, tokenizer, contexts, max_waste)
         for row, i in enumerate(batch):
-            option_ids = plans[i][1]
+            option_ids = planned[i][1]
             results[i] = OptionScores(
                 logprobs=last[row][option_ids].tolist(),
                 num_tokens=[1] * len(option_ids),
                 num_chars=option_lengths(prompts[i].continuations),
                 context_tokens=len(contexts[row]),
             )
-    return results  # type: ignore[return-value]
+    return cast(list[OptionScores], results)  # every slot is filled now
 
 
 def _next_token_logprobs(model: Any, tokenizer: Any, contexts: list[list[int]], max_waste: float) -> list[torch.Tensor]:

@@ -66,7 +66,7 @@ def subsample(records: list[Record], limit: int | None) -> list[Record]:
     """The fixed subsample: the first `limit` records by sha256(salt + id), kept in that order."""
     if limit is None or limit >= len(records):
         return records
-    rank = lambda r: hashlib.sha256(f"{SUBSAMPLE_SALT}:{r.id}".encode("utf-8")).hexdigest()  # noqa: E731
+    rank = lambda r: hashlib.sha256(f"{SUBSAMPLE_SALT}:{r.id}".encode()).hexdigest()  # noqa: E731
     return sorted(records, key=rank)[:limit]
 
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 import datetime
 import platform
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from medmoe.errors import MedmoeError
 from medmoe.eval.benchmarks import load_benchmark
@@ -77,7 +78,7 @@ def evaluate(
         summaries[name] = summary
     result = {
         "settings": run,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": platform.platform(),
         "benchmarks": summaries,
     }

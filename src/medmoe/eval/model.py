@@ -16,9 +16,10 @@ scoring calls, and `medmoe.eval.rules.apply_rule` asks it through that (option q
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 import torch
 
@@ -107,9 +108,7 @@ def load_eval_model(name: str, adapter: str | None = None) -> EvalModel:
     if name.startswith("routed:"):
         raise ModelError(f"'{name}': evaluate the routed MambaFormer system with `medmoe eval --router DIR` "
                          "(DIR: the gate folder written by `medmoe run`)")
-    from medmoe.train.adapters import load_tuned
+    from medmoe.models import load_causal_lm
 
-    if adapter and not Path(adapter).exists():
-        raise ModelError(f"adapter '{adapter}' does not exist")
-    model, tokenizer = load_tuned(name, adapter)  # LoRA-MoE, PEFT LoRA or a full fine-tune, by its files
+    model, tokenizer = load_causal_lm(name, adapter=adapter)  # LoRA-MoE, PEFT LoRA or a full fine-tune, by its files
     return HFEvalModel(model, tokenizer, name if adapter is None else f"{name}+{Path(adapter).name}")

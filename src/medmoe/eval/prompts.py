@@ -20,8 +20,9 @@ the benchmark (CMExam: yes) or the question's own type (CMB-Exam's 多项选择�
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from medmoe.data.record import Record
 

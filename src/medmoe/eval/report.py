@@ -10,11 +10,16 @@ share sent to the Mamba expert, the gate's latency p50/p95 (included in latency_
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
+from medmoe.errors import MissingExtra, require
 from medmoe.eval.metrics import bootstrap_interval, bootstrap_macro, bootstrap_mean, macro_f1, percentile
+
+log = logging.getLogger(__name__)
 
 
 def summarize_rows(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -42,7 +47,7 @@ def summarize_rows(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     out["accuracy_ci"] = bootstrap_mean(correct)
     if rows[0].get("extraction") is not None:
         out["no_answer_rate"] = sum(r["prediction"] == "" for r in rows) / len(rows)
-    groups = [r.get("group") for r in rows]
+    groups: list[Any] = [r.get("group") for r in rows]
     if all(g is not None for g in groups):
         by_group: dict[str, list[float]] = defaultdict(list)
         for g, c in zip(groups, correct):
@@ -114,9 +119,13 @@ def markdown_table(summaries: dict[str, dict[str, Any]]) -> str:
 
 
 def plot(summaries: dict[str, dict[str, Any]], path: Path, title: str) -> None:
-    """Bar chart of each benchmark's headline metric with its 95% interval as error bars."""
-    import matplotlib
-
+    """Bar chart of each benchmark's headline metric with its 95% interval as error bars.
+    Without matplotlib (the `plots` extra) the chart is skipped with a warning; the rest of the report stands."""
+    try:
+        matplotlib = require("matplotlib", "plots", f"the chart {path.name}")
+    except MissingExtra as exc:
+        log.warning("medmoe: %s; skipped", exc)
+        return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -150,7 +151,7 @@ def _open_row(model: EvalModel, record: Record, bench: Benchmark, scorer: BertSc
     gen = model.generate(prompt.context, max_new_tokens)
     latency_ms = (time.perf_counter() - start) * 1000
     precision, recall, f1 = scorer.score(gen.text, record.answer)
-    row = {
+    row: dict[str, Any] = {
         "id": record.id, "benchmark": bench.name, "group": None, "rule": "generate", "shots": 0,
         "prediction": gen.text, "gold": record.answer,
         "rouge_l": rouge_l(gen.text, record.answer),

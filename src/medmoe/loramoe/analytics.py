@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medmoe.errors import require
 from medmoe.loramoe.model import LoraMoeModel
 
 
@@ -91,8 +92,7 @@ def routing_profile(model: LoraMoeModel, tokenizer, groups: dict[str, list[str]]
 
 def plot_routing(profile: RoutingProfile, path: str | Path) -> Path:
     """Two heatmaps: expert load per layer (all groups), and expert specialisation per group."""
-    import matplotlib
-
+    matplotlib = require("matplotlib", "plots", "the routing heatmaps")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -107,7 +107,7 @@ class LoraMoeConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "LoraMoeConfig":
+    def from_dict(cls, data: dict) -> LoraMoeConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -121,7 +121,7 @@ class LoraMoeConfig:
         return path
 
     @classmethod
-    def load(cls, directory: str | Path) -> "LoraMoeConfig":
+    def load(cls, directory: str | Path) -> LoraMoeConfig:
         path = Path(directory) / CONFIG_NAME
         if not path.is_file():
             raise ModelError(f"{path}: no LoRA-MoE adapter config here (expected {CONFIG_NAME})")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import nn
@@ -34,7 +35,7 @@ from medmoe.loramoe.losses import (
     switch_balance_loss,
 )
 from medmoe.loramoe.queue import ExpertQueue
-from medmoe.loramoe.router import build_router, top_k_gates
+from medmoe.loramoe.router import LinearRouter, PrototypeRouter, build_router, top_k_gates
 
 
 @dataclass
@@ -120,6 +121,8 @@ EXPERT_MIX = {"dense": expert_mix_dense, "sparse": expert_mix_sparse, "gather": 
 class LoraMoeLinear(nn.Module):
     """Drop-in replacement for an nn.Linear; the original module is kept (frozen) as `base_layer`."""
 
+    expert_load: torch.Tensor  # a buffer (registered in __init__), declared for the type checker
+
     def __init__(self, base_layer: nn.Linear, config: LoraMoeConfig, context: RoutingContext | None = None):
         super().__init__()
         if not isinstance(base_layer, nn.Linear):
@@ -132,7 +135,7 @@ class LoraMoeLinear(nn.Module):
         weight = base_layer.weight
         self.lora_A = nn.Parameter(torch.empty(e, r, d_in, dtype=weight.dtype, device=weight.device))  # A: (E, r, d_in)
         self.lora_B = nn.Parameter(torch.zeros(e, d_out, r, dtype=weight.dtype, device=weight.device))  # B: (E, d_out, r)
-        self.router = build_router(config.router_kind, d_in, e, config.router_dim, config.temperature).to(weight.device)
+        self.router: PrototypeRouter | LinearRouter = build_router(config.router_kind, d_in, e, config.router_dim, config.temperature).to(weight.device)
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.queue = (
             ExpertQueue(config.queue_size, config.router_dim).to(weight.device)
@@ -237,7 +240,7 @@ class LoraMoeLinear(nn.Module):
 
     def _router_keys(self) -> torch.Tensor | None:
         """The prototype router's keys c (E, d_q), or None for the linear router (the sparse kernel normalises them)."""
-        return self.router.keys if self.config.router_kind == "prototype" else None
+        return cast(PrototypeRouter, self.router).keys if self.config.router_kind == "prototype" else None
 
     def _forward_inference(self, x_flat: torch.Tensor, sparse: bool) -> torch.Tensor:
         """The fused paths' equations without autograd (no gradient wanted): the stacked weights
@@ -320,7 +323,8 @@ class LoraMoeLinear(nn.Module):
     def _prototype_loss(self, q: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         labels = labels.detach()
         queue_q, queue_labels = self.queue.entries() if self.queue is not None else (None, None)
-        loss = prototype_contrastive_loss(q, labels, self.router.normalized_keys(), queue_q, queue_labels, self.config.temperature)
+        keys = cast(PrototypeRouter, self.router).normalized_keys()  # the prototype loss needs the prototype router
+        loss = prototype_contrastive_loss(q, labels, keys, queue_q, queue_labels, self.config.temperature)
         if self.queue is not None:
             self.queue.push(q.detach(), labels)  # after use: this batch's entries are not their own negatives
         return loss
@@ -334,7 +338,7 @@ class LoraMoeLinear(nn.Module):
 
     def adapter_state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
         """The trained weights of this layer (experts and router), not the frozen base or the queue."""
-        state = {f"{prefix}lora_A": self.lora_A, f"{prefix}lora_B": self.lora_B}
+        state: dict[str, torch.Tensor] = {f"{prefix}lora_A": self.lora_A, f"{prefix}lora_B": self.lora_B}
         for name, param in self.router.named_parameters():
             state[f"{prefix}router.{name}"] = param
         return state

@@ -6,6 +6,8 @@ q router embeddings (normalised), y expert labels (top-1 expert of each anchor t
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 
@@ -91,7 +93,7 @@ def prototype_contrastive_loss(
     parts, part_labels = [q], [labels]
     if queue_q is not None and queue_q.shape[0] > 0:
         parts.append(queue_q.to(q.dtype))
-        part_labels.append(queue_labels)
+        part_labels.append(cast(torch.Tensor, queue_labels))  # given with queue_q
     parts.append(keys)
     part_labels.append(expert_ids)
     candidates = torch.cat(parts, dim=0)  # (n + m_queue + E, d_q)

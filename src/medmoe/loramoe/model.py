@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -24,7 +25,7 @@ from medmoe.loramoe.layer import LoraMoeLinear, RoutingContext
 WEIGHTS_NAME = "loramoe_adapter.safetensors"
 
 
-def find_target_linears(model: nn.Module, target_modules: str | list[str]) -> list[str]:
+def find_target_linears(model: Any, target_modules: str | list[str]) -> list[str]:
     """Names of the nn.Linear modules to wrap. "all-linear" skips output heads (lm_head, classifiers)."""
     output_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     names = []
@@ -126,7 +127,7 @@ class LoraMoeModel(nn.Module):
             return None
         means = {term: sums[term] / counts[term] for term in sums}
         self.last_aux_losses = {term: v.detach() for term, v in means.items()}
-        return sum(weights[term] * v for term, v in means.items())
+        return cast(torch.Tensor, sum(weights[term] * v for term, v in means.items()))  # sums is not empty
 
     # --- routing analytics ------------------------------------------------------------------------
     @contextmanager
@@ -175,7 +176,7 @@ class LoraMoeModel(nn.Module):
         try:
             loaded = load_file(str(path))
         except Exception as exc:  # safetensors' SafetensorError: "incomplete metadata, file not fully covered"
-            from medmoe.models.files import safetensors_problem
+            from medmoe.file_checks import safetensors_problem
 
             raise ModelError(safetensors_problem(path) or f"{path}: cannot read the adapter weights "
                              f"({type(exc).__name__}: {exc}); the file is corrupt: save or copy it again") from exc
@@ -193,7 +194,7 @@ class LoraMoeModel(nn.Module):
                 param.copy_(loaded[name].to(param.dtype))
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, directory: str | Path) -> "LoraMoeModel":
+    def from_pretrained(cls, model: nn.Module, directory: str | Path) -> LoraMoeModel:
         """Wrap a fresh base model with the adapter saved in directory."""
         wrapped = cls(model, LoraMoeConfig.load(directory))
         wrapped.load_adapter_weights(directory)

@@ -14,6 +14,10 @@ from torch import nn
 class ExpertQueue(nn.Module):
     """Ring buffer of K (q, expert id) pairs. Empty slots have label -1."""
 
+    embeddings: torch.Tensor  # buffers (registered in __init__), declared for the type checker
+    labels: torch.Tensor
+    pointer: torch.Tensor
+
     def __init__(self, size: int, dim: int):
         super().__init__()
         if size < 1:

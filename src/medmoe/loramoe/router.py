@@ -77,7 +77,7 @@ class LinearRouter(nn.Module):
         return self.head(x.float() @ self.w_g.t())
 
 
-def build_router(kind: str, d_in: int, num_experts: int, router_dim: int, temperature: float) -> nn.Module:
+def build_router(kind: str, d_in: int, num_experts: int, router_dim: int, temperature: float) -> PrototypeRouter | LinearRouter:
     if kind == "prototype":
         return PrototypeRouter(d_in, num_experts, router_dim, temperature)
     if kind == "linear":

@@ -19,6 +19,7 @@ No output gate. `medmoe.mamba.transfer` initialises one from a teacher's attenti
 from __future__ import annotations
 
 import math
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -61,14 +62,14 @@ class AttentionMamba(nn.Module):
     def _init_new_parameters(self, dt_min: float = 1e-3, dt_max: float = 0.1) -> None:
         self.conv1d.weight.zero_()
         self.conv1d.weight[:, 0, -1] = 1.0                                   # identity: x_t passes through
-        self.conv1d.bias.zero_()
+        cast(torch.Tensor, self.conv1d.bias).zero_()  # built with bias=True
         nn.init.uniform_(self.dt_in.weight, -self.dt_rank ** -0.5, self.dt_rank ** -0.5)
         nn.init.uniform_(self.dt_proj.weight, -1e-3, 1e-3)                   # dt starts input-independent
         dt = torch.exp(torch.rand(self.d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
         self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))           # softplus^{-1}(dt)
 
     @classmethod
-    def from_attention(cls, attn: nn.Module, config) -> "AttentionMamba":
+    def from_attention(cls, attn: Any, config) -> AttentionMamba:  # a Llama-family attention module (q/k/v/o_proj)
         heads, kv = config.num_attention_heads, config.num_key_value_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         mixer = cls(config.hidden_size, heads, kv, head_dim, bias=attn.q_proj.bias is not None)

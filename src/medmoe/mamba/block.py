@@ -19,6 +19,7 @@ SiLU(z) gate inside the scan kernel (cpu_kernel.py, docs/mamba.md). MEDMOE_MAMBA
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +41,7 @@ class LayerState:
 class MambaMixer(nn.Module):
     def __init__(self, config: MambaConfig):
         super().__init__()
-        d, N, R, K = config.d_inner, config.d_state, config.dt_rank, config.d_conv
+        d, N, R, K = config.d_inner, config.d_state, cast(int, config.dt_rank), config.d_conv  # dt_rank: set by __post_init__
         self.d_inner, self.d_state, self.dt_rank, self.d_conv = d, N, R, K
         self.in_proj = nn.Linear(config.d_model, 2 * d, bias=config.bias)
         self.conv1d = nn.Conv1d(d, d, kernel_size=K, groups=d, padding=K - 1, bias=config.conv_bias)

@@ -38,7 +38,7 @@ class MambaConfig:
 
     # --- Hugging Face MambaConfig <-> ours -------------------------------------------------------
     @classmethod
-    def from_hf_dict(cls, hf: dict) -> "MambaConfig":
+    def from_hf_dict(cls, hf: dict) -> MambaConfig:
         """Map a Hugging Face `MambaConfig` (config.json of MambaForCausalLM) onto ours."""
         if hf.get("model_type", "mamba") != "mamba":
             raise ValueError(f"not a Mamba-1 config: model_type={hf.get('model_type')!r} (Mamba-2 is not supported)")
@@ -67,7 +67,7 @@ class MambaConfig:
         Path(path).write_text(json.dumps(asdict(self), indent=2))
 
     @classmethod
-    def load(cls, path: str | Path) -> "MambaConfig":
+    def load(cls, path: str | Path) -> MambaConfig:
         data = json.loads(Path(path).read_text())
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})

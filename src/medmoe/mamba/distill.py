@@ -19,9 +19,9 @@ import math
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -180,14 +180,16 @@ def distill(teacher, student, spec: HybridSpec, blocks: torch.Tensor, out: str |
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    start, history = 0, []
+    start: int = 0
+    history: list = []
     found = latest_checkpoint(out) if resume else None
     if found is not None:
         student, _, spec = _load_student(found)
         state = _read_json(found / "trainer_state.json")
-        start, history = state.get("step"), state.get("history")
-        if not isinstance(start, int) or not isinstance(history, list):
+        step, past = state.get("step"), state.get("history")
+        if not isinstance(step, int) or not isinstance(past, list):
             raise ModelError(f"{found / 'trainer_state.json'}: fields 'step' (a number) and 'history' (a list) are required")
+        start, history = step, past
     teacher.eval()
     student.train()
     named = _trainable(student, cfg.train)

@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 
 from medmoe.errors import ModelError
-from medmoe.paths import atomic_write_file
 from medmoe.mamba.config import MambaConfig
 from medmoe.mamba.model import MambaLM
+from medmoe.paths import atomic_write_file
 
 _WEIGHT_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model"]
 

@@ -27,9 +27,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaFor
 from transformers.models.llama.modeling_llama import LlamaPreTrainedModel
 
 from medmoe.errors import ModelError
+from medmoe.hf_compat import cache_kwarg
 from medmoe.mamba.attention_mixer import AttentionMamba
 from medmoe.mamba.hybrid_cache import HybridCache
-from medmoe.hf_compat import cache_kwarg
 
 MODEL_TYPE = "medmoe_mamba_hybrid"
 
@@ -76,7 +76,7 @@ class MambaHybridModel(LlamaModel):
             if idx in keep:
                 continue
             heads, kv = config.num_attention_heads, config.num_key_value_heads
-            layer.self_attn = AttentionMamba(config.hidden_size, heads, kv, config.head_dim,
+            layer.self_attn = AttentionMamba(config.hidden_size, heads, kv, config.head_dim,  # type: ignore[arg-type]  # LlamaConfig sets both
                                              d_conv=spec.get("d_conv", 4), dt_rank=spec.get("dt_rank"),
                                              bias=config.attention_bias)
             layer.self_attn.layer_idx = idx

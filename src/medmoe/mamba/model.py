@@ -10,6 +10,9 @@ a cost independent of how long the prefix was. `generate` is greedy decoding on 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -49,14 +52,17 @@ class MambaLM(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.backbone.embeddings.weight
 
+    def _layers(self) -> Sequence[MambaLayer]:
+        return cast(Sequence[MambaLayer], self.backbone.layers)  # an nn.ModuleList of MambaLayer
+
     def set_scan_backend(self, backend: str) -> None:
         """Choose the selective-scan backend for every layer ('auto', 'chunked', 'cpu', 'reference', 'cuda')."""
-        for layer in self.backbone.layers:
+        for layer in self._layers():
             layer.mixer.scan_backend = backend
 
     def new_cache(self, batch: int) -> MambaCache:
         p = self.backbone.embeddings.weight
-        return MambaCache([layer.mixer.new_state(batch, p.dtype, p.device) for layer in self.backbone.layers])
+        return MambaCache([layer.mixer.new_state(batch, p.dtype, p.device) for layer in self._layers()])
 
     def forward(self, input_ids: torch.Tensor, cache: MambaCache | None = None,
                 attention_mask: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
@@ -70,7 +76,7 @@ class MambaLM(nn.Module):
     def step(self, token_ids: torch.Tensor, cache: MambaCache) -> torch.Tensor:
         """token_ids (b,) -> next-token logits (b, V); advances `cache` by one token."""
         h = self.backbone.embeddings(token_ids)
-        for layer, state in zip(self.backbone.layers, cache.layers):
+        for layer, state in zip(self._layers(), cache.layers):
             h = layer.step(h, state)
         return self.lm_head(self.backbone.norm_f(h))
 

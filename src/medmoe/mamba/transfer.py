@@ -15,11 +15,12 @@ the spec inside) + model.safetensors (+ tokenizer files). Folders written before
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
-from torch import nn
 
 from medmoe.errors import ModelError
 from medmoe.mamba.attention_mixer import AttentionMamba, key_padding  # noqa: F401  (re-exported)
@@ -29,14 +30,14 @@ from medmoe.paths import atomic_write_file
 SPEC_FILE = "medmoe_hybrid.json"  # the spec beside a Llama config.json: folders saved before MODEL_TYPE
 
 
-def _decoder(model) -> nn.Module:
+def _decoder(model) -> Any:  # the Hugging Face decoder (LlamaModel and kin): its layers carry self_attn
     inner = getattr(model, "model", None)
     if inner is None or not hasattr(inner, "layers") or not hasattr(inner.layers[0], "self_attn"):
         raise ModelError(f"{type(model).__name__}: transfer needs a Llama-family causal LM (model.layers[i].self_attn)")
     return inner
 
 
-def build_hybrid(teacher, layers: list[int] | None = None, attention_layers: list[int] = (),
+def build_hybrid(teacher, layers: list[int] | None = None, attention_layers: Sequence[int] = (),
                  teacher_name: str = "teacher") -> tuple[MambaHybridForCausalLM, HybridSpec]:
     """A student keeping teacher layers `layers` (default all), attention replaced by AttentionMamba
     except in `attention_layers` (teacher indices). The teacher is not modified."""

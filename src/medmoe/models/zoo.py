@@ -10,7 +10,6 @@ import importlib.util
 import logging
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,12 +55,15 @@ def install_packages(spec: BundledModel) -> None:
 
 def _gguf_source(spec: BundledModel, workdir: Path) -> tuple[Path, str]:
     """(folder, file name) of the GGUF file for `spec`, joining chunked packages into `workdir`."""
+    if spec.gguf_file is None:
+        raise ModelError(f"bundled model '{spec.name}' has no GGUF file")
     if spec.assembled:
         module = importlib.import_module(spec.module)
         path = Path(module.assemble(workdir / spec.gguf_file))
         return path.parent, path.name
     folder = package_dir(spec)
-    assert folder is not None and spec.gguf_file is not None
+    if folder is None:
+        raise ModelError(f"the package carrying '{spec.name}' ({spec.module}) is not installed")
     return folder, spec.gguf_file
 
 
@@ -74,7 +76,7 @@ def _dequantize_to(spec: BundledModel, out: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
     # The weights are plain fp32 tensors now; drop the GGUF marker so save_pretrained accepts them.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]  # nn.Module's __setattr__ stub types every attribute as Tensor | Module
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config.name_or_path = spec.hf_id
@@ -139,7 +141,7 @@ def _from_pretrained(loader: Any, source: str, what: str, **kwargs: Any) -> Any:
 def _load_failure(source: str, what: str, exc: Exception) -> str:
     """The message for a failed load: what is wrong with the local files when a check finds it (no
     config.json, a truncated .safetensors or .gguf), else the loader's own words."""
-    from medmoe.models.files import folder_problem, gguf_problem
+    from medmoe.file_checks import folder_problem, gguf_problem
 
     hint = ""
     if source.startswith(str(medmoe_home())):
@@ -164,53 +166,20 @@ def load_tokenizer(name_or_path: str) -> Any:
     return tokenizer
 
 
-def load_causal_lm(name_or_path: str, dtype: Any = None, device: str = "cpu",
-                   tokenizer: str | None = None) -> tuple[Any, Any]:
-    """(model, tokenizer) for a causal LM: bundled name, hub id, local HF folder or .gguf file;
-    `tokenizer` names another tokenizer source (default: the model's own).
-
-    Encoder-decoder checkpoints (T5 family) load with AutoModelForSeq2SeqLM through the same call.
-    A medmoe Mamba hybrid (its folder, or a `medmoe distill` run folder: its latest checkpoint) loads
-    as a `MambaHybridForCausalLM`, whichever format it was saved in.
-    """
+def load_hf_model(source: str, dtype: Any = None, device: str = "cpu") -> Any:
+    """A Hugging Face model from a resolved source (folder, hub id or .gguf file): the causal LM
+    class its config names, or the seq2seq class for the T5 family. medmoe's own kinds (hybrids,
+    adapters) go through `medmoe.models.loader`, which calls this for the rest."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-    source = resolve(name_or_path)
-    hybrid = hybrid_folder(Path(source))
-    if hybrid is not None:
-        return _load_hybrid(hybrid, dtype, device, tokenizer)
-    loader = AutoModelForCausalLM
+    loader: Any = AutoModelForCausalLM
     if not source.endswith(".gguf"):
         config = _from_pretrained(AutoConfig, source, "config")
         if getattr(config, "is_encoder_decoder", False):
             loader = AutoModelForSeq2SeqLM
     model = _from_pretrained(loader, source, "model", dtype=dtype or torch.float32)
-    model.to(device).eval()
-    return model, load_tokenizer(tokenizer or name_or_path)
-
-
-def hybrid_folder(path: Path) -> Path | None:
-    """The saved Mamba hybrid `path` names: the folder itself, or a distill run's latest checkpoint."""
-    from medmoe.mamba.distill import latest_checkpoint
-    from medmoe.mamba.transfer import is_hybrid_folder
-
-    if not path.is_dir():
-        return None
-    if is_hybrid_folder(path):
-        return path
-    return latest_checkpoint(path)
-
-
-def _load_hybrid(folder: Path, dtype: Any, device: str, tokenizer_source: str | None) -> tuple[Any, Any]:
-    from medmoe.mamba.transfer import load_hybrid
-
-    model, tokenizer, spec = load_hybrid(folder)
-    if tokenizer_source or tokenizer is None:  # asked for another, or saved without one: the teacher's
-        tokenizer = load_tokenizer(tokenizer_source or spec.teacher)
-    if dtype is not None:
-        model.to(dtype)
-    return model.to(device).eval(), tokenizer
+    return model.to(device).eval()
 
 
 def load_encoder(name_or_path: str = "minilm-l6", device: str = "cpu") -> tuple[Any, Any]:
@@ -261,10 +230,3 @@ def info(name_or_path: str) -> ModelInfo:
         license=spec.license if spec else None,
         cached=spec is not None and (spec.gguf_file is None or (cache_dir(spec.name) / "config.json").exists()),
     )
-
-
-def timed_load(name_or_path: str) -> float:
-    """Seconds to load `name_or_path` (used by the README's measured load time)."""
-    start = time.perf_counter()
-    load_causal_lm(name_or_path)
-    return time.perf_counter() - start

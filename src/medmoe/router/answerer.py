@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
+from typing import Any, cast
 
 from medmoe.answer import Answer
 from medmoe.data.record import Record
@@ -52,7 +53,7 @@ class RoutedAnswerer:
         self._gate_lock = threading.Lock()
 
     @classmethod
-    def load(cls, router_dir: str | Path, **limits: int) -> "RoutedAnswerer":
+    def load(cls, router_dir: str | Path, **limits: int) -> RoutedAnswerer:
         """Router checkpoint written by the pipeline; its config names the two experts. `limits`:
         max_new_tokens, max_input_tokens (see the class)."""
         checkpoint = RouterCheckpoint.load(router_dir)
@@ -95,7 +96,7 @@ class RoutedAnswerer:
                                  "gate_ms": gate_ms, "expert_ms": outcome.latency_ms}
                 outcome.latency_ms += gate_ms
                 outcomes[i] = outcome
-        return outcomes  # type: ignore[return-value]
+        return cast(list[Outcome], outcomes)  # every slot is filled now
 
     def answer_batch(self, records: Sequence[Record], sinks: Sequence[TextSink | None] | None = None) -> list[Answer]:
         """Route every record; the chosen expert scores each option question (`score_records`) and
@@ -110,8 +111,9 @@ class RoutedAnswerer:
         if choice:
             outcomes = self._score([records[i] for i in choice], [routes[i] for i in choice], gate_ms)
             for i, o in zip(choice, outcomes):
-                answers[i] = Answer(answer=o.prediction, expert=o.route["expert"], label_scores=dict(o.probs),
-                                    latency_ms={"gate": gate_ms, "expert": o.route["expert_ms"]})
+                route = cast(dict[str, Any], o.route)  # set by _score
+                answers[i] = Answer(answer=o.prediction, expert=route["expert"], label_scores=dict(o.probs),
+                                    latency_ms={"gate": gate_ms, "expert": route["expert_ms"]})
         for expert in self.experts:
             chosen = [i for i, r in enumerate(records) if not r.options and routes[i][0] == expert]
             if chosen:
@@ -122,10 +124,11 @@ class RoutedAnswerer:
         ids = self.tokenizer([query_text(r) for r in records], add_special_tokens=False)["input_ids"]
         with self._gate_lock, torch_threads(1):  # tiny tensors: one thread is faster than waking the pool (docs/router.md)
             reasons = self.checkpoint.explain(*pad_batch(ids), top_tokens=3)
-        for answer, (_, p_mamba), why in zip(answers, routes, reasons):
+        done = cast(list[Answer], answers)  # every slot is filled now
+        for answer, (_, p_mamba), why in zip(done, routes, reasons):
             answer.gate_probability, answer.top_features = p_mamba, why["top_features"][:5]
             answer.latency_ms["total"] = answer.latency_ms["gate"] + answer.latency_ms["expert"]
-        return answers  # type: ignore[return-value]
+        return done
 
     def answer(self, record: Record) -> Answer:
         return self.answer_batch([record])[0]

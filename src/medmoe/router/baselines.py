@@ -1,13 +1,14 @@
 """Routers as plug-ins: one method, `route(table) -> decisions` ((N,) bool, True = E_M), plus a registry.
 
-Baselines of methods.md 1.4: E_T only, E_M only, random routing at a given mix (seeded), a length
+Baselines of docs/methods.md 1.4: E_T only, E_M only, random routing at a given mix (seeded), a length
 threshold fitted on dev, and the oracle router (best utility per query, an upper bound that reads the
 answers). `ScoreRouter` wraps a trained gate's p_M scores with the threshold tau.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Protocol
+from collections.abc import Callable, Mapping
+from typing import Protocol, cast
 
 import numpy as np
 
@@ -67,7 +68,7 @@ class LengthThreshold:
         return long if self.long_to_mamba else ~long
 
     def fit(self, dev: ExpertResults, objective: str = "accuracy", beta: float = 0.0,
-            c_ref: float | None = None, costs: np.ndarray | None = None) -> "LengthThreshold":
+            c_ref: float | None = None, costs: np.ndarray | None = None) -> LengthThreshold:
         costs = dev.stacked("latency_ms") if costs is None else costs
         if objective == "accuracy":
             u = dev.stacked("correct").astype(np.float64)                       # (N, 2)
@@ -77,7 +78,7 @@ class LengthThreshold:
             raise MedmoeError(f"length threshold: objective must be 'accuracy' or 'utility', got {objective!r}")
         lat = costs
         candidates = np.concatenate([[-np.inf], np.unique(dev.n_tokens).astype(float)])
-        best = None
+        best: tuple[tuple[float, float], float, bool] | None = None
         for threshold in candidates:
             for long_to_mamba in (True, False):
                 long = dev.n_tokens > threshold
@@ -85,7 +86,7 @@ class LengthThreshold:
                 key = (routed(u, d).mean(), -routed(lat, d).mean())
                 if best is None or key > best[0]:
                     best = (key, threshold, long_to_mamba)
-        _, self.threshold, self.long_to_mamba = best
+        _, self.threshold, self.long_to_mamba = cast(tuple[tuple[float, float], float, bool], best)  # set: candidates is never empty
         return self
 
 

@@ -13,15 +13,13 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load as load_tensors
-from safetensors.torch import save as save_tensors
+from safetensors.torch import load as load_tensors, save as save_tensors
 
 from medmoe.errors import ModelError
+from medmoe.paths import atomic_write_bytes, atomic_write_text
 from medmoe.router.features import FeatureConfig, GateFeaturizer
 from medmoe.router.gate import GateConfig, TokenGate, torch_threads
 from medmoe.router.latency import LatencyModel
-from medmoe.paths import atomic_write_bytes
-from medmoe.paths import atomic_write_text
 
 FORMAT_VERSION = 1
 
@@ -51,7 +49,7 @@ class RouterCheckpoint:
         return directory
 
     @classmethod
-    def load(cls, directory: str | Path) -> "RouterCheckpoint":
+    def load(cls, directory: str | Path) -> RouterCheckpoint:
         directory = Path(directory)
         files = [directory / n for n in ("router.json", "gate.safetensors", "features.safetensors")]
         missing = [str(f) for f in files if not f.is_file()]
@@ -66,7 +64,7 @@ class RouterCheckpoint:
                              "write it again with `medmoe run` or `medmoe train router`") from None
 
     @classmethod
-    def _from_files(cls, meta_file: Path, gate_file: Path, features_file: Path) -> "RouterCheckpoint":
+    def _from_files(cls, meta_file: Path, gate_file: Path, features_file: Path) -> RouterCheckpoint:
         meta = json.loads(meta_file.read_text(encoding="utf-8"))
         if meta.get("format_version") != FORMAT_VERSION:
             raise ModelError(f"router checkpoint {meta_file.parent}: format version {meta.get('format_version')}, "

@@ -1,6 +1,6 @@
 """Per-token and global gate features, batched over padded batches (no Python loop over tokens).
 
-Glossary (docs/router.md, methods.md 1.2), for a batch of B queries padded to T tokens:
+Glossary (docs/router.md, docs/methods.md 1.2), for a batch of B queries padded to T tokens:
   ids  (B, T) token ids, mask (B, T) bool (True = real token; left or right padding both work)
   e_t  (D,)   the token's row of the frozen embedding table (mean-centred, top-D principal components)
   c_t  complexity     1 - cos(e_t, mean of e_{t'} for real t' != t with |t' - t| <= window);
@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +50,7 @@ class FeatureConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "FeatureConfig":
+    def from_dict(cls, d: dict) -> FeatureConfig:
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
@@ -63,7 +63,7 @@ class GateFeatures:
     global_: torch.Tensor
     n_tokens: torch.Tensor
 
-    def __getitem__(self, index) -> "GateFeatures":
+    def __getitem__(self, index) -> GateFeatures:
         return GateFeatures(self.token[index], self.mask[index], self.global_[index], self.n_tokens[index])
 
 
@@ -76,7 +76,7 @@ class VocabInfo:
 
     @classmethod
     def from_tokens(cls, tokens: Sequence[str], special_ids: Iterable[int] = (),
-                    texts: Sequence[str] | None = None) -> "VocabInfo":
+                    texts: Sequence[str] | None = None) -> VocabInfo:
         """Flags from token strings; `texts` (each token decoded on its own) decide alphanumeric-ness when
         given, since byte-level BPE spells non-ASCII bytes as letters ("Âł" is a no-break space)."""
         starts = [t.startswith(WORD_START_MARKERS) for t in tokens]
@@ -91,7 +91,7 @@ class VocabInfo:
         return cls(torch.tensor(starts, dtype=torch.bool), alnum)
 
     @classmethod
-    def from_tokenizer(cls, tokenizer) -> "VocabInfo":
+    def from_tokenizer(cls, tokenizer) -> VocabInfo:
         """From a Hugging Face tokenizer (special tokens count as non-alphanumeric)."""
         ids = list(range(len(tokenizer)))
         tokens = [t or "" for t in tokenizer.convert_ids_to_tokens(ids)]
@@ -167,14 +167,14 @@ class GateFeaturizer:
     @classmethod
     def build(cls, embedding_weight: torch.Tensor, vocab: VocabInfo, corpus: Iterable[Sequence[int]],
               config: FeatureConfig | None = None, lexicon_words: Iterable[str] = (),
-              encode: Callable[[list[str]], list[list[int]]] | None = None) -> "GateFeaturizer":
+              encode: Callable[[list[str]], list[list[int]]] | None = None) -> GateFeaturizer:
         """Fit the frozen tables: PCA of the embedding table, unigram rarity on `corpus` (training token
         ids), and the hashed lexicon (`encode` tokenises a list of strings without special tokens)."""
         config = config or FeatureConfig()
         V = embedding_weight.shape[0]
         counts = torch.zeros(V, dtype=torch.float64)
-        for seq in corpus:
-            seq = torch.as_tensor(list(seq), dtype=torch.long)
+        for ids in corpus:
+            seq = torch.as_tensor(list(ids), dtype=torch.long)
             if len(seq) and (seq.min() < 0 or seq.max() >= V):
                 raise MedmoeError(f"GateFeaturizer.build: corpus token id outside the vocabulary of {V}")
             counts += torch.bincount(seq, minlength=V).double()
@@ -185,7 +185,7 @@ class GateFeaturizer:
             raise MedmoeError("GateFeaturizer.build: a lexicon needs `encode` (the tokenizer) to be hashed")
         featurizer = cls(principal_components(embedding_weight, config.embed_dim), rarity.float(), vocab,
                          torch.zeros(0, dtype=torch.long), config)
-        if words:
+        if words and encode is not None:  # (words without encode raised above)
             featurizer.lexicon_keys = featurizer.hash_words(words, encode)
         return featurizer
 
@@ -258,7 +258,7 @@ class GateFeaturizer:
                 "lexicon_keys": self.lexicon_keys.contiguous()}
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor], config: FeatureConfig) -> "GateFeaturizer":
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], config: FeatureConfig) -> GateFeaturizer:
         try:
             vocab = VocabInfo(tensors["starts_word"].bool(), tensors["alnum"].bool())
             return cls(tensors["embeddings"], tensors["rarity"], vocab, tensors["lexicon_keys"], config)

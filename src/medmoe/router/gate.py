@@ -13,9 +13,10 @@ hard in the forward pass with the gradient of its relaxed sigmoid((z + g) / temp
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Iterator
+from typing import cast
 
 import torch
 import torch.nn as nn
@@ -39,7 +40,7 @@ class GateConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "GateConfig":
+    def from_dict(cls, d: dict) -> GateConfig:
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
@@ -53,6 +54,8 @@ class GateOutput:
 
 
 class TokenGate(nn.Module):
+    feature_mean: torch.Tensor  # buffers (registered in __init__), declared for the type checker
+    feature_std: torch.Tensor
     """The gate. Far below the ~50k-parameter budget (386 with the defaults)."""
 
     def __init__(self, config: GateConfig | None = None):
@@ -118,8 +121,9 @@ class TokenGate(nn.Module):
                                    features.n_tokens)
             out = self(shifted)
             out.logit.sum().backward()
-        token_attr = (token.grad * token).masked_fill(~features.mask[..., None], 0.0).sum(1)   # (B, F)
-        global_attr = global_.grad * global_                                                   # (B, G)
+        token_grad, global_grad = cast(torch.Tensor, token.grad), cast(torch.Tensor, global_.grad)  # set by backward
+        token_attr = (token_grad * token).masked_fill(~features.mask[..., None], 0.0).sum(1)   # (B, F)
+        global_attr = global_grad * global_                                                    # (B, G)
         names = list(TOKEN_FEATURES) + list(GLOBAL_FEATURES)
         attributions = torch.cat([token_attr, global_attr], dim=-1).detach()
         p_mamba, scores_all = out.p_mamba.detach(), out.token_scores.detach()

@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, cast
 
 import numpy as np
 
@@ -61,12 +62,13 @@ def generate_row(model: HFEvalModel, record: Record, scorer: BertScorer, max_new
     start = time.perf_counter()
     gen = model.generate(prompt.context, max_new_tokens)
     latency_ms = (time.perf_counter() - start) * 1000
-    precision, recall, f1 = scorer.score(gen.text, record.explanation)
+    reference = cast(str, record.explanation)  # generation runs on records with an explanation
+    precision, recall, f1 = scorer.score(gen.text, reference)
     answer = extracted_answer(record, gen.text)
     return {
         "id": record.id, "expert": model.name, "generation": gen.text, "reference": record.explanation,
         "answer": answer, "gold": record.answer, "correct": answer == record.answer,
-        "rouge_l": rouge_l(gen.text, record.explanation),
+        "rouge_l": rouge_l(gen.text, reference),
         "bertscore_p": precision, "bertscore_r": recall, "bertscore_f1": f1, "bertscore_encoder": scorer.name,
         "latency_ms": latency_ms, "prompt_tokens": gen.prompt_tokens, "new_tokens": gen.new_tokens,
     }

@@ -12,9 +12,9 @@ import itertools
 import json
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -45,7 +45,7 @@ class LatencyModel:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "LatencyModel":
+    def from_dict(cls, d: dict) -> LatencyModel:
         try:
             return cls(float(d["a"]), float(d["b"]), float(d["c"]), d.get("expert", ""), d.get("machine", ""),
                        tuple(int(x) for x in d.get("lengths", ())), tuple(float(x) for x in d.get("median_ms", ())),
@@ -57,7 +57,7 @@ class LatencyModel:
         atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> "LatencyModel":
+    def load(cls, path: str | Path) -> LatencyModel:
         path = Path(path)
         if not path.is_file():
             raise MedmoeError(f"{path}: no such latency model file")

@@ -21,9 +21,9 @@ import ast
 import json
 import re
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 from medmoe.data.record import Record
 from medmoe.errors import MedmoeError
@@ -114,7 +114,7 @@ class Lexicon:
         atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=1, ensure_ascii=False) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> "Lexicon":
+    def load(cls, path: str | Path) -> Lexicon:
         path = Path(path)
         if not path.is_file():
             raise MedmoeError(f"{path}: no such lexicon file")

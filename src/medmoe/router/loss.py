@@ -1,4 +1,4 @@
-"""The utility-guided multi-objective routing loss (methods.md 1.3; docs/router.md has the equations).
+"""The utility-guided multi-objective routing loss (docs/methods.md 1.3; docs/router.md has the equations).
 
 Per example x of n tokens, with cached expert losses l_T, l_M and costs C_T(n), C_M(n) in ms:
   U_e    = -l_e - beta * C_e / C_ref                                       utility of expert e
@@ -19,8 +19,9 @@ Dual ascent ("adaptively regulating") on lambda_cost toward a mean-latency budge
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Iterable
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -61,7 +62,7 @@ class LossConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "LossConfig":
+    def from_dict(cls, d: dict) -> LossConfig:
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
@@ -107,7 +108,7 @@ def routing_loss(q_mamba: torch.Tensor, p_mamba: torch.Tensor, loss_t: torch.Ten
     else:
         terms["bal"] = (share_m - config.target_mix) ** 2
     params = list(parameters)
-    terms["reg"] = sum((p * p).sum() for p in params) if params else q_mamba.new_zeros(())
+    terms["reg"] = cast(torch.Tensor, sum((p * p).sum() for p in params)) if params else q_mamba.new_zeros(())
     weights = {name: getattr(config, name) for name in TERMS}
     if lambda_cost is not None:
         weights["cost"] = float(lambda_cost)

@@ -17,19 +17,21 @@ to recover). `mean_accuracy` is the same integral of A(x) without normalisation.
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 
-from medmoe.errors import MedmoeError
+from medmoe.errors import MedmoeError, MissingExtra, require
+from medmoe.paths import atomic_write_bytes, atomic_write_text
 from medmoe.router.baselines import Router
 from medmoe.router.calibrate import candidate_thresholds
 from medmoe.router.metrics import evaluate
-from medmoe.paths import atomic_write_bytes
-from medmoe.paths import atomic_write_text
 from medmoe.router.results import ExpertResults
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -55,11 +57,11 @@ def pareto_mask(accuracy: Sequence[float], latency: Sequence[float]) -> np.ndarr
     a, l = np.asarray(accuracy, dtype=np.float64), np.asarray(latency, dtype=np.float64)
     ge_a, le_l = a[None, :] >= a[:, None], l[None, :] <= l[:, None]             # [i, j]: j vs i
     strictly = (a[None, :] > a[:, None]) | (l[None, :] < l[:, None])
-    return ~(ge_a & le_l & strictly).any(axis=1)
+    return ~(ge_a & le_l & strictly).any(axis=1)  # type: ignore[return-value]  # numpy's stubs allow a scalar here
 
 
 def mark_pareto(points: list[OperatingPoint]) -> list[OperatingPoint]:
-    mask = pareto_mask([p.accuracy for p in points], [p.latency_ms for p in points]) if points else []
+    mask: np.ndarray | list[bool] = pareto_mask([p.accuracy for p in points], [p.latency_ms for p in points]) if points else []
     for point, optimal in zip(points, mask):
         point.pareto = bool(optimal)
     return points
@@ -133,11 +135,16 @@ def markdown_table(report: dict, statistic: str = "p50") -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(report: dict, path: str | Path, statistic: str = "p50", title: str = "Accuracy vs latency") -> None:
-    """PNG: all gate sweep points, the Pareto front joined, every baseline labelled, on one pair of axes."""
+def plot(report: dict, path: str | Path, statistic: str = "p50", title: str = "Accuracy vs latency") -> bool:
+    """PNG: all gate sweep points, the Pareto front joined, every baseline labelled, on one pair of axes.
+    False (and a warning) without matplotlib, the `plots` extra: the table and JSON are the report."""
     import io
 
-    import matplotlib
+    try:
+        matplotlib = require("matplotlib", "plots", f"the chart {Path(path).name}")
+    except MissingExtra as exc:
+        log.warning("medmoe: %s; skipped", exc)
+        return False
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -163,14 +170,16 @@ def plot(report: dict, path: str | Path, statistic: str = "p50", title: str = "A
     fig.savefig(buffer, format="png")
     plt.close(fig)
     atomic_write_bytes(Path(path), buffer.getvalue())
+    return True
 
 
 def write_report(report: dict, out_dir: str | Path, name: str = "pareto", statistic: str = "p50",
                  header: str = "") -> dict[str, Path]:
-    """Write <name>.md, <name>.json and <name>.png into out_dir; return their paths."""
+    """Write <name>.md, <name>.json and <name>.png (with matplotlib) into out_dir; return their paths."""
     out = Path(out_dir)
     paths = {"md": out / f"{name}.md", "json": out / f"{name}.json", "png": out / f"{name}.png"}
     atomic_write_text(paths["md"], (header + "\n" if header else "") + markdown_table(report, statistic))
     atomic_write_text(paths["json"], json.dumps(report, indent=1) + "\n")
-    plot(report, paths["png"], statistic)
+    if not plot(report, paths["png"], statistic):
+        del paths["png"]
     return paths

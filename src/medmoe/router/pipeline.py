@@ -16,9 +16,10 @@ cost per query (features + gate), so the table needs no second pass of the exper
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,10 +34,10 @@ from medmoe.router.calibrate import calibrate_tau, threshold_sweep
 from medmoe.router.checkpoint import RouterCheckpoint
 from medmoe.router.features import GateFeatures, GateFeaturizer, featurizer_for_tokenizer, pad_batch
 from medmoe.router.lexicon import build_lexicon
-from medmoe.router.queries import query_text
 from medmoe.router.loss import LossConfig
 from medmoe.router.metrics import default_c_ref, evaluate
 from medmoe.router.pareto import OperatingPoint, write_report
+from medmoe.router.queries import query_text
 from medmoe.router.results import ExpertOutcome, ExpertResults
 from medmoe.router.train import TrainConfig, gate_scores, train_gate
 from medmoe.router.workflow import baseline_routers, pareto_run

@@ -13,9 +13,10 @@ Conventions used across `medmoe.router`:
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -43,7 +44,7 @@ class ExpertOutcome:
     latency_ms: np.ndarray
     label_probs: np.ndarray | None = None
 
-    def take(self, index: np.ndarray) -> "ExpertOutcome":
+    def take(self, index: np.ndarray) -> ExpertOutcome:
         probs = None if self.label_probs is None else self.label_probs[index]
         return ExpertOutcome(self.loss[index], self.correct[index], [self.pred[i] for i in index],
                              self.latency_ms[index], probs)
@@ -103,13 +104,13 @@ class ExpertResults:
         """(N, 2) array of a numeric field, column 0 = E_T, column 1 = E_M."""
         return np.stack([getattr(self.experts[e], field) for e in EXPERTS], axis=1)
 
-    def take(self, index: Sequence[int] | np.ndarray) -> "ExpertResults":
+    def take(self, index: Sequence[int] | np.ndarray) -> ExpertResults:
         """The sub-table of the given row indices."""
         index = np.asarray(index, dtype=np.int64)
         return ExpertResults([self.ids[i] for i in index], self.n_tokens[index],
                              {name: out.take(index) for name, out in self.experts.items()})
 
-    def select(self, ids: Iterable[str]) -> "ExpertResults":
+    def select(self, ids: Iterable[str]) -> ExpertResults:
         """The sub-table of the given ids, in that order."""
         position = {id_: i for i, id_ in enumerate(self.ids)}
         wanted = list(ids)
@@ -133,7 +134,7 @@ class ExpertResults:
         return rows
 
     @classmethod
-    def from_rows(cls, rows: Sequence[dict[str, Any]], source: str = "<rows>") -> "ExpertResults":
+    def from_rows(cls, rows: Sequence[dict[str, Any]], source: str = "<rows>") -> ExpertResults:
         if not rows:
             raise DataError.single(source, "no rows: an ExpertResults table needs at least one example")
         experts = {}
@@ -161,7 +162,7 @@ class ExpertResults:
         atomic_write_text(Path(path), text)
 
     @classmethod
-    def load_jsonl(cls, path: str | Path) -> "ExpertResults":
+    def load_jsonl(cls, path: str | Path) -> ExpertResults:
         path = Path(path)
         if not path.is_file():
             raise DataError.single(path, "no such file")

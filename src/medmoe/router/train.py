@@ -8,8 +8,8 @@ lambda_cost follows dual ascent toward a mean-latency budget, updated once per e
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
-from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -37,7 +37,7 @@ class TrainConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
+    def from_dict(cls, d: dict) -> TrainConfig:
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
@@ -112,15 +112,3 @@ def train_gate(features: GateFeatures, table: ExpertResults, costs: np.ndarray, 
             log(record)
     gate.eval()
     return gate, history
-
-
-def train_for_betas(betas: Sequence[float], features: GateFeatures, table: ExpertResults, costs: np.ndarray,
-                    loss_config: LossConfig, eval_features: GateFeatures, train_config: TrainConfig | None = None,
-                    gate_config: GateConfig | None = None) -> dict[float, np.ndarray]:
-    """The beta half of the Pareto sweep: one gate per beta, returning p_M on `eval_features` per beta."""
-    scores = {}
-    for beta in betas:
-        config = LossConfig.from_dict({**loss_config.to_dict(), "beta": float(beta)})
-        gate, _ = train_gate(features, table, costs, config, train_config, gate_config)
-        scores[float(beta)] = gate_scores(gate, eval_features)
-    return scores

@@ -4,8 +4,8 @@ fit a gate (train, then calibrate tau on dev), and the Pareto run with every bas
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 import numpy as np
 

@@ -21,8 +21,8 @@ included, so a fresh server admits one batch's worth of a burst, times it, then 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from medmoe.data.record import Record
 

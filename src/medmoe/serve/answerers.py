@@ -24,8 +24,9 @@ rejected (422, naming the field `question`).
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any, Sequence
+from typing import Any, cast
 
 import torch
 
@@ -132,9 +133,10 @@ class CausalLMAnswerer:
             for i, answer in zip(open_, self._generate([records[i] for i in open_], open_sinks)):
                 answers[i] = answer
         elapsed = (time.perf_counter() - start) * 1000
-        for answer in answers:
+        done = cast(list[Answer], answers)  # every slot is filled now
+        for answer in done:
             answer.latency_ms["expert"] = elapsed  # the batch's compute time, shared by its members
-        return answers  # type: ignore[return-value]
+        return done
 
     def _answer_options(self, records: Sequence[Record]) -> list[Answer]:
         prompts = [build_prompt(r, self.tokenizer) for r in records]
@@ -185,9 +187,9 @@ class CausalLMAnswerer:
 def load_causal_lm_answerer(config: Any) -> CausalLMAnswerer:
     """Factory named by the default server config: `config.model` (any kind the model zoo loads:
     bundled name, hub id, HF folder, GGUF, Mamba hybrid, fine-tuned model), with `config.adapter`."""
-    from medmoe.train.adapters import load_tuned
+    from medmoe.models import load_causal_lm
 
-    model, tokenizer = load_tuned(config.model, getattr(config, "adapter", None))
+    model, tokenizer = load_causal_lm(config.model, adapter=getattr(config, "adapter", None))
     return CausalLMAnswerer(
         model, tokenizer, name=config.model_label or config.model,
         max_new_tokens=config.max_new_tokens, max_input_tokens=config.max_input_tokens,

@@ -13,14 +13,21 @@ import logging
 import re
 import time
 import uuid
-from dataclasses import asdict
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import asdict
 from importlib import resources
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from medmoe import __version__
+from medmoe.errors import MissingExtra
+
+try:
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+except ImportError as exc:
+    raise MissingExtra("fastapi", "serve", "medmoe.serve (the HTTP server)") from exc
 
 from medmoe.answer import Answer
 from medmoe.data.record import Record
@@ -29,14 +36,22 @@ from medmoe.serve.batching import BatcherStopped, BatchInfo, MicroBatcher, Queue
 from medmoe.serve.config import ServeConfig, build_answerer
 from medmoe.serve.guards import BodyGuard, RequestMetrics, error_body
 from medmoe.serve.metrics import ServerMetrics
+from medmoe.serve.schemas import (
+    AnswerResponse,
+    ChatRequest,
+    ErrorResponse,
+    Health,
+    chat_chunk,
+    chat_completion,
+    make_answer_request,
+)
 from medmoe.serve.streaming import END, TextSink
-from medmoe.serve.schemas import AnswerResponse, ChatRequest, ErrorResponse, Health, chat_chunk, chat_completion, make_answer_request
 
 log = logging.getLogger(__name__)
 
 STATIC_FILES = {"/static/app.js": ("app.js", "text/javascript"), "/static/style.css": ("style.css", "text/css")}
 ENDPOINTS = {"/", "/v1/answer", "/v1/chat/completions", "/v1/models", "/healthz", "/metrics", "/openapi.json", *STATIC_FILES}
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 413, 422, 500, 503, 504)}
+ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 413, 422, 500, 503, 504)}
 
 
 class ApiError(Exception):
@@ -75,7 +90,7 @@ def create_app(answerer: Any, config: ServeConfig | None = None) -> FastAPI:
 
     app = FastAPI(
         title="medmoe clinical QA server",
-        version="0.1.0",
+        version=__version__,
         description="Routed clinical question answering. A research tool, not medical advice.",
         lifespan=lifespan,
         docs_url=None,  # Swagger UI and ReDoc load from a CDN; the schema itself is at /openapi.json
@@ -157,8 +172,9 @@ def create_app(answerer: Any, config: ServeConfig | None = None) -> FastAPI:
     async def answer(body: AnswerRequest) -> dict[str, Any]:  # type: ignore[valid-type]
         """Answer a question (optionally with context and options): answer, label scores, expert, gate
         probability, top features and a latency breakdown in milliseconds."""
-        request_id = body.request_id or uuid.uuid4().hex
-        record = Record(id=request_id, question=body.question, answer="", context=body.context, options=tuple(body.options or ()))
+        fields: Any = body  # AnswerRequest is built at run time (make_answer_request): mypy cannot see its fields
+        request_id = fields.request_id or uuid.uuid4().hex
+        record = Record(id=request_id, question=fields.question, answer="", context=fields.context, options=tuple(fields.options or ()))
         record, result, info, dropped, start = await answer_record(record)
         letter_index = record.letters.find(result.answer) if record.options and len(result.answer) == 1 else -1
         return {
@@ -217,7 +233,7 @@ def create_app(answerer: Any, config: ServeConfig | None = None) -> FastAPI:
         job.future.add_done_callback(lambda _: sink.close())
         try:
             first = await sink.next(deadline)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             first = END  # settle (below) answers 504 and withdraws the job
         except asyncio.CancelledError:
             batcher.withdraw(job, "cancelled")
@@ -236,7 +252,7 @@ def create_app(answerer: Any, config: ServeConfig | None = None) -> FastAPI:
                     yield _event(chat_chunk(completion_id, model, {"content": piece}))
                     piece = await sink.next(deadline)
                 result, info = done or await settle(job, max(deadline - time.perf_counter(), 0.0))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 batcher.withdraw(job, "timed_out")
                 metrics.rejected.inc("timeout")
                 yield _event(error_body(504, "timeout", f"not finished within {config.request_timeout_s:g} s"))

@@ -44,8 +44,9 @@ import math
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from medmoe.answer import Answer
 from medmoe.data.record import Record
@@ -247,7 +248,7 @@ class MicroBatcher:
         """The job's answer; RequestTimeout after `timeout_s` (the job is withdrawn)."""
         try:
             return await asyncio.wait_for(asyncio.shield(job.future), timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self.withdraw(job, "timed_out")
             raise RequestTimeout(f"no answer within {timeout_s:g} s") from None
         except asyncio.CancelledError:

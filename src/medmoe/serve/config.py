@@ -58,7 +58,7 @@ class ServeConfig:
             raise MedmoeError(f"server config: answerer must be 'module:callable', got '{self.answerer}'")
 
     @classmethod
-    def from_yaml(cls, path: Path, **overrides: Any) -> "ServeConfig":
+    def from_yaml(cls, path: Path, **overrides: Any) -> ServeConfig:
         import yaml
 
         path = Path(path)
@@ -73,7 +73,7 @@ class ServeConfig:
         return cls.from_dict(data, source=str(path), **overrides)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "config", **overrides: Any) -> "ServeConfig":
+    def from_dict(cls, data: dict[str, Any], source: str = "config", **overrides: Any) -> ServeConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

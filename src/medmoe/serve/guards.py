@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 from medmoe.serve.metrics import ServerMetrics
 
@@ -23,7 +24,7 @@ def error_body(status: int, kind: str, message: str, param: str | None = None, *
     return {"error": {"message": message, "type": kind, "param": param, "code": status, **extra}}
 
 
-async def send_json(send: Callable[[Message], Awaitable[None]], status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]] = ()) -> None:
+async def send_json(send: Callable[[Message], Awaitable[None]], status: int, body: dict[str, Any], headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
     data = json.dumps(body).encode("utf-8")
     await send({"type": "http.response.start", "status": status, "headers": [
         (b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()), *headers]})

@@ -11,7 +11,12 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+from medmoe.errors import MissingExtra
+
+try:
+    from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+except ImportError as exc:
+    raise MissingExtra("pydantic", "serve", "medmoe.serve (the HTTP server)") from exc
 
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
 

@@ -28,7 +28,8 @@ import logging
 import re
 import threading
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any, cast
 
 import torch
 from transformers import StoppingCriteria
@@ -122,7 +123,7 @@ class RowStreams(BaseStreamer, StoppingCriteria):
         for row, token in enumerate(value.reshape(-1).tolist()):
             if not self.open[row]:
                 continue
-            if token == self.eos or self.sinks[row].cancelled:
+            if token == self.eos or cast(TextSink, self.sinks[row]).cancelled:  # an open row has a sink
                 self.open[row] = False
                 continue
             self.tokens[row].append(token)
@@ -150,5 +151,5 @@ class RowStreams(BaseStreamer, StoppingCriteria):
 
     def _push(self, row: int, text: str) -> None:
         if len(text) > len(self.sent[row]) and text.startswith(self.sent[row]):
-            self.sinks[row].push(text[len(self.sent[row]):])
+            cast(TextSink, self.sinks[row]).push(text[len(self.sent[row]):])  # only streamed rows push
             self.sent[row] = text

@@ -20,6 +20,7 @@ import json
 import random
 import re
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -45,7 +46,7 @@ def training_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def load_training_state(model: nn.Module, state: dict[str, torch.Tensor], where: str = "checkpoint") -> None:
     """Copy the checkpoint's tensors into the model; they must be exactly the model's training state."""
-    own = dict(model.named_parameters())
+    own: dict[str, torch.Tensor] = dict(model.named_parameters())
     own.update(dict(model.named_buffers()))
     expected = set(training_state(model))
     missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
@@ -66,7 +67,7 @@ def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
     if torch.cuda.is_available():
         tensors.update({f"rng.cuda.{d}": s for d, s in enumerate(torch.cuda.get_rng_state_all())})
     version, internal, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
+    name, keys, pos, has_gauss, cached = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state())  # the legacy tuple
     tensors["rng.numpy.keys"] = torch.from_numpy(keys.astype(np.int64))
     meta = {"python": [version, list(internal), gauss],
             "numpy": {"bit_generator": name, "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
@@ -88,7 +89,8 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
 def _optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     """Optimizer state split into named tensors and the JSON rest (param_groups, non-tensor entries)."""
     saved = optimizer.state_dict()
-    tensors, scalars = {}, {}
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
     for index, entries in saved["state"].items():
         for key, value in entries.items():
             if isinstance(value, torch.Tensor):
@@ -146,7 +148,7 @@ def prune_checkpoints(directory: Path, keep: int) -> None:
 
 
 def _step_of(path: Path) -> int:
-    return int(MANIFEST.match(path.name).group(1))
+    return int(cast(re.Match[str], MANIFEST.match(path.name)).group(1))  # only called on manifest names
 
 
 def refuse_legacy(directory: Path) -> None:

@@ -74,7 +74,8 @@ def load_examples(spec: str, tokenizer=None, split: str = "train", with_explanat
     with_explanation: see example_from_record (records only, with a tokenizer)."""
     path = Path(spec)
     if path.is_file() and path.suffix == ".jsonl":
-        examples = []
+        examples: list[Example] = []
+        record_file = False
         for i, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
             if not raw.strip():
                 continue
@@ -84,13 +85,13 @@ def load_examples(spec: str, tokenizer=None, split: str = "train", with_explanat
                 raise DataError.single(path, f"not valid JSON ({exc.msg})", line=i) from exc
             example = _example_from_json(obj, path, i)
             if example is None:  # a record file: let medmoe.data read and validate it
-                examples = None
+                record_file = True
                 break
             examples.append(example)
-        if examples:
+        if not record_file:
+            if not examples:
+                raise DataError.single(path, "no examples in file")
             return examples
-        if examples == []:
-            raise DataError.single(path, "no examples in file")
     from medmoe.data import load_dataset
 
     records = load_dataset(spec, split=split)

@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import math
 import random
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,6 +22,7 @@ from torch import nn
 
 from medmoe.errors import MedmoeError
 from medmoe.eval.scoring import accepts_logits_to_keep, is_encoder_decoder
+from medmoe.models.loader import TRAINING_FILE
 from medmoe.paths import atomic_write_text
 from medmoe.train.checkpoint import load_checkpoint, save_checkpoint
 from medmoe.train.data import Example, MicroBatches, collate, load_examples, tokenize_examples
@@ -28,7 +30,6 @@ from medmoe.train.distributed import all_reduce_gradients, barrier
 from medmoe.train.run_folder import LOG_FILE, open_run, run_settings, truncate_log
 
 METHODS = ("loramoe", "lora", "full")
-TRAINING_FILE = "medmoe_training.json"  # next to a fine-tuned model: its data, and what was left out
 
 
 @dataclass
@@ -84,7 +85,7 @@ def prepare_model(model: nn.Module, cfg: FinetuneConfig) -> nn.Module:
         from peft import LoraConfig, get_peft_model
 
         alpha = cfg.lora_alpha if cfg.lora_alpha is not None else 2 * cfg.lora_rank
-        return get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=alpha, lora_dropout=cfg.lora_dropout, target_modules=cfg.target_modules))
+        return get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=alpha, lora_dropout=cfg.lora_dropout, target_modules=cfg.target_modules))  # type: ignore[arg-type]  # peft annotates lora_alpha int; a float works
     for p in model.parameters():
         p.requires_grad_(cfg.top_layers == 0)
     if cfg.top_layers:
@@ -93,7 +94,7 @@ def prepare_model(model: nn.Module, cfg: FinetuneConfig) -> nn.Module:
     return model
 
 
-def top_layer_parameters(model: nn.Module, n: int, freeze_mixers: bool = False) -> list[nn.Parameter]:
+def top_layer_parameters(model: Any, n: int, freeze_mixers: bool = False) -> list[nn.Parameter]:
     """The last n decoder layers and the final norm of a decoder-only HF model, or of the decoder of a
     T5-family model: fine-tuning only these makes the backward pass stop n layers deep (a task head on
     frozen features, for small data).
@@ -117,7 +118,7 @@ def top_layer_parameters(model: nn.Module, n: int, freeze_mixers: bool = False) 
     return chosen + list(norm.parameters())
 
 
-def _hf_model(model: nn.Module) -> nn.Module:
+def _hf_model(model: Any) -> nn.Module:
     """The Hugging Face model under any wrapper (PEFT, LoRA-MoE), to ask what its forward accepts."""
     return model.get_base_model() if hasattr(model, "get_base_model") else getattr(model, "model", model)
 
@@ -175,7 +176,7 @@ def evaluate_loss(model: nn.Module, features: list[dict], batch_size: int, pad_i
     return total / max(count, 1)
 
 
-def save_final(model: nn.Module, tokenizer, cfg: FinetuneConfig) -> Path:
+def save_final(model: Any, tokenizer, cfg: FinetuneConfig) -> Path:
     """The trained result: LoRA-MoE adapter, PEFT adapter, or the whole model (full)."""
     out = result_folder(cfg)
     hybrid_spec = getattr(model, "hybrid_spec", None)
