@@ -16,8 +16,8 @@ from common import write_report
 
 
 def main() -> None:
+    from medmoe.mambaformer.features import FeatureConfig, principal_components
     from medmoe.models import load_causal_lm
-    from medmoe.router.features import FeatureConfig, principal_components
 
     model, _ = load_causal_lm("smollm2-135m")
     w = model.get_input_embeddings().weight.detach().double()                    # (V, D)

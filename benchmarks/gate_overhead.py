@@ -46,10 +46,10 @@ def main() -> None:
 
     from medmoe.data import load_dataset
     from medmoe.mamba.transfer import build_hybrid, evenly_spaced
+    from medmoe.mambaformer.features import FeatureConfig, featurizer_for_tokenizer, pad_batch
+    from medmoe.mambaformer.gate import TokenGate, parameter_count, torch_threads
+    from medmoe.mambaformer.lexicon import build_lexicon
     from medmoe.models import load_causal_lm, load_tokenizer
-    from medmoe.router.features import FeatureConfig, featurizer_for_tokenizer, pad_batch
-    from medmoe.router.gate import TokenGate, parameter_count, torch_threads
-    from medmoe.router.lexicon import build_lexicon
 
     def text(r):
         return r.question + "\n" + (r.context or "")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from medmoe.router.results import ExpertOutcome, ExpertResults
+from medmoe.mambaformer.results import ExpertOutcome, ExpertResults
 
 
 def random_table(n: int = 50, seed: int = 0) -> ExpertResults:

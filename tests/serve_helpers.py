@@ -145,11 +145,11 @@ def tiny_router(tau: float | None = None, mamba: Any = None) -> Any:
     a hybrid) with a random gate. tau: the gate's threshold (-1: every query to E_M, 2: none) [0.5]."""
     import torch
 
-    from medmoe.experts import Expert
-    from medmoe.router.answerer import RoutedAnswerer
-    from medmoe.router.checkpoint import RouterCheckpoint
-    from medmoe.router.features import FeatureConfig, featurizer_for_tokenizer
-    from medmoe.router.gate import GateConfig, TokenGate
+    from medmoe.mambaformer.answerer import RoutedAnswerer
+    from medmoe.mambaformer.checkpoint import RouterCheckpoint
+    from medmoe.mambaformer.experts import Expert
+    from medmoe.mambaformer.features import FeatureConfig, featurizer_for_tokenizer
+    from medmoe.mambaformer.gate import GateConfig, TokenGate
 
     tok = tiny_tokenizer(True)
     transformer = tiny_model(tok, seed=0)

@@ -19,11 +19,11 @@ from medmoe.eval.harness import evaluate
 from medmoe.eval.model import HFEvalModel
 from medmoe.eval.runner import run_benchmark
 from medmoe.mamba.transfer import build_hybrid, save_hybrid
-from medmoe.router.answerer import RoutedAnswerer
-from medmoe.router.checkpoint import RouterCheckpoint
-from medmoe.router.features import FeatureConfig, featurizer_for_tokenizer
-from medmoe.router.gate import GateConfig, TokenGate
-from medmoe.router.queries import query_text
+from medmoe.mambaformer.answerer import RoutedAnswerer
+from medmoe.mambaformer.checkpoint import RouterCheckpoint
+from medmoe.mambaformer.features import FeatureConfig, featurizer_for_tokenizer
+from medmoe.mambaformer.gate import GateConfig, TokenGate
+from medmoe.mambaformer.queries import query_text
 
 LIMIT = 4
 

@@ -11,14 +11,14 @@ from medmoe.data import load_dataset
 from medmoe.errors import DataError
 from medmoe.eval.prompts import build_prompt
 from medmoe.eval.textmetrics import BertScorer, rouge_l
-from medmoe.experts import Expert
 from medmoe.mamba.transfer import build_hybrid
-from medmoe.router.answerer import RoutedAnswerer
-from medmoe.router.checkpoint import RouterCheckpoint
-from medmoe.router.features import FeatureConfig, featurizer_for_tokenizer, pad_batch
-from medmoe.router.gate import GateConfig, TokenGate
-from medmoe.router.generative import SYSTEMS, explained_records, generative_run
-from medmoe.router.queries import query_text
+from medmoe.mambaformer.answerer import RoutedAnswerer
+from medmoe.mambaformer.checkpoint import RouterCheckpoint
+from medmoe.mambaformer.experts import Expert
+from medmoe.mambaformer.features import FeatureConfig, featurizer_for_tokenizer, pad_batch
+from medmoe.mambaformer.gate import GateConfig, TokenGate
+from medmoe.mambaformer.generative import SYSTEMS, explained_records, generative_run
+from medmoe.mambaformer.queries import query_text
 
 
 @pytest.fixture()

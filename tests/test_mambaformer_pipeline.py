@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from medmoe.experts import load_expert
 from medmoe.mamba.transfer import build_hybrid, save_hybrid
-from medmoe.router.checkpoint import RouterCheckpoint
-from medmoe.router.pipeline import PipelineConfig, run_pipeline
+from medmoe.mambaformer.checkpoint import RouterCheckpoint
+from medmoe.mambaformer.experts import load_expert
+from medmoe.mambaformer.pipeline import PipelineConfig, run_pipeline
 
 
 @pytest.fixture()
@@ -62,7 +62,7 @@ def test_routed_answerer_follows_the_gate(tiny_experts, tmp_path):
     run_pipeline(cfg, log=lambda _: None)
     from types import SimpleNamespace
 
-    from medmoe.router.answerer import load_routed_answerer
+    from medmoe.mambaformer.answerer import load_routed_answerer
 
     answerer = load_routed_answerer(SimpleNamespace(answerer_options={"router": str(tmp_path / "run" / "dental" / "router")}))
     records = load_dataset("dental", "test")[:4]

@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 from medmoe.cli.train import register
 from medmoe.data import load_dataset
 from medmoe.errors import ModelError
-from medmoe.experts import check_gate_records, load_expert
 from medmoe.mamba.transfer import build_hybrid, save_hybrid
+from medmoe.mambaformer.experts import check_gate_records, load_expert
 from tiny_lm import tiny_llama, tiny_tokenizer
 
 app = typer.Typer()

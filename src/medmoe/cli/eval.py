@@ -54,7 +54,7 @@ def eval_command(
     for name in names:  # bad data (duplicate ids, bad rows) fails now, not after a model load of minutes
         load_benchmark(name, limit, shots_from)
     if router is not None:
-        from medmoe.router.answerer import RoutedAnswerer
+        from medmoe.mambaformer.answerer import RoutedAnswerer
 
         folder = output or Path("runs") / f"eval-routed-{router.resolve().parent.name}-{router.name}"
         with console.status(f"loading the gate {router} and its experts..."):
@@ -77,7 +77,7 @@ def eval_command(
 
 def check_router_options(model: str | None, adapter: str | None, rule: str, shots: int) -> None:
     """--router names the whole system: no --model/--adapter, and the experts' pipeline scoring only."""
-    from medmoe.router.answerer import RULE
+    from medmoe.mambaformer.answerer import RULE
 
     if model is not None or adapter is not None:
         raise typer.BadParameter("--router evaluates the routed system, whose gate folder names both experts; "

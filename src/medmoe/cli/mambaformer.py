@@ -70,7 +70,7 @@ def run(
     """
     import torch
 
-    from medmoe.router.pipeline import PipelineConfig, run_pipeline
+    from medmoe.mambaformer.pipeline import PipelineConfig, run_pipeline
 
     if threads:
         torch.set_num_threads(threads)
@@ -95,7 +95,7 @@ def ask(
     """Answer one question with the routed system: answer, chosen expert, gate probability, top features, latency."""
     from medmoe.data.record import Record
     from medmoe.errors import MedmoeError
-    from medmoe.router.answerer import RoutedAnswerer
+    from medmoe.mambaformer.answerer import RoutedAnswerer
 
     if not question.strip():
         raise MedmoeError("the question is empty")
@@ -122,8 +122,8 @@ def profile(
     """Time one expert's forward pass over a grid of lengths on this machine and fit C(n) = a n^2 + b n + c."""
     import torch
 
-    from medmoe.experts import load_expert
-    from medmoe.router.latency import profile as profile_latency
+    from medmoe.mambaformer.experts import load_expert
+    from medmoe.mambaformer.latency import profile as profile_latency
 
     loaded = load_expert("expert", expert)
     vocab = loaded.model.get_input_embeddings().weight.shape[0]
@@ -146,10 +146,10 @@ def calibrate(
     """Re-pick tau for a latency budget on the run's cached dev results, and save it in the checkpoint."""
     from medmoe.data import load_dataset
     from medmoe.eval.runner import read_done
+    from medmoe.mambaformer.calibrate import calibrate_tau
+    from medmoe.mambaformer.checkpoint import RouterCheckpoint
+    from medmoe.mambaformer.pipeline import PipelineConfig, gate_inputs, table_from_rows
     from medmoe.models import load_tokenizer
-    from medmoe.router.calibrate import calibrate_tau
-    from medmoe.router.checkpoint import RouterCheckpoint
-    from medmoe.router.pipeline import PipelineConfig, gate_inputs, table_from_rows
 
     checkpoint = RouterCheckpoint.load(router)
     cfg = PipelineConfig(**checkpoint.info["config"])

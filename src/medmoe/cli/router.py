@@ -1,6 +1,6 @@
 """`medmoe router lexicon | train | calibrate | pareto`: the MambaFormer gate on your own result files.
 
-`medmoe run` does the whole job on the bundled experts (medmoe.router.pipeline); these commands do its
+`medmoe run` does the whole job on the bundled experts (medmoe.mambaformer.pipeline); these commands do its
 router steps on any per-example expert results (`ExpertResults` JSONL, one example per line) whose
 ids come from a bundled dataset split, without running the experts. `medmoe profile` (cli/mambaformer)
 writes the latency model that `router train --latency-models` reads.
@@ -22,7 +22,7 @@ router_app = typer.Typer(help="MambaFormer gate: lexicon, training, calibration,
 
 def _features(featurizer, tokenizer, table, dataset: str, split: str, max_length: int):
     from medmoe.data import load_dataset
-    from medmoe.router.queries import batched_features, encode_queries, records_for
+    from medmoe.mambaformer.queries import batched_features, encode_queries, records_for
 
     records = records_for(table.ids, load_dataset(dataset, split), f"{dataset} {split}")
     return batched_features(featurizer, encode_queries(tokenizer, records, max_length))
@@ -33,7 +33,7 @@ def _latency_models(transformer: Path | None, mamba: Path | None):
         return None
     if transformer is None or mamba is None:
         raise typer.BadParameter("give both --transformer-latency and --mamba-latency, or neither")
-    from medmoe.router.latency import LatencyModel
+    from medmoe.mambaformer.latency import LatencyModel
 
     return {"transformer": LatencyModel.load(transformer), "mamba": LatencyModel.load(mamba)}
 
@@ -45,7 +45,7 @@ def lexicon(
 ) -> None:
     """Build the medical lexicon (MeSH words + clinical/dental terms) from training splits only."""
     from medmoe.data import load_dataset
-    from medmoe.router.lexicon import build_lexicon
+    from medmoe.mambaformer.lexicon import build_lexicon
 
     records = [r for name in dataset for r in load_dataset(name, "train")]
     lex = build_lexicon(records)
@@ -76,15 +76,15 @@ def train_router(
 ) -> None:
     """Train the gate on cached expert results (experts frozen), calibrate tau on dev, save the checkpoint."""
     from medmoe.data import load_dataset
+    from medmoe.mambaformer.checkpoint import RouterCheckpoint
+    from medmoe.mambaformer.features import featurizer_for_tokenizer
+    from medmoe.mambaformer.lexicon import Lexicon, build_lexicon
+    from medmoe.mambaformer.loss import LossConfig
+    from medmoe.mambaformer.queries import query_text
+    from medmoe.mambaformer.results import ExpertResults
+    from medmoe.mambaformer.train import TrainConfig
+    from medmoe.mambaformer.workflow import fit_gate
     from medmoe.models import load_causal_lm
-    from medmoe.router.checkpoint import RouterCheckpoint
-    from medmoe.router.features import featurizer_for_tokenizer
-    from medmoe.router.lexicon import Lexicon, build_lexicon
-    from medmoe.router.loss import LossConfig
-    from medmoe.router.queries import query_text
-    from medmoe.router.results import ExpertResults
-    from medmoe.router.train import TrainConfig
-    from medmoe.router.workflow import fit_gate
 
     train_table, dev_table = ExpertResults.load_jsonl(train_results), ExpertResults.load_jsonl(dev_results)
     out.mkdir(parents=True, exist_ok=True)
@@ -128,11 +128,11 @@ def calibrate(
     max_length: int = typer.Option(4096),
 ) -> None:
     """Pick tau so the routed dev latency statistic meets the budget with the best accuracy; saves it."""
+    from medmoe.mambaformer.calibrate import calibrate_tau
+    from medmoe.mambaformer.checkpoint import RouterCheckpoint
+    from medmoe.mambaformer.results import ExpertResults
+    from medmoe.mambaformer.train import gate_scores
     from medmoe.models import load_tokenizer
-    from medmoe.router.calibrate import calibrate_tau
-    from medmoe.router.checkpoint import RouterCheckpoint
-    from medmoe.router.results import ExpertResults
-    from medmoe.router.train import gate_scores
 
     ckpt = RouterCheckpoint.load(router)
     table = ExpertResults.load_jsonl(dev_results)
@@ -157,12 +157,12 @@ def pareto(
     max_length: int = typer.Option(4096), seed: int = typer.Option(0),
 ) -> None:
     """Sweep tau (and beta over several checkpoints): accuracy vs latency, Pareto front, APGR, baselines."""
+    from medmoe.mambaformer.checkpoint import RouterCheckpoint
+    from medmoe.mambaformer.pareto import write_report
+    from medmoe.mambaformer.results import ExpertResults
+    from medmoe.mambaformer.train import gate_scores
+    from medmoe.mambaformer.workflow import pareto_run
     from medmoe.models import load_tokenizer
-    from medmoe.router.checkpoint import RouterCheckpoint
-    from medmoe.router.pareto import write_report
-    from medmoe.router.results import ExpertResults
-    from medmoe.router.train import gate_scores
-    from medmoe.router.workflow import pareto_run
 
     table = ExpertResults.load_jsonl(results)
     dev = ExpertResults.load_jsonl(dev_results) if dev_results else None

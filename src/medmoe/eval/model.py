@@ -9,7 +9,7 @@ and may report per call what the router did (`last_route()`: expert, gate probab
 which the harness writes into each example's JSONL row. Plain models report nothing.
 
 Plugging in: LoRA, LoRA-MoE and full fine-tunes load with `--adapter PATH`. The routed MambaFormer
-system (`medmoe.router.answerer.RoutedAnswerer`, `--router DIR`) picks its expert from each question's
+system (`medmoe.mambaformer.answerer.RoutedAnswerer`, `--router DIR`) picks its expert from each question's
 record, which a prompt string does not carry: it provides `score_records(records, ...)` instead of the
 scoring calls, and `medmoe.eval.rules.apply_rule` asks it through that (option questions only).
 """

@@ -1,5 +1,5 @@
 """HTTP serving: FastAPI app, micro-batcher, schemas, metrics and the web page.
 
 The server imports the core (answerers, data, eval); the core does not import the server, except
-that the routed answerer (medmoe.router.answerer) generates with `serve.answerers.CausalLMAnswerer`.
+that the routed answerer (medmoe.mambaformer.answerer) generates with `serve.answerers.CausalLMAnswerer`.
 """

@@ -1,5 +1,5 @@
 """Answerers the server can load: a plain causal LM here; the routed MambaFormer system
-(medmoe.router.answerer) drops in and generates with this one over its chosen expert.
+(medmoe.mambaformer.answerer) drops in and generates with this one over its chosen expert.
 
 The server needs only `Answerer.answer_batch(records) -> answers` (medmoe.answer). Three optional
 additions make it better, and the server uses them when an answerer has them:

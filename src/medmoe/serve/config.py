@@ -3,7 +3,7 @@
 The answerer is built by a factory named in the config ("module:callable", called with the config),
 so the routed MambaFormer system or a LoRA-MoE model drops in without changing the server:
 
-    answerer: medmoe.router.answerer:load_routed_answerer   # the routed MambaFormer system
+    answerer: medmoe.mambaformer.answerer:load_routed_answerer   # the routed MambaFormer system
     answerer_options: {router: runs/mambaformer/pubmedqa/router}
 """
 

@@ -13,8 +13,8 @@ from typing import Protocol, cast
 import numpy as np
 
 from medmoe.errors import MedmoeError
-from medmoe.router.metrics import default_c_ref, routed, utilities
-from medmoe.router.results import ExpertResults
+from medmoe.mambaformer.metrics import default_c_ref, routed, utilities
+from medmoe.mambaformer.results import ExpertResults
 
 
 class Router(Protocol):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from medmoe.errors import MedmoeError
-from medmoe.router.loss import DualCostWeight, LossConfig, binary_entropy, routing_loss
+from medmoe.mambaformer.loss import DualCostWeight, LossConfig, binary_entropy, routing_loss
 
 # Two examples: q_M = p_M = (0.2, 0.9); l_T = (1, 2), l_M = (3, 0.5); C_T = (10, 20), C_M = (5, 5) ms; C_ref = 10.
 Q = torch.tensor([0.2, 0.9])

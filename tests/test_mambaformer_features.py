@@ -9,8 +9,8 @@ import torch
 
 from medmoe.data.record import Record
 from medmoe.errors import MedmoeError
-from medmoe.router.features import FeatureConfig, GateFeaturizer, VocabInfo, pad_batch, principal_components
-from medmoe.router.lexicon import Lexicon, build_lexicon
+from medmoe.mambaformer.features import FeatureConfig, GateFeaturizer, VocabInfo, pad_batch, principal_components
+from medmoe.mambaformer.lexicon import Lexicon, build_lexicon
 
 PIECES = ["<pad>", "<|im_start|>", "'s", "Ġthe", "Ġheart", "ĠHeart", "heart", "Ġcardi", "cardi", "omy", "opathy", "Ġ(", "(",
           ")", ".", ",", "Ġpatient", "s", "Ġwith", "Ġfever", "Ġacute", "Ġgingiv", "itis", "Ġtooth", "Ġ"]
@@ -181,9 +181,9 @@ def test_domain_flags_on_smollm2_tokens_match_regex_words():
     import re
 
     from medmoe.data import load_dataset
+    from medmoe.mambaformer.features import featurizer_for_tokenizer
+    from medmoe.mambaformer.queries import query_text
     from medmoe.models import load_tokenizer
-    from medmoe.router.features import featurizer_for_tokenizer
-    from medmoe.router.queries import query_text
 
     tokenizer = load_tokenizer("smollm2-135m")
     records = load_dataset("pubmedqa", "dev")[:5] + load_dataset("dental", "dev")[:5]

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from medmoe.errors import MedmoeError
-from medmoe.router.results import ExpertResults
+from medmoe.mambaformer.results import ExpertResults
 
 
 @dataclass(frozen=True)

@@ -5,12 +5,12 @@ import pytest
 import torch
 
 from medmoe.errors import DataError, MedmoeError
-from medmoe.router.features import GateFeatures
-from medmoe.router.latency import LatencyModel
-from medmoe.router.loss import LossConfig
-from medmoe.router.metrics import evaluate
-from medmoe.router.results import ExpertResults
-from medmoe.router.train import TrainConfig, expert_costs, gate_scores, train_gate
+from medmoe.mambaformer.features import GateFeatures
+from medmoe.mambaformer.latency import LatencyModel
+from medmoe.mambaformer.loss import LossConfig
+from medmoe.mambaformer.metrics import evaluate
+from medmoe.mambaformer.results import ExpertResults
+from medmoe.mambaformer.train import TrainConfig, expert_costs, gate_scores, train_gate
 from router_helpers import length_table
 
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from medmoe.data.record import Record
 from medmoe.errors import MedmoeError
-from medmoe.router.features import GateFeatures, GateFeaturizer, pad_batch
+from medmoe.mambaformer.features import GateFeatures, GateFeaturizer, pad_batch
 
 
 def query_text(record: Record) -> str:

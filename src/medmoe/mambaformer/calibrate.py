@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from medmoe.errors import MedmoeError
-from medmoe.router.metrics import RoutingMetrics, evaluate
-from medmoe.router.results import ExpertResults
+from medmoe.mambaformer.metrics import RoutingMetrics, evaluate
+from medmoe.mambaformer.results import ExpertResults
 
 STATISTICS = {"p50": "p50_ms", "mean": "mean_ms", "p95": "p95_ms"}
 

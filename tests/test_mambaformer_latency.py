@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from medmoe.errors import MedmoeError
-from medmoe.router.latency import LatencyModel, fit_latency_model, nnls, profile
+from medmoe.mambaformer.latency import LatencyModel, fit_latency_model, nnls, profile
 
 
 def test_fit_recovers_a_planted_quadratic():

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from medmoe.errors import MedmoeError
-from medmoe.router.checkpoint import RouterCheckpoint
-from medmoe.router.features import FeatureConfig, GateFeatures, GateFeaturizer, VocabInfo
-from medmoe.router.gate import GateConfig, TokenGate, parameter_count, torch_threads
-from medmoe.router.latency import LatencyModel
+from medmoe.mambaformer.checkpoint import RouterCheckpoint
+from medmoe.mambaformer.features import FeatureConfig, GateFeatures, GateFeaturizer, VocabInfo
+from medmoe.mambaformer.gate import GateConfig, TokenGate, parameter_count, torch_threads
+from medmoe.mambaformer.latency import LatencyModel
 
 
 def random_features(B=16, T=12, seed=0):

@@ -16,10 +16,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors, save as save_tensors
 
 from medmoe.errors import ModelError
+from medmoe.mambaformer.features import FeatureConfig, GateFeaturizer
+from medmoe.mambaformer.gate import GateConfig, TokenGate, torch_threads
+from medmoe.mambaformer.latency import LatencyModel
 from medmoe.paths import atomic_write_bytes, atomic_write_text
-from medmoe.router.features import FeatureConfig, GateFeaturizer
-from medmoe.router.gate import GateConfig, TokenGate, torch_threads
-from medmoe.router.latency import LatencyModel
 
 FORMAT_VERSION = 1
 

@@ -9,16 +9,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from medmoe.router.baselines import AlwaysMamba, AlwaysTransformer, LengthThreshold, OracleRouter, RandomRouter
-from medmoe.router.calibrate import Calibration, calibrate_tau
-from medmoe.router.features import GateFeatures
-from medmoe.router.gate import GateConfig, TokenGate
-from medmoe.router.latency import LatencyModel
-from medmoe.router.loss import LossConfig
-from medmoe.router.metrics import default_c_ref, evaluate
-from medmoe.router.pareto import OperatingPoint, baseline_points, pareto_report, sweep_points
-from medmoe.router.results import ExpertResults
-from medmoe.router.train import TrainConfig, expert_costs, gate_scores, train_gate
+from medmoe.mambaformer.baselines import AlwaysMamba, AlwaysTransformer, LengthThreshold, OracleRouter, RandomRouter
+from medmoe.mambaformer.calibrate import Calibration, calibrate_tau
+from medmoe.mambaformer.features import GateFeatures
+from medmoe.mambaformer.gate import GateConfig, TokenGate
+from medmoe.mambaformer.latency import LatencyModel
+from medmoe.mambaformer.loss import LossConfig
+from medmoe.mambaformer.metrics import default_c_ref, evaluate
+from medmoe.mambaformer.pareto import OperatingPoint, baseline_points, pareto_report, sweep_points
+from medmoe.mambaformer.results import ExpertResults
+from medmoe.mambaformer.train import TrainConfig, expert_costs, gate_scores, train_gate
 
 
 @dataclass

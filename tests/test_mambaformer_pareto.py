@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from medmoe.router.baselines import AlwaysMamba, AlwaysTransformer, OracleRouter, RandomRouter
-from medmoe.router.pareto import (
+from medmoe.mambaformer.baselines import AlwaysMamba, AlwaysTransformer, OracleRouter, RandomRouter
+from medmoe.mambaformer.pareto import (
     OperatingPoint,
     baseline_points,
     envelope_area,

@@ -29,18 +29,18 @@ from medmoe.data.record import Record
 from medmoe.eval.metrics import macro_f1
 from medmoe.eval.model import HFEvalModel
 from medmoe.eval.runner import run_records
-from medmoe.experts import Expert, check_gate_records, load_expert
-from medmoe.router.calibrate import calibrate_tau, threshold_sweep
-from medmoe.router.checkpoint import RouterCheckpoint
-from medmoe.router.features import GateFeatures, GateFeaturizer, featurizer_for_tokenizer, pad_batch
-from medmoe.router.lexicon import build_lexicon
-from medmoe.router.loss import LossConfig
-from medmoe.router.metrics import default_c_ref, evaluate
-from medmoe.router.pareto import OperatingPoint, write_report
-from medmoe.router.queries import query_text
-from medmoe.router.results import ExpertOutcome, ExpertResults
-from medmoe.router.train import TrainConfig, gate_scores, train_gate
-from medmoe.router.workflow import baseline_routers, pareto_run
+from medmoe.mambaformer.calibrate import calibrate_tau, threshold_sweep
+from medmoe.mambaformer.checkpoint import RouterCheckpoint
+from medmoe.mambaformer.experts import Expert, check_gate_records, load_expert
+from medmoe.mambaformer.features import GateFeatures, GateFeaturizer, featurizer_for_tokenizer, pad_batch
+from medmoe.mambaformer.lexicon import build_lexicon
+from medmoe.mambaformer.loss import LossConfig
+from medmoe.mambaformer.metrics import default_c_ref, evaluate
+from medmoe.mambaformer.pareto import OperatingPoint, write_report
+from medmoe.mambaformer.queries import query_text
+from medmoe.mambaformer.results import ExpertOutcome, ExpertResults
+from medmoe.mambaformer.train import TrainConfig, gate_scores, train_gate
+from medmoe.mambaformer.workflow import baseline_routers, pareto_run
 
 
 @dataclass

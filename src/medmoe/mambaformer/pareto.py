@@ -25,11 +25,11 @@ from pathlib import Path
 import numpy as np
 
 from medmoe.errors import MedmoeError, MissingExtra, require
+from medmoe.mambaformer.baselines import Router
+from medmoe.mambaformer.calibrate import candidate_thresholds
+from medmoe.mambaformer.metrics import evaluate
+from medmoe.mambaformer.results import ExpertResults
 from medmoe.paths import atomic_write_bytes, atomic_write_text
-from medmoe.router.baselines import Router
-from medmoe.router.calibrate import candidate_thresholds
-from medmoe.router.metrics import evaluate
-from medmoe.router.results import ExpertResults
 
 log = logging.getLogger(__name__)
 

@@ -27,11 +27,11 @@ from medmoe.data.record import Record
 from medmoe.errors import MedmoeError, ModelError
 from medmoe.eval.model import HFEvalModel
 from medmoe.eval.rules import Outcome, apply_rule
-from medmoe.experts import Expert, load_expert
-from medmoe.router.checkpoint import RouterCheckpoint
-from medmoe.router.features import pad_batch
-from medmoe.router.gate import torch_threads
-from medmoe.router.queries import query_text
+from medmoe.mambaformer.checkpoint import RouterCheckpoint
+from medmoe.mambaformer.experts import Expert, load_expert
+from medmoe.mambaformer.features import pad_batch
+from medmoe.mambaformer.gate import torch_threads
+from medmoe.mambaformer.queries import query_text
 from medmoe.serve.answerers import CausalLMAnswerer
 from medmoe.serve.streaming import TextSink
 
@@ -165,7 +165,7 @@ class RoutedAnswerer:
 
 
 def load_routed_answerer(config) -> RoutedAnswerer:
-    """Server factory (`answerer: medmoe.router.answerer:load_routed_answerer`, with
+    """Server factory (`answerer: medmoe.mambaformer.answerer:load_routed_answerer`, with
     `answerer_options: {router: runs/mambaformer/pubmedqa/router}`)."""
     options = getattr(config, "answerer_options", {}) or {}
     if "router" not in options:

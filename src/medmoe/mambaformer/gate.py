@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from medmoe.errors import MedmoeError
-from medmoe.router.features import GLOBAL_FEATURES, TOKEN_FEATURES, GateFeatures
+from medmoe.mambaformer.features import GLOBAL_FEATURES, TOKEN_FEATURES, GateFeatures
 
 DECISION_MODES = ("soft", "st", "hard")
 

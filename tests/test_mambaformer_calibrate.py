@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from medmoe.errors import MedmoeError
-from medmoe.router.calibrate import calibrate_tau, candidate_thresholds
-from medmoe.router.metrics import evaluate
+from medmoe.mambaformer.calibrate import calibrate_tau, candidate_thresholds
+from medmoe.mambaformer.metrics import evaluate
 from router_helpers import length_table
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from medmoe.errors import MedmoeError
-from medmoe.router.baselines import (
+from medmoe.mambaformer.baselines import (
     AlwaysMamba,
     AlwaysTransformer,
     LengthThreshold,
@@ -15,7 +15,7 @@ from medmoe.router.baselines import (
     ScoreRouter,
     make_router,
 )
-from medmoe.router.metrics import evaluate, total_utility
+from medmoe.mambaformer.metrics import evaluate, total_utility
 from router_helpers import length_table, random_table
 
 

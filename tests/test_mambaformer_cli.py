@@ -9,9 +9,9 @@ from typer.testing import CliRunner
 
 from medmoe.cli import app
 from medmoe.data import load_dataset
-from medmoe.router.checkpoint import RouterCheckpoint
-from medmoe.router.queries import encode_queries, query_text
-from medmoe.router.results import ExpertOutcome, ExpertResults
+from medmoe.mambaformer.checkpoint import RouterCheckpoint
+from medmoe.mambaformer.queries import encode_queries, query_text
+from medmoe.mambaformer.results import ExpertOutcome, ExpertResults
 
 
 @pytest.fixture(scope="module")

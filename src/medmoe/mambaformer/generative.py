@@ -38,7 +38,7 @@ from medmoe.eval.model import HFEvalModel
 from medmoe.eval.prompts import build_prompt, is_yesno, language_of, may_have_several_answers
 from medmoe.eval.runner import check_settings, claim_folder, progress_bar, read_done
 from medmoe.eval.textmetrics import BertScorer, load_bertscorer, rouge_l
-from medmoe.router.answerer import RoutedAnswerer
+from medmoe.mambaformer.answerer import RoutedAnswerer
 
 EXPERTS = ("transformer", "mamba")
 SYSTEMS = EXPERTS + ("mambaformer", "oracle-rouge")

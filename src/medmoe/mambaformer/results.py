@@ -4,7 +4,7 @@ The routed pipeline runs each (frozen) expert once over a split and fills one `E
 training the gate, calibration, baselines and the Pareto sweep then work on this table alone, so
 they never need the experts themselves.
 
-Conventions used across `medmoe.router`:
+Conventions used across `medmoe.mambaformer`:
 - experts are named "transformer" (E_T) and "mamba" (E_M), in that order (`EXPERTS`);
 - a routing decision is a bool array of shape (N,): True = send to E_M, False = send to E_T;
 - latencies are milliseconds per query.

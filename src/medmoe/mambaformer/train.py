@@ -15,11 +15,11 @@ import numpy as np
 import torch
 
 from medmoe.errors import MedmoeError
-from medmoe.router.features import GateFeatures
-from medmoe.router.gate import GateConfig, TokenGate
-from medmoe.router.latency import LatencyModel
-from medmoe.router.loss import DualCostWeight, LossConfig, routing_loss
-from medmoe.router.results import EXPERTS, ExpertResults
+from medmoe.mambaformer.features import GateFeatures
+from medmoe.mambaformer.gate import GateConfig, TokenGate
+from medmoe.mambaformer.latency import LatencyModel
+from medmoe.mambaformer.loss import DualCostWeight, LossConfig, routing_loss
+from medmoe.mambaformer.results import EXPERTS, ExpertResults
 
 
 @dataclass
