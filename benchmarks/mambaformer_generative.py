@@ -4,7 +4,7 @@ For the Dental test questions that have a reference explanation (89 of 500), eac
 an answer with an explanation (greedy, the harness's prompt with "Then explain your answer briefly.",
 chat template where present), scored against the reference with ROUGE-L and BERTScore (`minilm-l6`,
 layer 6). The gate of a pipeline run (`--router`, written by `medmoe run` at <out>/dental/router)
-picks the expert per query. See `medmoe.mambaformer.generative` and docs/mambaformer.md.
+picks the expert per query. See `medmoe.mambaformer.experiments.generative` and docs/mambaformer.md.
 Writes reports/mambaformer_dental_generative.md / .json; per-example rows in --out (resumable).
 
 Usage: python benchmarks/mambaformer_generative.py --mamba $MEDMOE_HOME/experts/mamba-shallow \
@@ -60,8 +60,8 @@ def main() -> None:
     from medmoe.eval.benchmarks import subsample
     from medmoe.mambaformer.answerer import RoutedAnswerer
     from medmoe.mambaformer.checkpoint import RouterCheckpoint
+    from medmoe.mambaformer.experiments.generative import explained_records, generative_run
     from medmoe.mambaformer.experts import load_expert
-    from medmoe.mambaformer.generative import explained_records, generative_run
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--transformer", default="smollm2-135m", help="E_T")

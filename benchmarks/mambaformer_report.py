@@ -1,6 +1,6 @@
 """MambaFormer report for one dataset: the routed system against every baseline, and the Pareto plot.
 
-Runs `medmoe.mambaformer.pipeline.run_pipeline` (per-example expert results are cached in --out, so a
+Runs `medmoe.mambaformer.experiments.pipeline.run_pipeline` (per-example expert results are cached in --out, so a
 rerun after `medmoe run` only retrains the gate and rewrites the report) and writes
 reports/mambaformer_<dataset>.md / .json / .png.
 
@@ -74,8 +74,8 @@ def targets(report: dict) -> str:
 def main() -> None:
     import torch
 
-    from medmoe.mambaformer.pareto import markdown_table
-    from medmoe.mambaformer.pipeline import PipelineConfig, run_pipeline
+    from medmoe.mambaformer.experiments.pareto import markdown_table
+    from medmoe.mambaformer.experiments.pipeline import PipelineConfig, run_pipeline
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--dataset", default="pubmedqa")

@@ -59,7 +59,7 @@ def tiny_model(tokenizer: Any, seed: int = 0, max_positions: int = 512) -> Any:
 
 
 def tiny_answerer(chat: bool = True, **kwargs: Any) -> Any:
-    from medmoe.serve.answerers import CausalLMAnswerer
+    from medmoe.answer.causal_lm import CausalLMAnswerer
 
     tok = tiny_tokenizer(chat)
     return CausalLMAnswerer(tiny_model(tok), tok, name="tiny-llama", **kwargs)

@@ -30,7 +30,7 @@ LIMIT = 4
 
 @pytest.fixture()
 def gate_dir(tiny_lm, tiny_lm_dir, tmp_path):
-    """A gate folder as `medmoe run` writes it (router.json names both experts), with tau between the
+    """A gate folder as `medmoe run` writes it (router.json's `experts` names both), with tau between the
     p_M of the 4 records so that both experts answer some of them."""
     teacher, tokenizer = tiny_lm
     student, spec = build_hybrid(teacher, layers=[1], teacher_name=str(tiny_lm_dir))
@@ -40,7 +40,7 @@ def gate_dir(tiny_lm, tiny_lm_dir, tmp_path):
                                           [query_text(r) for r in records], [], FeatureConfig(embed_dim=8))
     torch.manual_seed(1)
     checkpoint = RouterCheckpoint(TokenGate(GateConfig()).eval(), featurizer, tau=0.5,
-                                  info={"config": {"transformer": str(tiny_lm_dir), "mamba": str(hybrid)}})
+                                  experts={"transformer": str(tiny_lm_dir), "mamba": str(hybrid)})
     folder = checkpoint.save(tmp_path / "router")
     p_mamba = sorted(p for _, p in RoutedAnswerer.load(folder).route(records))
     checkpoint.tau = (p_mamba[1] + p_mamba[2]) / 2  # two records to each expert
@@ -133,9 +133,15 @@ def test_a_folder_that_is_not_a_gate_is_named(gate_dir, tmp_path):
         RoutedAnswerer.load(broken)
 
     meta = json.loads((gate_dir / "router.json").read_text())
-    del meta["config"]  # as `medmoe train router` writes it: no experts named
+    mamba = meta["experts"]["mamba"]
+    meta["experts"]["mamba"] = None  # as `medmoe router train` without --mamba writes it: E_T only
     (broken / "router.json").write_text(json.dumps(meta))
-    with pytest.raises(ModelError, match="names no experts"):
+    with pytest.raises(ModelError, match=r"names no expert for mamba \(experts.mamba\)"):
+        RoutedAnswerer.load(broken)
+    assert RoutedAnswerer.load(broken, experts={"mamba": mamba}).experts["mamba"].source == mamba  # given instead
+    del meta["experts"]
+    (broken / "router.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelError, match="names no expert for transformer and mamba"):
         RoutedAnswerer.load(broken)
 
 

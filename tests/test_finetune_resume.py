@@ -144,7 +144,7 @@ def cli(tmp_path_factory):
     data = tmp / "train.jsonl"
     data.write_text("\n".join(json.dumps({"question": ex.prompt.split("Question: ")[1].split("\n")[0], "answer": ex.completion.strip()})
                               for ex in arithmetic_examples(16)) + "\n")
-    args = ["finetune", "--base", str(tmp / "base"), "--data", str(data), "--output", str(tmp / "run"), "--steps", "2",
+    args = ["finetune", "--model", str(tmp / "base"), "--data", str(data), "--output", str(tmp / "run"), "--steps", "2",
             "--batch-size", "2", "--lr", "0.01", "--experts", "4", "--rank", "2", "--save-every", "1", "--eval-examples", "0"]
     first = CliRunner().invoke(app, args)
     assert first.exit_code == 0, first.output

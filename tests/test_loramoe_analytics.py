@@ -51,7 +51,7 @@ def test_routing_command_rejects_a_folder_without_a_loramoe_adapter(tmp_path):
 
     from medmoe.cli import app
 
-    result = CliRunner().invoke(app, ["routing", "--adapter", str(tmp_path), "--out", str(tmp_path / "r")])
+    result = CliRunner().invoke(app, ["loramoe", "routing", "--adapter", str(tmp_path), "--output", str(tmp_path / "r")])
     assert result.exit_code != 0
     assert "no loramoe_config.json" in str(result.exception)
 
@@ -66,8 +66,8 @@ def test_routing_command_on_smollm2_writes_plot_and_shares(tmp_path):
     model, _ = load_causal_lm("smollm2-135m")
     LoraMoeModel(model, LoraMoeConfig(num_experts=4, top_k=2, rank=4)).save_adapter(tmp_path / "adapter")
     out = tmp_path / "routing"
-    result = CliRunner().invoke(app, ["routing", "--adapter", str(tmp_path / "adapter"), "--data", "pubmedqa,dental",
-                                      "--per-group", "2", "--max-length", "32", "--out", str(out)])
+    result = CliRunner().invoke(app, ["loramoe", "routing", "--adapter", str(tmp_path / "adapter"), "--data", "pubmedqa,dental",
+                                      "--per-group", "2", "--max-length", "32", "--output", str(out)])
     assert result.exit_code == 0, result.output
     shares = json.loads(out.with_suffix(".json").read_text())
     assert shares["groups"] == ["dental", "pubmedqa"]

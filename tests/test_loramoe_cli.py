@@ -48,7 +48,7 @@ def run_files(tmp_path):
 def test_finetune_command_trains_saves_and_the_adapter_loads(tmp_path, run_files):
     base, data = run_files
     out = tmp_path / "run"
-    args = ["finetune", "--base", str(base), "--data", str(data), "--output", str(out), "--steps", "3", "--batch-size", "4",
+    args = ["finetune", "--model", str(base), "--data", str(data), "--output", str(out), "--steps", "3", "--batch-size", "4",
             "--lr", "0.01", "--experts", "4", "--rank", "4", "--save-every", "2", "--eval-every", "2", "--eval-examples", "4"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -70,14 +70,14 @@ def test_finetune_command_trains_saves_and_the_adapter_loads(tmp_path, run_files
 
 def test_finetune_command_rejects_unknown_method(tmp_path, run_files):
     base, data = run_files
-    result = CliRunner().invoke(app, ["finetune", "--base", str(base), "--data", str(data), "--method", "qlora"])
+    result = CliRunner().invoke(app, ["finetune", "--model", str(base), "--data", str(data), "--method", "qlora"])
     assert result.exit_code != 0
     assert "--method must be one of" in str(result.exception)
 
 
 def test_finetune_command_passes_compute_and_names_a_bad_one(tmp_path, run_files):
     base, data = run_files
-    common = ["finetune", "--base", str(base), "--data", str(data), "--steps", "1", "--experts", "4", "--rank", "4", "--eval-examples", "0"]
+    common = ["finetune", "--model", str(base), "--data", str(data), "--steps", "1", "--experts", "4", "--rank", "4", "--eval-examples", "0"]
     result = CliRunner().invoke(app, [*common, "--output", str(tmp_path / "dense"), "--compute", "dense"])
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "dense" / "adapter" / "loramoe_config.json").read_text())["compute"] == "dense"
@@ -89,7 +89,7 @@ def test_finetune_command_passes_compute_and_names_a_bad_one(tmp_path, run_files
 def test_eval_with_adapter_scores_the_tuned_model(tmp_path, run_files):
     base, data = run_files
     out = tmp_path / "run"
-    train = ["finetune", "--base", str(base), "--data", str(data), "--output", str(out), "--steps", "2",
+    train = ["finetune", "--model", str(base), "--data", str(data), "--output", str(out), "--steps", "2",
              "--batch-size", "4", "--experts", "4", "--rank", "4", "--eval-examples", "0"]
     assert CliRunner().invoke(app, train).exit_code == 0
     records = tmp_path / "mc.jsonl"

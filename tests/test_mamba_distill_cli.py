@@ -1,4 +1,4 @@
-"""`medmoe distill` end to end on a tiny teacher saved to disk: runs, checkpoints, resumes."""
+"""`medmoe mambaformer distill` end to end on a tiny teacher saved to disk: runs, checkpoints, resumes."""
 
 import json
 
@@ -25,7 +25,7 @@ def _tiny_teacher(folder):
 def test_distill_command_runs_and_resumes(tmp_path):
     _tiny_teacher(tmp_path / "teacher")
     out = tmp_path / "run"
-    args = ["distill", "--teacher", str(tmp_path / "teacher"), "--out", str(out), "--layers", "2",
+    args = ["mambaformer", "distill", "--model", str(tmp_path / "teacher"), "--output", str(out), "--layers", "2",
             "--keep-attention", "2", "--seq-len", "32", "--batch-size", "2", "--save-every", "1"]
     first = CliRunner().invoke(app, args + ["--max-steps", "2"])
     assert first.exit_code == 0, first.output
@@ -40,6 +40,6 @@ def test_distill_command_runs_and_resumes(tmp_path):
 
 
 def test_bad_size_is_a_clear_error(tmp_path):
-    result = CliRunner().invoke(app, ["distill", "--out", str(tmp_path), "--size", "huge"])
+    result = CliRunner().invoke(app, ["mambaformer", "distill", "--output", str(tmp_path), "--size", "huge"])
     assert result.exit_code != 0
     assert "--size must be one of" in str(result.exception) + result.output

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from medmoe.errors import MedmoeError
-from medmoe.mambaformer.baselines import (
+from medmoe.mambaformer.experiments.baselines import (
     AlwaysMamba,
     AlwaysTransformer,
     LengthThreshold,

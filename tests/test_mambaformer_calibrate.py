@@ -54,3 +54,36 @@ def test_candidates_cover_every_routing():
     taus = candidate_thresholds(scores)
     routings = {tuple(scores > t) for t in taus}
     assert routings == {tuple(scores > t) for t in np.linspace(-0.01, 1.0, 1000)}
+
+
+@pytest.mark.parametrize("tolerance", [0.0, 0.01, 0.05])
+def test_without_a_budget_the_fastest_routing_within_tolerance_of_the_transformer(tolerance):
+    """The pipeline's rule, now the one calibration's: fastest dev routing whose accuracy is within
+    `tolerance` of E_T alone, its tau a midpoint (the same dev routing with a margin)."""
+    dev = length_table(200, seed=2)
+    scores = gate_like_scores(dev, seed=3)
+    cal = calibrate_tau(scores, dev, gate_ms=0.5, tolerance=tolerance)
+    assert cal.rule == "tolerance" and cal.budget_ms is None and cal.tolerance == tolerance
+    target = dev.transformer.correct.mean() - tolerance
+    assert cal.metrics == evaluate(dev, scores > cal.tau, gate_ms=0.5) and cal.metrics.accuracy >= target - 1e-12
+    for tau in np.linspace(0, 1, 501):
+        m = evaluate(dev, scores > tau, gate_ms=0.5)
+        if m.accuracy >= target - 1e-12:
+            assert m.p50_ms >= cal.metrics.p50_ms
+    assert cal.tau not in set(scores.tolist())  # a midpoint, not a score
+
+
+def test_the_gate_cost_counts_against_the_budget():
+    """A budget met by a routing's expert latencies alone is not met once the gate's own cost is added:
+    the calibration that counts it picks another routing, and records the cost it counted."""
+    dev = length_table(200, seed=4)
+    scores = gate_like_scores(dev, seed=5)
+    budget = 0.7 * evaluate(dev, np.zeros(200, bool)).p50_ms
+    free = calibrate_tau(scores, dev, budget)
+    gate_ms = budget - free.metrics.p50_ms + 1.0  # pushes that routing just over the budget
+    counted = calibrate_tau(scores, dev, budget, gate_ms=gate_ms)
+    assert free.metrics.p50_ms <= budget < free.metrics.p50_ms + gate_ms
+    assert counted.metrics.p50_ms <= budget and counted.tau != free.tau
+    assert counted.gate_ms == gate_ms and counted.to_dict()["gate_ms"] == gate_ms
+    with pytest.raises(MedmoeError, match="gate's cost"):
+        calibrate_tau(scores, dev, budget, gate_ms=-1.0)

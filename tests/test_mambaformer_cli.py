@@ -1,4 +1,4 @@
-"""`medmoe profile`, `medmoe router train`, `router calibrate`, `router pareto` end to end on a tiny tokenizer and model
+"""`medmoe mambaformer profile`, `mambaformer gate train`, `gate calibrate`, `gate pareto` end to end on a tiny tokenizer and model
 (trained / built in-process, saved to a temp dir) and synthetic expert results on PubMedQA ids."""
 
 import json
@@ -53,7 +53,7 @@ def test_train_calibrate_pareto_profile(tiny_model, tmp_path):
         synthetic_results(split, tokenizer, n, seed=len(split)).save_jsonl(paths[split])
     runner = CliRunner()
 
-    result = runner.invoke(app, ["profile", str(folder), "--lengths", "8,16,32", "--repeats", "2",
+    result = runner.invoke(app, ["mambaformer", "profile", str(folder), "--lengths", "8,16,32", "--repeats", "2",
                                  "--output", str(tmp_path / "lat.json")])
     assert result.exit_code == 0, result.output
     lat = json.loads((tmp_path / "lat.json").read_text())
@@ -61,8 +61,8 @@ def test_train_calibrate_pareto_profile(tiny_model, tmp_path):
 
     budget = float(np.median(ExpertResults.load_jsonl(paths["dev"]).transformer.latency_ms)) * 0.8
     ckpt_dir = tmp_path / "router"
-    result = runner.invoke(app, ["router", "train", "--train-results", str(paths["train"]), "--dev-results",
-                                 str(paths["dev"]), "--model", str(folder), "--out", str(ckpt_dir), "--epochs", "5", "--max-length", "256",
+    result = runner.invoke(app, ["mambaformer", "gate", "train", "--train-results", str(paths["train"]), "--dev-results",
+                                 str(paths["dev"]), "--model", str(folder), "--output", str(ckpt_dir), "--epochs", "5", "--max-length", "256",
                                  "--transformer-latency", str(tmp_path / "lat.json"), "--mamba-latency", str(tmp_path / "lat.json"),
                                  "--latency-budget", str(budget)])
     assert result.exit_code == 0, result.output
@@ -71,13 +71,13 @@ def test_train_calibrate_pareto_profile(tiny_model, tmp_path):
     assert ckpt.latency_models["mamba"].lengths == (8, 16, 32)
     assert (ckpt_dir / "lexicon.json").is_file() and len(json.loads((ckpt_dir / "history.json").read_text())) == 5
 
-    result = runner.invoke(app, ["router", "calibrate", "--router", str(ckpt_dir), "--dev-results", str(paths["dev"]),
+    result = runner.invoke(app, ["mambaformer", "gate", "calibrate", "--router", str(ckpt_dir), "--dev-results", str(paths["dev"]),
                                  "--latency-budget", str(budget * 1.2), "--max-length", "256"])
     assert result.exit_code == 0, result.output
     assert RouterCheckpoint.load(ckpt_dir).info["calibration"]["budget_ms"] == pytest.approx(budget * 1.2)
 
-    result = runner.invoke(app, ["router", "pareto", "--router", str(ckpt_dir), "--results", str(paths["test"]),
-                                 "--dev-results", str(paths["dev"]), "--out", str(tmp_path / "pareto"), "--max-length", "256"])
+    result = runner.invoke(app, ["mambaformer", "gate", "pareto", "--router", str(ckpt_dir), "--results", str(paths["test"]),
+                                 "--dev-results", str(paths["dev"]), "--output", str(tmp_path / "pareto"), "--max-length", "256"])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "pareto" / "pareto.json").read_text())
     names = [p["name"] for p in report["baselines"]]
@@ -90,8 +90,8 @@ def test_unknown_ids_give_a_clear_error(tiny_model, tmp_path):
     table = synthetic_results("dev", tokenizer, 5, seed=0)
     table.ids[0] = "pubmedqa/0"
     table.save_jsonl(tmp_path / "bad.jsonl")
-    result = CliRunner().invoke(app, ["router", "train", "--train-results", str(tmp_path / "bad.jsonl"),
+    result = CliRunner().invoke(app, ["mambaformer", "gate", "train", "--train-results", str(tmp_path / "bad.jsonl"),
                                       "--dev-results", str(tmp_path / "bad.jsonl"), "--model", str(folder),
-                                      "--out", str(tmp_path / "r"), "--epochs", "1"])
+                                      "--output", str(tmp_path / "r"), "--epochs", "1"])
     assert result.exit_code != 0
     assert "no record" in str(result.exception)

@@ -1,6 +1,8 @@
 """The gate: hard decisions equal 1[p_M > tau], straight-through gradients flow, size, explanations,
 and the checkpoint round trip."""
 
+import json
+
 import pytest
 import torch
 
@@ -27,6 +29,8 @@ def test_hard_decision_is_p_greater_than_tau():
         hard = gate.decide(out, "hard", tau=tau)
         assert torch.equal(hard.bool(), out.p_mamba > tau)
     assert torch.equal(gate.decide(out, "soft"), out.p_mamba)
+    with pytest.raises(MedmoeError, match="RouterCheckpoint.tau"):  # the gate keeps no threshold of its own
+        gate.decide(out, "hard")
 
 
 def test_straight_through_is_hard_forward_with_gradients():
@@ -78,14 +82,17 @@ def test_checkpoint_round_trip(tmp_path):
         for p in gate.parameters():
             p.add_(torch.randn_like(p))
     models = {"transformer": LatencyModel(1e-3, 0.5, 3.0, "transformer"), "mamba": LatencyModel(0.0, 0.2, 9.0, "mamba")}
-    ckpt = RouterCheckpoint(gate, featurizer, 0.37, models, "lexicon.json", {"loss_config": {"beta": 2.0}})
+    ckpt = RouterCheckpoint(gate, featurizer, 0.37, models, "lexicon.json", {"loss_config": {"beta": 2.0}},
+                            experts={"transformer": "smollm2-135m", "mamba": "runs/mamba"}, gate_ms=1.25)
     ckpt.save(tmp_path / "router")
     again = RouterCheckpoint.load(tmp_path / "router")
+    assert again.experts == {"transformer": "smollm2-135m", "mamba": "runs/mamba"} and again.gate_ms == 1.25
     ids = torch.randint(0, V, (4, 9))
     p1, d1 = ckpt.route(ids)
     p2, d2 = again.route(ids)
     torch.testing.assert_close(p1, p2)
     assert torch.equal(d2, p2 > 0.37)
+    assert "tau" not in json.loads((tmp_path / "router" / "router.json").read_text())["gate_config"]  # tau once
     assert again.tau == 0.37 and again.latency_models["mamba"].b == 0.2 and again.info["loss_config"]["beta"] == 2.0
     assert not list((tmp_path / "router").glob("*.tmp"))
     reports = again.explain(ids)

@@ -14,10 +14,10 @@ from medmoe.eval.textmetrics import BertScorer, rouge_l
 from medmoe.mamba.transfer import build_hybrid
 from medmoe.mambaformer.answerer import RoutedAnswerer
 from medmoe.mambaformer.checkpoint import RouterCheckpoint
+from medmoe.mambaformer.experiments.generative import SYSTEMS, explained_records, generative_run
 from medmoe.mambaformer.experts import Expert
 from medmoe.mambaformer.features import FeatureConfig, featurizer_for_tokenizer, pad_batch
 from medmoe.mambaformer.gate import GateConfig, TokenGate
-from medmoe.mambaformer.generative import SYSTEMS, explained_records, generative_run
 from medmoe.mambaformer.queries import query_text
 
 

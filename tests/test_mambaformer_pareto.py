@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from medmoe.mambaformer.baselines import AlwaysMamba, AlwaysTransformer, OracleRouter, RandomRouter
-from medmoe.mambaformer.pareto import (
+from medmoe.mambaformer.experiments.baselines import AlwaysMamba, AlwaysTransformer, OracleRouter, RandomRouter
+from medmoe.mambaformer.experiments.pareto import (
     OperatingPoint,
     baseline_points,
     envelope_area,

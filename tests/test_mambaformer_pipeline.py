@@ -9,8 +9,8 @@ import pytest
 
 from medmoe.mamba.transfer import build_hybrid, save_hybrid
 from medmoe.mambaformer.checkpoint import RouterCheckpoint
+from medmoe.mambaformer.experiments.pipeline import PipelineConfig, run_pipeline
 from medmoe.mambaformer.experts import load_expert
-from medmoe.mambaformer.pipeline import PipelineConfig, run_pipeline
 
 
 @pytest.fixture()
@@ -75,3 +75,33 @@ def test_routed_answerer_follows_the_gate(tiny_experts, tmp_path):
         assert answer.expert == ("mamba" if answer.gate_probability > answerer.checkpoint.tau else "transformer")
         assert sum(answer.label_scores.values()) == pytest.approx(1.0)
         assert set(answer.latency_ms) == {"gate", "expert", "total"} and answer.top_features
+
+
+def test_run_saves_the_calibrated_tau_once_the_gate_cost_and_the_experts(tiny_experts, tmp_path):
+    """`medmoe run`'s checkpoint: one tau (the calibrated one: the gate config's copy was 0.5), the gate's
+    measured cost, both experts' sources; `medmoe mambaformer calibrate`'s core on the run's cached dev
+    results picks the same tau by the same rule."""
+    from medmoe.mambaformer.answerer import RoutedAnswerer
+    from medmoe.mambaformer.calibrate import calibrate_tau
+    from medmoe.mambaformer.experiments.pipeline import cached_table
+    from medmoe.mambaformer.fit import recalibrate
+
+    transformer, mamba = tiny_experts
+    cfg = PipelineConfig(dataset="dental", transformer=transformer, mamba=mamba, big=None,
+                         train_limit=16, dev_limit=12, test_limit=8, betas=(1.0,), epochs=2, out=str(tmp_path / "run"))
+    report = run_pipeline(cfg, log=lambda _: None)
+    folder = tmp_path / "run" / "dental" / "router"
+    meta = json.loads((folder / "router.json").read_text())
+    assert "tau" not in meta["gate_config"] and meta["tau"] == report["tau"] == meta["calibration"]["tau"]
+    assert meta["gate_ms"] == report["gate_ms"] > 0 and meta["calibration"]["gate_ms"] == report["gate_ms"]
+    assert meta["experts"] == {"transformer": transformer, "mamba": mamba}
+    checkpoint = RouterCheckpoint.load(folder)
+    assert checkpoint.tau == report["tau"] and checkpoint.gate_ms == report["gate_ms"]
+
+    records, dev = cached_table(cfg, "dev")
+    assert recalibrate(folder, dev, records, tolerance=cfg.tolerance).tau == pytest.approx(report["tau"])
+    budget = float(np.median(dev.transformer.latency_ms)) + report["gate_ms"]  # all to E_T meets it
+    cal = recalibrate(folder, dev, records, budget_ms=budget)
+    scores = [p for _, p in RoutedAnswerer.load(folder).route(records)]
+    assert cal.tau == pytest.approx(calibrate_tau(np.array(scores), dev, budget, gate_ms=report["gate_ms"]).tau)
+    assert cal.metrics.p50_ms <= budget and RouterCheckpoint.load(folder).tau == cal.tau

@@ -10,10 +10,11 @@ import torch
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient
 
+from medmoe.answer.causal_lm import open_prompt
+from medmoe.answer.types import InputTooLong
 from medmoe.data.record import Record
 from medmoe.eval.prompts import build_prompt
 from medmoe.eval.scoring import score_options
-from medmoe.serve.answerers import InputTooLong, open_prompt
 from medmoe.serve.app import create_app
 from medmoe.serve.config import ServeConfig
 from serve_helpers import tiny_answerer
@@ -229,9 +230,9 @@ def test_error_shape_is_json(client):
 def test_smollm2_batched_scores_match_score_options():
     """On the real SmolLM2 (chat template, 49k vocabulary), one padded batch with the LM head at the
     last positions only gives each question the probabilities score_options gives it alone."""
+    from medmoe.answer.causal_lm import CausalLMAnswerer
     from medmoe.data import load_dataset
     from medmoe.models import load_causal_lm
-    from medmoe.serve.answerers import CausalLMAnswerer
 
     model, tokenizer = load_causal_lm("smollm2-135m")
     answerer = CausalLMAnswerer(model, tokenizer, name="smollm2-135m")

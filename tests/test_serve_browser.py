@@ -90,8 +90,8 @@ def test_page_shows_the_routing_decision(tmp_path):
 @pytest.mark.real_model
 def test_page_with_smollm2(tmp_path):
     """The bundled SmolLM2-135M behind the page (makes reports/web_page.png with MEDMOE_SCREENSHOT)."""
+    from medmoe.answer.causal_lm import CausalLMAnswerer
     from medmoe.models import load_causal_lm
-    from medmoe.serve.answerers import CausalLMAnswerer
     from medmoe.serve.app import create_app
 
     model, tokenizer = load_causal_lm("smollm2-135m")

@@ -59,8 +59,8 @@ def test_streaming_sends_the_same_text_as_chunks_then_done(client):
 
 def test_max_tokens_limits_the_answer(client):
     """max_tokens=3 gives what transformers' greedy generate gives with max_new_tokens=3."""
+    from medmoe.answer.causal_lm import open_prompt
     from medmoe.data.record import Record
-    from medmoe.serve.answerers import open_prompt
 
     answerer = client.app.state.batcher.answerer
     tok, model = answerer.tokenizer, answerer.model

@@ -13,8 +13,8 @@ import torch
 pytest.importorskip("fastapi")
 import httpx
 
+from medmoe.answer.types import InputTooLong, RequestRejected
 from medmoe.data.record import Record
-from medmoe.serve.answerers import InputTooLong, RequestRejected
 from medmoe.serve.app import create_app
 from medmoe.serve.batching import MicroBatcher
 from medmoe.serve.config import ServeConfig

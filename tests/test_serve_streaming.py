@@ -13,10 +13,10 @@ import torch
 pytest.importorskip("fastapi")
 import httpx
 
+from medmoe.answer.streaming import settled
 from medmoe.data.record import Record
 from medmoe.serve.app import create_app
 from medmoe.serve.config import ServeConfig
-from medmoe.serve.streaming import settled
 from serve_helpers import FakeAnswerer, FakeStreamer, running_server, slowed, sse_data, tiny_answerer
 
 torch.set_num_threads(1)

@@ -1,23 +1,18 @@
-"""`medmoe train expert`: task fine-tuning of a Mamba hybrid expert on real data, saved as a hybrid,
+"""`medmoe mambaformer expert`: task fine-tuning of a Mamba hybrid expert on real data, saved as a hybrid,
 and the pipeline's guard against a gate trained on records the experts were fine-tuned on."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-import typer
 from typer.testing import CliRunner
 
-from medmoe.cli.train import register
+from medmoe.cli import app
 from medmoe.data import load_dataset
 from medmoe.errors import ModelError
 from medmoe.mamba.transfer import build_hybrid, save_hybrid
 from medmoe.mambaformer.experts import check_gate_records, load_expert
 from tiny_lm import tiny_llama, tiny_tokenizer
-
-app = typer.Typer()
-app.callback()(lambda: None)
-register(app)
 
 
 @pytest.fixture()
@@ -32,8 +27,8 @@ def hybrid_folder(tmp_path):
 def test_train_expert_fine_tunes_a_hybrid_and_saves_it_as_one(tmp_path, hybrid_folder):
     out = tmp_path / "run"
     before = load_expert("mamba", str(hybrid_folder)).model
-    result = CliRunner().invoke(app, ["train", "expert", "--source", str(hybrid_folder), "--dataset", "pubmedqa",
-                                      "--output", str(out), "--gate-holdout", "380", "--batch-size", "2",
+    result = CliRunner().invoke(app, ["mambaformer", "expert", "--model", str(hybrid_folder), "--data", "pubmedqa",
+                                      "--output", str(out), "--skip-first", "380", "--batch-size", "2",
                                       "--grad-accum", "1", "--lr", "0.01", "--max-length", "64", "--top-layers", "1"])
     assert result.exit_code == 0, result.output
     assert "first 380 kept for the gate" in result.output
@@ -56,8 +51,8 @@ def test_train_expert_fine_tunes_a_hybrid_and_saves_it_as_one(tmp_path, hybrid_f
 
 
 def test_gate_holdout_that_leaves_nothing_is_a_clear_error(tmp_path, hybrid_folder):
-    result = CliRunner().invoke(app, ["train", "expert", "--source", str(hybrid_folder), "--output", str(tmp_path / "r"),
-                                      "--gate-holdout", "100000"])
+    result = CliRunner().invoke(app, ["mambaformer", "expert", "--model", str(hybrid_folder), "--output", str(tmp_path / "r"),
+                                      "--skip-first", "100000"])
     assert result.exit_code != 0
     assert "leaves none" in str(result.exception) + result.output
 

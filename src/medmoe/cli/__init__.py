@@ -1,7 +1,21 @@
 """The `medmoe` command. Thin: parses arguments and calls the core.
 
-Each area of the command lives in its own module here, exposing `register(app)`. Heavy imports
-(torch, transformers) happen inside commands, so `medmoe --help` stays fast.
+The tree, by method (litgpt-style); the everyday commands also sit at the top level:
+
+    medmoe run | ask                      the routed MambaFormer system (= `medmoe mambaformer run | ask`)
+    medmoe finetune                       LoRA-MoE, LoRA or full fine-tuning (= `medmoe loramoe finetune`)
+    medmoe eval | export-lm-eval | serve  any model, or the routed system
+    medmoe data ... | models ...          datasets and the model zoo
+    medmoe mambaformer run | ask | distill | expert | profile | calibrate | gate {lexicon, train, calibrate, pareto}
+    medmoe loramoe finetune | routing
+
+One flag vocabulary: `--model` (a model), `--data` (datasets or a file), `--output/-o` (what a
+command writes); `--router` is always a MambaFormer gate checkpoint folder. `run`, `finetune`,
+`mambaformer distill` and `mambaformer expert` take `--config FILE.yaml` (cli/config_file.py).
+Old command and flag names still work for one release, hidden, with a notice (cli/deprecated.py).
+
+Each area lives in its own module here, exposing `register(app)`. Heavy imports (torch,
+transformers) happen inside commands, so `medmoe --help` stays fast.
 """
 
 from __future__ import annotations
@@ -20,15 +34,15 @@ app = typer.Typer(
     help=(
         "Efficient clinical question answering with mixture-of-experts routing.\n\n"
         "Start with `medmoe run` (the main job on the bundled model and data), `medmoe data list` "
-        "and `medmoe models list`."
+        "and `medmoe models list`; the methods' own commands are under `medmoe mambaformer` and `medmoe loramoe`."
     ),
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
 )
 
-# One module per area; each defines register(app). Add a new area by adding its module name here.
-COMMAND_MODULES = ["mambaformer", "eval", "data", "models", "distill", "router", "train", "finetune", "serve"]
+# One module per area; each defines register(app), in the order of `medmoe --help`.
+COMMAND_MODULES = ["mambaformer", "finetune", "eval", "serve", "data", "models", "deprecated"]
 
 for _name in COMMAND_MODULES:
     importlib.import_module(f"medmoe.cli.{_name}").register(app)

@@ -9,12 +9,16 @@ from rich.console import Console
 from rich.table import Table
 
 console = Console()
-data_app = typer.Typer(help="Bundled medical QA datasets and your own files: list, show, stats, validate.", no_args_is_help=True)
+data_app = typer.Typer(help="Bundled medical QA datasets and your own files: list, show, stats, validate.\n\nExample: medmoe data list",
+                       no_args_is_help=True)
 
 
 @data_app.command("list")
 def list_datasets() -> None:
-    """List the bundled datasets with their splits, language and licence."""
+    """List the bundled datasets with their splits, language and licence.
+
+    Example: medmoe data list
+    """
     from medmoe.data import DATASETS, load_splits
 
     table = Table("name", "language", "task", "splits (records)", "licence", "description")
@@ -31,7 +35,10 @@ def show(
     n: int = typer.Option(3, "-n", min=1, help="How many records."),
     id: str | None = typer.Option(None, "--id", help="Show the record with this id."),
 ) -> None:
-    """Print records as JSON, to see exactly what a model is given."""
+    """Print records as JSON, to see exactly what a model is given.
+
+    Example: medmoe data show dental --split train -n 2
+    """
     from medmoe.data import load_dataset
     from medmoe.errors import DataError
 
@@ -46,7 +53,10 @@ def show(
 
 @data_app.command()
 def stats(name: str = typer.Argument(..., help="Bundled dataset name or a file path.")) -> None:
-    """Records per split, option and answer distributions, lengths (words for English, characters for Chinese)."""
+    """Records per split, option and answer distributions, lengths (words for English, characters for Chinese).
+
+    Example: medmoe data stats pubmedqa
+    """
     from medmoe.data import DATASETS, load_dataset, load_splits
     from medmoe.data.stats import split_stats
 
@@ -66,7 +76,10 @@ def validate(
 ) -> None:
     """List every problem in a file at once (file, line or record, and what is wrong). Exit 1 if any.
 
-    Warnings (very long questions, contexts or options) do not fail the file."""
+    Warnings (very long questions, contexts or options) do not fail the file.
+
+    Example: medmoe data validate my_questions.jsonl --map "question=Q,answer=label,options=opa|opb|opc|opd"
+    """
     from medmoe.data import parse_mapping
     from medmoe.data.validate import check_file
 

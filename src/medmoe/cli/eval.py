@@ -15,25 +15,28 @@ DEFAULT_MODEL = "smollm2-135m"
 
 
 def eval_command(
-    model: str | None = typer.Option(None, help=f"Bundled short name, Hugging Face hub id or local path (the base model when --adapter is given) [default: {DEFAULT_MODEL}]."),
+    model: str | None = typer.Option(None, help=f"Bundled short name, Hugging Face hub id or local path (the base model when --adapter is given; default: {DEFAULT_MODEL})."),
     benchmarks: str = typer.Option(
         "pubmedqa", help="Comma-separated: pubmedqa, medmcqa, dental, cmmlu-med, cmexam, cmb-clin, cmb-exam:PATH, or file paths."
     ),
     shots: int = typer.Option(0, min=0, help="Few-shot examples per question (from train/dev splits only)."),
     rule: str = typer.Option("letter", help="Scoring rule: letter, loglik, loglik-norm or generate (docs/evaluation.md)."),
     limit: int | None = typer.Option(None, min=1, help="Fixed subsample of at most N examples per benchmark (sha256 order of ids)."),
-    output: Path | None = typer.Option(None, help="Results folder [default: runs/eval-MODEL-RULE-Kshot; with --router DIR: runs/eval-routed-PARENT-NAME of DIR]."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Results folder (default: runs/eval-MODEL-RULE-Kshot; with --router DIR: runs/eval-routed-PARENT-NAME of DIR)."),
     adapter: str | None = typer.Option(None, help="A `medmoe finetune` output folder: LoRA-MoE adapter, PEFT LoRA adapter, or full model."),
     batch_size: int = typer.Option(1, min=1, help="Examples per forward pass for single-token rules (latency is then amortized)."),
     max_new_tokens: int = typer.Option(32, min=1, help="Generation length for --rule generate."),
     shots_from: str | None = typer.Option(None, help="Few-shot pool for cmb-exam:PATH and user files (a dataset file)."),
-    threads: int | None = typer.Option(None, min=1, help="torch CPU threads [default: all cores]."),
-    router: Path | None = typer.Option(None, help="Evaluate the routed MambaFormer system instead of one model: a gate folder written by `medmoe run` (it names its two experts). Not with --model/--adapter."),
+    threads: int | None = typer.Option(None, min=1, help="torch CPU threads (default: all cores)."),
+    router: Path | None = typer.Option(None, help="Evaluate the routed MambaFormer system instead of one model: the gate checkpoint folder written by `medmoe run` (it names its two experts). Not with --model/--adapter."),
 ) -> None:
-    """Evaluate a model, or the routed MambaFormer system (--router), on medical benchmarks; writes
-    predictions, summary.json, report.md and a plot.
+    """Evaluate a model, or the routed MambaFormer system (--router), on medical benchmarks.
+
+    Writes per-example predictions, summary.json, report.md and a plot.
 
     Interrupted runs resume: run the same command again.
+
+    Example: medmoe eval --model smollm2-135m --benchmarks pubmedqa,dental --limit 100 -o runs/eval-smollm2
     """
     import torch
 
@@ -89,7 +92,7 @@ def check_router_options(model: str | None, adapter: str | None, rule: str, shot
 
 def export_lm_eval_task(
     benchmark: str = typer.Argument(..., help="Benchmark name (option questions), cmb-exam:PATH or a file."),
-    output: Path = typer.Option(..., help="Folder for <task>.jsonl and <task>.yaml (lm-eval --include_path)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Folder for <task>.jsonl and <task>.yaml (lm-eval --include_path)."),
     model: str = typer.Option("smollm2-135m", help="Model whose tokenizer decides the prompt style (plain prompts only)."),
     rule: str = typer.Option("loglik", help="loglik (options as text) or letter (options as letters)."),
     limit: int | None = typer.Option(None, min=1, help="Fixed subsample of at most N examples."),
@@ -99,6 +102,8 @@ def export_lm_eval_task(
     Then: medmoe-lm-eval --model medmoe --model_args model=MODEL --tasks TASK --include_path OUTPUT
     (or lm-eval's own --model hf). Chat-template prompts cannot be exported (lm-eval joins prompt and
     option with a space); models with a chat template are exported in the plain style.
+
+    Example: medmoe export-lm-eval dental -o runs/lm-eval-tasks --limit 200
     """
     from medmoe.eval.lmeval import export_task
     from medmoe.eval.rules import CONTINUATIONS

@@ -1,62 +1,164 @@
-"""`medmoe finetune`: LoRA-MoE (SparseDoctor), plain LoRA (PEFT) or full fine-tuning of a causal LM.
+"""`medmoe finetune` (also `medmoe loramoe finetune`): LoRA-MoE (SparseDoctor), plain LoRA (PEFT) or full
+fine-tuning of a causal LM; `medmoe mambaformer expert`, the same command preset for a MambaFormer expert;
+`medmoe loramoe routing`, the routing analytics of a LoRA-MoE adapter.
 
-    medmoe finetune --base smollm2-135m --method loramoe --data pubmedqa --output runs/pubmedqa-moe
+    medmoe finetune --model smollm2-135m --method loramoe --data pubmedqa -o runs/pubmedqa-moe
+    medmoe finetune --config recipes/finetune_loramoe_pubmedqa.yaml --steps 20     # flags override the file
     medmoe eval --model smollm2-135m --adapter runs/pubmedqa-moe/adapter --benchmarks pubmedqa
     torchrun --nproc-per-node 2 -m medmoe finetune ...      # data parallel (gloo on CPU, nccl on GPU)
-    medmoe routing --adapter runs/pubmedqa-moe/adapter --data pubmedqa,dental --out reports/routing_en
+    medmoe loramoe routing --adapter runs/pubmedqa-moe/adapter --data pubmedqa,dental -o reports/routing_en
+    medmoe mambaformer expert --model smollm2-135m --data pubmedqa -o runs/et-pubmedqa
+
+Both training commands go through `run_finetune`; the options they share are defined once below
+(`Data`, `Model`, ...), each command giving its own defaults.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 
+from medmoe.cli.config_file import ConfigOption
+from medmoe.cli.deprecated import renamed_flags
 
-def register(app: typer.Typer) -> None:
-    app.command("finetune")(finetune_command)
-    app.command("routing")(routing_command)
+# Old flag -> new flag, accepted with a notice for one release (medmoe.cli.deprecated).
+FINETUNE_FLAGS = {"--base": "--model", "--router": "--loramoe-router", "--router-dim": "--loramoe-router-dim"}
+EXPERT_FLAGS = {"--source": "--model", "--dataset": "--data", "--gate-holdout": "--skip-first"}
+ROUTING_FLAGS = {"--base": "--model", "--out": "--output"}
+
+SCHEDULE, LORAMOE, LORA, FULL = "Schedule and evaluation", "LoRA-MoE (--method loramoe)", "LoRA (--method lora)", "Full fine-tuning (--method full)"
+
+# ---- options shared by `finetune` and `mambaformer expert` (each command sets its own default) ----
+Data = Annotated[str, typer.Option("--data", help="Bundled dataset name (its train split) or a JSONL/JSON/CSV file.")]
+Model = Annotated[str, typer.Option("--model", help="Base model: bundled name, hub id, local folder, or a Mamba hybrid (a `medmoe mambaformer distill` run).")]
+Output = Annotated[Path, typer.Option("--output", "-o", help="Run folder: checkpoints, train_log.jsonl, and adapter/ (model/ for --method full).")]
+Epochs = Annotated[float, typer.Option(help="Passes over the training examples; sets the number of steps (in `finetune`, 0 = use --steps).", rich_help_panel=SCHEDULE)]
+BatchSize = Annotated[int, typer.Option(help="Examples per micro-batch (per process).", rich_help_panel=SCHEDULE)]
+GradAccum = Annotated[int, typer.Option(help="Micro-batches per optimizer step.", rich_help_panel=SCHEDULE)]
+Lr = Annotated[float, typer.Option(help="Peak learning rate (linear warm-up, cosine decay to 10%).", rich_help_panel=SCHEDULE)]
+MaxLength = Annotated[int, typer.Option(help="Tokens per example (the prompt is truncated on the left).")]
+SkipFirst = Annotated[int, typer.Option(help="Leave out the first N training examples, kept for the MambaFormer gate: it learns from the experts' outcomes on them (`medmoe run --train-limit` at most N).")]
+TopLayers = Annotated[int, typer.Option(help="Train only the last N decoder layers and the final norm (0 = every weight): the backward pass stops N layers deep.", rich_help_panel=FULL)]
+FreezeMixers = Annotated[bool, typer.Option(help="With --top-layers: train the MLPs and norms only (attention / Mamba mixers frozen); much cheaper on CPU.", rich_help_panel=FULL)]
+Threads = Annotated[int, typer.Option(help="torch threads (0 = torch default).")]
+Resume = Annotated[bool, typer.Option(help="Resume from the newest checkpoint in --output, if any (the same settings only); --no-resume refuses a folder that already holds a run (nothing is deleted).")]
+Seed = Annotated[int, typer.Option(help="Seed of the adapter's initialisation and the data order.")]
 
 
 def finetune_command(
-    data: str = typer.Option(..., "--data", help="Bundled dataset name (train split) or a JSONL file."),
-    base: str = typer.Option("smollm2-135m", "--base", help="Base model: zoo name, local folder or hub id."),
-    method: str = typer.Option("loramoe", "--method", help="loramoe | lora | full"),
-    output: Path = typer.Option(Path("runs/finetune"), "--output", "-o", help="Run folder: checkpoints, log, adapter."),
-    steps: int = typer.Option(100, help="Optimizer steps."),
-    batch_size: int = typer.Option(4, help="Examples per micro-batch (per process)."),
-    grad_accum: int = typer.Option(1, help="Micro-batches per optimizer step."),
-    lr: float = typer.Option(2e-4, help="Peak learning rate (linear warm-up, cosine decay to 10%)."),
-    warmup_steps: int = typer.Option(10),
-    max_length: int = typer.Option(256, help="Tokens per example (the prompt is truncated on the left)."),
-    limit: int = typer.Option(0, help="Use only the first N training examples (0 = all); say so when reporting."),
-    skip_first: int = typer.Option(0, help="Leave out the first N training examples (e.g. kept for the MambaFormer gate)."),
-    with_explanations: bool = typer.Option(False, "--with-explanations", help="Multiple-choice completions go on with the record's explanation (CMExam, MedMCQA), so the model keeps writing text, not only letters."),
-    eval_every: int = typer.Option(50, help="Evaluate held-out loss every N steps."),
-    eval_examples: int = typer.Option(64, help="Training examples held out for periodic evaluation."),
-    save_every: int = typer.Option(50, help="Write a checkpoint every N steps."),
-    resume: bool = typer.Option(True, help="Resume from the newest checkpoint in --output, if any (the same settings only); --no-resume refuses a folder that already holds a run (nothing is deleted)."),
-    seed: int = typer.Option(0),
-    threads: int = typer.Option(0, help="torch threads (0 = torch default)."),
-    experts: int = typer.Option(8, help="LoRA-MoE: experts E."),
-    top_k: int = typer.Option(2, help="LoRA-MoE: experts per token k."),
-    rank: int = typer.Option(8, help="LoRA-MoE: rank r of each expert."),
-    alpha: float = typer.Option(16.0, help="LoRA-MoE: alpha (scale alpha / r)."),
-    dropout: float = typer.Option(0.0, help="LoRA / LoRA-MoE dropout on the adapter input."),
-    router: str = typer.Option("prototype", help="LoRA-MoE router: prototype | linear."),
-    router_dim: int = typer.Option(16, help="LoRA-MoE: prototype router embedding width d_q."),
-    contrastive: str = typer.Option("prototype", help="LoRA-MoE contrastive loss: prototype | expert_output | none."),
-    contrastive_weight: float = typer.Option(0.1),
-    balance_weight: float = typer.Option(0.01),
-    z_weight: float = typer.Option(0.001),
-    queue_size: int = typer.Option(1024, help="Expert memory queue entries per layer (0 = in-batch negatives only)."),
-    contrastive_tokens: int = typer.Option(128, help="Anchors sampled per layer and step (0 = every token)."),
-    temperature: float = typer.Option(0.1),
-    compute: str = typer.Option("auto", help="LoRA-MoE experts: auto (the sparse C++ kernel on CPU fp32, dense elsewhere) | sparse | dense."),
-    lora_rank: int = typer.Option(16, help="Plain LoRA: rank."),
-    target_modules: str = typer.Option("all-linear", help="Comma-separated module names, or all-linear."),
+    data: Data,
+    model: Model = "smollm2-135m",
+    method: Annotated[str, typer.Option(help="loramoe | lora | full")] = "loramoe",
+    output: Output = Path("runs/finetune"),
+    steps: Annotated[int, typer.Option(help="Optimizer steps.", rich_help_panel=SCHEDULE)] = 100,
+    epochs: Epochs = 0.0,
+    batch_size: BatchSize = 4,
+    grad_accum: GradAccum = 1,
+    lr: Lr = 2e-4,
+    warmup_steps: Annotated[int, typer.Option(help="Steps of linear warm-up.", rich_help_panel=SCHEDULE)] = 10,
+    max_length: MaxLength = 256,
+    limit: Annotated[int, typer.Option(help="Use only the first N training examples (0 = all); say so when reporting.")] = 0,
+    skip_first: SkipFirst = 0,
+    with_explanations: Annotated[bool, typer.Option("--with-explanations", help="Multiple-choice completions go on with the record's explanation (CMExam, MedMCQA), so the model keeps writing text, not only letters.")] = False,
+    eval_every: Annotated[int, typer.Option(help="Evaluate held-out loss every N steps.", rich_help_panel=SCHEDULE)] = 50,
+    eval_examples: Annotated[int, typer.Option(help="Training examples held out for periodic evaluation.", rich_help_panel=SCHEDULE)] = 64,
+    save_every: Annotated[int, typer.Option(help="Write a checkpoint every N steps.", rich_help_panel=SCHEDULE)] = 50,
+    resume: Resume = True,
+    seed: Seed = 0,
+    threads: Threads = 0,
+    experts: Annotated[int, typer.Option(help="Experts E.", rich_help_panel=LORAMOE)] = 8,
+    top_k: Annotated[int, typer.Option(help="Experts per token k.", rich_help_panel=LORAMOE)] = 2,
+    rank: Annotated[int, typer.Option(help="Rank r of each expert.", rich_help_panel=LORAMOE)] = 8,
+    alpha: Annotated[float, typer.Option(help="Alpha (scale alpha / r).", rich_help_panel=LORAMOE)] = 16.0,
+    dropout: Annotated[float, typer.Option(help="LoRA / LoRA-MoE dropout on the adapter input.", rich_help_panel=LORAMOE)] = 0.0,
+    loramoe_router: Annotated[str, typer.Option("--loramoe-router", help="The LoRA-MoE token router: prototype | linear.", rich_help_panel=LORAMOE)] = "prototype",
+    loramoe_router_dim: Annotated[int, typer.Option("--loramoe-router-dim", help="Prototype router embedding width d_q.", rich_help_panel=LORAMOE)] = 16,
+    contrastive: Annotated[str, typer.Option(help="Contrastive loss: prototype | expert_output | none.", rich_help_panel=LORAMOE)] = "prototype",
+    contrastive_weight: Annotated[float, typer.Option(rich_help_panel=LORAMOE)] = 0.1,
+    balance_weight: Annotated[float, typer.Option(rich_help_panel=LORAMOE)] = 0.01,
+    z_weight: Annotated[float, typer.Option(rich_help_panel=LORAMOE)] = 0.001,
+    queue_size: Annotated[int, typer.Option(help="Expert memory queue entries per layer (0 = in-batch negatives only).", rich_help_panel=LORAMOE)] = 1024,
+    contrastive_tokens: Annotated[int, typer.Option(help="Anchors sampled per layer and step (0 = every token).", rich_help_panel=LORAMOE)] = 128,
+    temperature: Annotated[float, typer.Option(rich_help_panel=LORAMOE)] = 0.1,
+    compute: Annotated[str, typer.Option(help="Experts: auto (the sparse C++ kernel on CPU fp32, dense elsewhere) | sparse | dense.", rich_help_panel=LORAMOE)] = "auto",
+    lora_rank: Annotated[int, typer.Option(help="Rank.", rich_help_panel=LORA)] = 16,
+    target_modules: Annotated[str, typer.Option(help="Comma-separated module names, or all-linear (LoRA and LoRA-MoE).")] = "all-linear",
+    top_layers: TopLayers = 0,
+    freeze_mixers: FreezeMixers = False,
+    config: ConfigOption = None,
 ) -> None:
-    """Fine-tune BASE on DATA with LoRA-MoE, plain LoRA or full fine-tuning; resumable."""
+    """Fine-tune a model on DATA with LoRA-MoE, plain LoRA or full fine-tuning; resumable.
+
+    Rerun the same command to resume from the newest checkpoint. --config FILE.yaml gives any option
+    (flags override the file; recipes/ has examples).
+
+    Example: medmoe finetune --model smollm2-135m --method loramoe --data pubmedqa --steps 200 -o runs/pubmedqa-moe
+    """
+    if method != "full" and (top_layers or freeze_mixers):
+        raise typer.BadParameter("--top-layers and --freeze-mixers are for --method full", param_hint="--method")
+    targets = "all-linear" if target_modules == "all-linear" else [t.strip() for t in target_modules.split(",") if t.strip()]
+    loramoe = dict(num_experts=experts, top_k=top_k, rank=rank, alpha=alpha, dropout=dropout, router_kind=loramoe_router,
+                   router_dim=loramoe_router_dim,
+                   contrastive_kind=contrastive if loramoe_router == "prototype" or contrastive != "prototype" else "none",
+                   contrastive_weight=contrastive_weight, balance_weight=balance_weight, z_loss_weight=z_weight,
+                   queue_size=queue_size, contrastive_tokens=contrastive_tokens or None, temperature=temperature,
+                   compute=compute)
+    run_finetune(
+        model, data, epochs=epochs, threads=threads, with_explanations=with_explanations,
+        fields=dict(method=method, output=str(output), steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
+                    warmup_steps=warmup_steps, max_length=max_length, seed=seed, eval_every=eval_every,
+                    eval_examples=eval_examples, save_every=save_every, resume=resume, skip_first=skip_first, limit=limit,
+                    lora_rank=lora_rank, lora_dropout=dropout, target_modules=targets, loramoe=loramoe,
+                    top_layers=top_layers, freeze_mixers=freeze_mixers),
+    )
+
+
+def expert_command(
+    model: Model,
+    output: Output,
+    data: Data = "pubmedqa",
+    skip_first: SkipFirst = 150,
+    epochs: Epochs = 1.0,
+    lr: Lr = 3e-5,
+    batch_size: BatchSize = 4,
+    grad_accum: GradAccum = 2,
+    max_length: MaxLength = 512,
+    top_layers: TopLayers = 1,
+    freeze_mixers: FreezeMixers = True,
+    threads: Threads = 0,
+    resume: Resume = True,
+    seed: Seed = 0,
+    config: ConfigOption = None,
+) -> None:
+    """Fine-tune one MambaFormer expert on DATA's train split minus the gate's records (`finetune --method full`, preset).
+
+    The preset: every train record after the first --skip-first becomes the prompt the expert is scored on plus
+    its gold answer; --epochs sets the steps; warm-up is a tenth of them, held-out loss and checkpoints every
+    quarter (32 examples held out at most); by default only the last layer's MLPs and norms train. The
+    expert is written to OUTPUT/model (a Mamba hybrid stays a hybrid).
+
+    Example: medmoe mambaformer expert --model runs/mamba-shallow --data pubmedqa -o runs/em-pubmedqa
+    """
+    run_finetune(
+        model, data, epochs=epochs, threads=threads, with_explanations=False, auto_schedule=True,
+        fields=dict(method="full", output=str(output), batch_size=batch_size, grad_accum=grad_accum, lr=lr,
+                    max_length=max_length, seed=seed, resume=resume, skip_first=skip_first, top_layers=top_layers,
+                    freeze_mixers=freeze_mixers),
+    )
+
+
+def run_finetune(model: str, data: str, *, fields: dict[str, Any], epochs: float, threads: int, with_explanations: bool,
+                 auto_schedule: bool = False) -> dict:
+    """The core of both commands: load, select the examples, size the schedule, train, print the outcome.
+
+    `fields` are FinetuneConfig's. epochs > 0 sets the steps from the number of training examples;
+    auto_schedule (the expert preset) also sets the warm-up (a tenth of the steps), evaluation and
+    checkpoint intervals (a quarter) and the held-out examples (a fifth, 32 at most).
+    """
     import torch
 
     from medmoe.models import load_causal_lm
@@ -64,27 +166,28 @@ def finetune_command(
     from medmoe.train.distributed import init_from_env
     from medmoe.train.finetune import FinetuneConfig, finetune
 
+    cfg = FinetuneConfig(base=model, data=data, with_explanation=with_explanations, **fields)  # bad settings fail before loading
     if threads > 0:
         torch.set_num_threads(threads)
-    targets = "all-linear" if target_modules == "all-linear" else [t.strip() for t in target_modules.split(",") if t.strip()]
-    cfg = FinetuneConfig(
-        method=method, base=base, output=str(output), steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
-        warmup_steps=warmup_steps, max_length=max_length, seed=seed, eval_every=eval_every, eval_examples=eval_examples,
-        save_every=save_every, resume=resume, data=data, skip_first=skip_first, limit=limit, with_explanation=with_explanations, lora_rank=lora_rank, lora_dropout=dropout, target_modules=targets,
-        loramoe=dict(num_experts=experts, top_k=top_k, rank=rank, alpha=alpha, dropout=dropout, router_kind=router, router_dim=router_dim,
-                     contrastive_kind=contrastive if router == "prototype" or contrastive != "prototype" else "none",
-                     contrastive_weight=contrastive_weight, balance_weight=balance_weight, z_loss_weight=z_weight,
-                     queue_size=queue_size, contrastive_tokens=contrastive_tokens or None, temperature=temperature,
-                     compute=compute),
-    )
     rank_id, world = init_from_env()
-    model, tokenizer = load_causal_lm(base)
-    examples = select_examples(load_examples(data, tokenizer, with_explanation=with_explanations), skip_first, limit)
+    lm, tokenizer = load_causal_lm(model)
+    examples = select_examples(load_examples(data, tokenizer, with_explanation=with_explanations), cfg.skip_first, cfg.limit)
+    if auto_schedule:
+        cfg = dataclasses.replace(cfg, eval_examples=min(32, len(examples) // 5))
+    if epochs > 0:
+        per_step = cfg.batch_size * cfg.grad_accum * world
+        cfg = dataclasses.replace(cfg, steps=max(1, math.ceil((len(examples) - cfg.eval_examples) * epochs / per_step)))
+    if auto_schedule:
+        cfg = dataclasses.replace(cfg, warmup_steps=max(1, cfg.steps // 10), eval_every=max(1, cfg.steps // 4),
+                                  save_every=max(1, cfg.steps // 4))
     if rank_id == 0:
-        typer.echo(f"{method} fine-tuning of {base} on {len(examples)} examples from {data}; {world} process(es)")
-    result = finetune(cfg, model, tokenizer, train_examples=examples, rank=rank_id, world=world)
+        left_out = f" (first {cfg.skip_first} kept for the gate)" if cfg.skip_first else ""
+        typer.echo(f"{cfg.method} fine-tuning of {model} on {len(examples) - cfg.eval_examples} examples from {data}{left_out}, "
+                   f"{cfg.eval_examples} held out for the eval loss: {cfg.steps} steps; {world} process(es)")
+    result = finetune(cfg, lm, tokenizer, train_examples=examples, rank=rank_id, world=world)
     if rank_id == 0:
         typer.echo(outcome_line(result, cfg.steps))
+    return result
 
 
 def outcome_line(result: dict, steps: int) -> str:
@@ -93,22 +196,27 @@ def outcome_line(result: dict, steps: int) -> str:
         verb = "already finished" if result["already_finished"] else "finished"
         return f"{verb} at step {steps}; nothing to train; result in {result['adapter']}"
     last = max(result["losses"])
-    return f"done: step {last}, loss {result['losses'][last]:.4f}; saved {result['adapter']}"
+    held_out = f"; held-out loss {result['eval'][max(result['eval'])]:.4f}" if result.get("eval") else ""
+    return f"done: step {last}, loss {result['losses'][last]:.4f}{held_out}; saved {result['adapter']}"
 
 
 def routing_command(
-    adapter: Path = typer.Option(..., "--adapter", help="A LoRA-MoE adapter folder (`medmoe finetune` output's adapter/)."),
-    base: str = typer.Option("smollm2-135m", "--base", help="The adapter's base model: zoo name, local folder or hub id."),
+    adapter: Path = typer.Option(..., "--adapter", help="A LoRA-MoE adapter folder (the adapter/ of a `medmoe finetune` run)."),
+    model: str = typer.Option("smollm2-135m", "--model", help="The adapter's base model: bundled name, local folder or hub id."),
     data: str = typer.Option("pubmedqa,dental", "--data", help="Comma-separated bundled datasets or record files."),
     split: str = typer.Option("test", help="Split of the bundled datasets."),
     group_by: str = typer.Option("dataset", help="'dataset', or a metadata field such as 'subject' (CMMLU)."),
     per_group: int = typer.Option(50, help="Texts per group (0 = all)."),
     max_length: int = typer.Option(256, help="Tokens read per text."),
-    out: Path = typer.Option(Path("runs/routing"), "--out", help="Writes OUT.png (heatmaps) and OUT.json (shares)."),
+    output: Path = typer.Option(Path("runs/routing"), "--output", "-o", help="Writes OUTPUT.png (heatmaps) and OUTPUT.json (shares)."),
     threads: int = typer.Option(0, help="torch threads (0 = torch default)."),
 ) -> None:
-    """Routing analytics of a LoRA-MoE adapter: expert load per layer, and which experts specialise on
-    which group (dataset or subject); a PNG of both heatmaps and the numbers as JSON."""
+    """Routing analytics of a LoRA-MoE adapter: expert load per layer and per-group specialisation (PNG + JSON).
+
+    Which experts specialise on which group (dataset or subject): a PNG of both heatmaps and the numbers as JSON.
+
+    Example: medmoe loramoe routing --adapter runs/pubmedqa-moe/adapter --data pubmedqa,dental -o reports/routing_en
+    """
     import torch
 
     from medmoe.data import load_dataset
@@ -122,17 +230,28 @@ def routing_command(
         torch.set_num_threads(threads)
     if not (adapter / "loramoe_config.json").is_file():
         raise ModelError(f"{adapter}: no loramoe_config.json; routing analytics need a LoRA-MoE adapter folder")
-    model, tokenizer = load_causal_lm(base, adapter=adapter)
+    lm, tokenizer = load_causal_lm(model, adapter=adapter)
     datasets = {name.strip(): load_dataset(name.strip(), split=split) for name in data.split(",") if name.strip()}
     try:
         groups = record_groups(datasets, group_by, per_group)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--group-by") from None
-    profile = routing_profile(model, tokenizer, groups, max_length=max_length)
-    png = plot_routing(profile, out.with_suffix(".png"))
-    atomic_write_json(out.with_suffix(".json"), {"adapter": str(adapter), "base": base, "data": data, "split": split,
-                                                  "group_by": group_by, **profile.to_dict()})
+    profile = routing_profile(lm, tokenizer, groups, max_length=max_length)
+    png = plot_routing(profile, output.with_suffix(".png"))
+    atomic_write_json(output.with_suffix(".json"), {"adapter": str(adapter), "base": model, "data": data, "split": split,
+                                                     "group_by": group_by, **profile.to_dict()})
     spec = profile.specialisation()
     for group, row in zip(profile.groups, spec):
         typer.echo(f"{group}: most preferred expert {int(row.argmax())} ({row.max():.2f}x its mean share)")
-    typer.echo(f"wrote {png} and {out.with_suffix('.json')}")
+    typer.echo(f"wrote {png} and {output.with_suffix('.json')}")
+
+
+def register(app: typer.Typer) -> None:
+    """`finetune` at the top level, and the `loramoe` group (`finetune`, `routing`)."""
+    group = typer.Typer(help="LoRA-MoE (SparseDoctor): fine-tune with a mixture of LoRA experts, and see how it routes "
+                             "(docs/loramoe.md).\n\nExample: medmoe loramoe finetune --data pubmedqa -o runs/pubmedqa-moe",
+                        no_args_is_help=True)
+    for target in (app, group):
+        target.command("finetune", cls=renamed_flags(FINETUNE_FLAGS))(finetune_command)
+    group.command("routing", cls=renamed_flags(ROUTING_FLAGS))(routing_command)
+    app.add_typer(group, name="loramoe", rich_help_panel="Methods")

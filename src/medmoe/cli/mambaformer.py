@@ -1,4 +1,11 @@
-"""MambaFormer commands: `medmoe run` (the main job), `ask`, `profile`, `calibrate`."""
+"""`medmoe mambaformer ...`: the routed MambaFormer system, from experts to gate.
+
+    run, ask                  the main job and one routed answer (also top level: `medmoe run`, `medmoe ask`)
+    distill                   a Mamba expert from a Transformer (cli/distill.py)
+    expert                    task fine-tuning of an expert: a preset of `medmoe finetune` (cli/finetune.py)
+    profile, calibrate        an expert's latency model; tau again for a latency budget on a run's cached results
+    gate lexicon|train|calibrate|pareto   the gate on cached expert results (cli/gate.py)
+"""
 
 from __future__ import annotations
 
@@ -11,8 +18,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from medmoe.cli.config_file import ConfigOption
+from medmoe.cli.deprecated import renamed_flags
+
 console = Console()
 DEFAULT_OUT = Path("runs/mambaformer")
+RUN_FLAGS = {"--datasets": "--data", "--out": "--output"}  # old -> new (medmoe.cli.deprecated)
 
 
 def default_mamba_expert() -> Path:
@@ -28,7 +39,8 @@ def ensure_mamba_expert(path: Path, minutes: float, threads: int | None) -> None
     if path.exists() and hybrid_folder(path) is not None:
         return
     console.print(f"[bold]building the default Mamba expert[/] ({minutes:g} min of distillation from smollm2-135m) -> {path}")
-    cmd = [sys.executable, "-m", "medmoe", "distill", "--out", str(path), "--size", "shallow", "--minutes", str(minutes)]
+    cmd = [sys.executable, "-m", "medmoe", "mambaformer", "distill", "--output", str(path), "--size", "shallow",
+           "--minutes", str(minutes)]
     if threads:
         cmd += ["--threads", str(threads)]
     subprocess.run(cmd, check=True)
@@ -49,50 +61,56 @@ def print_summary(dataset: str, report: dict) -> None:
 
 
 def run(
-    datasets: str = typer.Option("pubmedqa,dental", help="Comma-separated datasets with train/dev/test splits."),
+    data: str = typer.Option("pubmedqa,dental", "--data", help="Comma-separated bundled datasets with train/dev/test splits."),
     transformer: str = typer.Option("smollm2-135m", help="E_T: bundled name, hub id or local folder."),
-    mamba: Path | None = typer.Option(None, help="E_M: a `medmoe distill` run or hybrid folder [default: built once under $MEDMOE_HOME/experts]."),
+    mamba: Path | None = typer.Option(None, help="E_M: a `medmoe mambaformer distill` run or hybrid folder (default: built once under $MEDMOE_HOME/experts)."),
     big: str = typer.Option("gemma3-270m", help="The largest offline Transformer, evaluated alone ('' to skip)."),
     distill_minutes: float = typer.Option(3.0, help="Distillation budget when the default Mamba expert is built."),
     train_limit: int = typer.Option(100, help="Train examples for the gate (0 = all)."),
     dev_limit: int = typer.Option(50, help="Dev examples for calibration (0 = all)."),
     test_limit: int = typer.Option(200, help="Test examples (0 = the whole test split)."),
     latency_budget: float | None = typer.Option(None, "--latency-budget", help="Calibrate tau for this p50 budget (ms) instead of 'fastest within 1 point of E_T'."),
-    out: Path = typer.Option(DEFAULT_OUT, help="Run folder (per-example results are cached here and reused)."),
-    threads: int | None = typer.Option(None, help="torch CPU threads [default: all cores]."),
+    output: Path = typer.Option(DEFAULT_OUT, "--output", "-o", help="Run folder (per-example results are cached here and reused)."),
+    threads: int | None = typer.Option(None, help="torch CPU threads (default: all cores)."),
+    config: ConfigOption = None,
 ) -> None:
     """The main job: build (or load cached) experts and gate, route PubMedQA and Dental test questions.
 
     Prints, per dataset, accuracy, macro-F1, p50/p95 latency, share to the Mamba expert and speedup
     against the big Transformer, for the calibrated MambaFormer and every baseline; writes the
-    Pareto table and plot (pareto.md/.json/.png) and the router checkpoint under --out. The default
+    Pareto table and plot (pareto.md/.json/.png) and the gate checkpoint under --output. The default
     budgets are small so a first run ends in minutes; pass 0 limits for the full splits.
+
+    Example: medmoe run --data pubmedqa --mamba runs/em-pubmedqa/model --config recipes/run_default.yaml
     """
     import torch
 
-    from medmoe.mambaformer.pipeline import PipelineConfig, run_pipeline
+    from medmoe.mambaformer.experiments.pipeline import PipelineConfig, run_pipeline
 
     if threads:
         torch.set_num_threads(threads)
     expert = mamba or default_mamba_expert()
     if mamba is None:
         ensure_mamba_expert(expert, distill_minutes, threads)
-    for dataset in [d.strip() for d in datasets.split(",") if d.strip()]:
+    for dataset in [d.strip() for d in data.split(",") if d.strip()]:
         cfg = PipelineConfig(dataset=dataset, transformer=transformer, mamba=str(expert), big=big or None,
                              train_limit=train_limit or None, dev_limit=dev_limit or None, test_limit=test_limit or None,
-                             latency_budget_ms=latency_budget, out=str(out))
+                             latency_budget_ms=latency_budget, out=str(output))
         report = run_pipeline(cfg, log=console.print)
         print_summary(dataset, report)
-        console.print(f"Pareto table and plot: {out / dataset / 'pareto.md'}, {out / dataset / 'pareto.png'}")
+        console.print(f"Pareto table and plot: {output / dataset / 'pareto.md'}, {output / dataset / 'pareto.png'}")
 
 
 def ask(
     question: str = typer.Argument(..., help="The question."),
     context: str | None = typer.Option(None, help="Supporting text (e.g. an abstract)."),
     options: str = typer.Option("yes|no|maybe", help="Options separated by '|'."),
-    router: Path = typer.Option(DEFAULT_OUT / "pubmedqa" / "router", help="Router checkpoint folder (written by `medmoe run`)."),
+    router: Path = typer.Option(DEFAULT_OUT / "pubmedqa" / "router", help="Gate checkpoint folder (written by `medmoe run`; it names both experts)."),
 ) -> None:
-    """Answer one question with the routed system: answer, chosen expert, gate probability, top features, latency."""
+    """Answer one question with the routed system: answer, chosen expert, gate probability, top features, latency.
+
+    Example: medmoe ask "Is aspirin effective for primary prevention of stroke?" --context "..."
+    """
     from medmoe.data.record import Record
     from medmoe.errors import MedmoeError
     from medmoe.mambaformer.answerer import RoutedAnswerer
@@ -117,9 +135,12 @@ def profile(
     expert: str = typer.Argument(..., help="Expert to time: bundled name, hub id, local folder or distill run."),
     lengths: str = typer.Option("64,128,256,512,1024", help="Input lengths (tokens)."),
     repeats: int = typer.Option(5, help="Timed repeats per length (median)."),
-    output: Path = typer.Option(..., "--output", help="Where to write the latency model (JSON)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Where to write the latency model (JSON)."),
 ) -> None:
-    """Time one expert's forward pass over a grid of lengths on this machine and fit C(n) = a n^2 + b n + c."""
+    """Time one expert's forward pass over a grid of lengths on this machine and fit C(n) = a n^2 + b n + c.
+
+    Example: medmoe mambaformer profile smollm2-135m -o lat_t.json
+    """
     import torch
 
     from medmoe.mambaformer.experts import load_expert
@@ -140,15 +161,19 @@ def profile(
 
 
 def calibrate(
-    router: Path = typer.Option(DEFAULT_OUT / "pubmedqa" / "router", help="Router checkpoint folder."),
+    router: Path = typer.Option(DEFAULT_OUT / "pubmedqa" / "router", help="Gate checkpoint folder written by `medmoe run`."),
     latency_budget: float = typer.Option(..., "--latency-budget", help="p50 latency budget per query (ms)."),
 ) -> None:
-    """Re-pick tau for a latency budget on the run's cached dev results, and save it in the checkpoint."""
+    """Re-pick tau for a latency budget on the run's cached dev results, and save it in the checkpoint.
+
+    Example: medmoe mambaformer calibrate --router runs/mambaformer/pubmedqa/router --latency-budget 300
+    """
     from medmoe.data import load_dataset
     from medmoe.eval.runner import read_done
     from medmoe.mambaformer.calibrate import calibrate_tau
     from medmoe.mambaformer.checkpoint import RouterCheckpoint
-    from medmoe.mambaformer.pipeline import PipelineConfig, gate_inputs, table_from_rows
+    from medmoe.mambaformer.experiments.pipeline import PipelineConfig, table_from_rows
+    from medmoe.mambaformer.queries import query_features as gate_inputs
     from medmoe.models import load_tokenizer
 
     checkpoint = RouterCheckpoint.load(router)
@@ -167,7 +192,21 @@ def calibrate(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("run")(run)
-    app.command("ask")(ask)
-    app.command("profile")(profile)
-    app.command("calibrate")(calibrate)
+    """`run` and `ask` at the top level, and the `mambaformer` group."""
+    from medmoe.cli.distill import DISTILL_FLAGS, distill_command
+    from medmoe.cli.finetune import EXPERT_FLAGS, expert_command
+    from medmoe.cli.gate import gate_app
+
+    group = typer.Typer(
+        help="MambaFormer: route each question to a Transformer or a Mamba expert (docs/mambaformer.md).\n\n"
+             "Example: medmoe mambaformer run --data pubmedqa",
+        no_args_is_help=True)
+    for target in (app, group):
+        target.command("run", cls=renamed_flags(RUN_FLAGS))(run)
+        target.command("ask")(ask)
+    group.command("distill", cls=renamed_flags(DISTILL_FLAGS))(distill_command)
+    group.command("expert", cls=renamed_flags(EXPERT_FLAGS))(expert_command)
+    group.command("profile")(profile)
+    group.command("calibrate")(calibrate)
+    group.add_typer(gate_app, name="gate")
+    app.add_typer(group, name="mambaformer", rich_help_panel="Methods")

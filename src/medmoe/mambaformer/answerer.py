@@ -1,11 +1,11 @@
 """The deployed MambaFormer: a router checkpoint plus its two experts, as an `Answerer`.
 
-Per query: tokenize the query text, compute gate features, p_M = gate(features); hard decision
-E_M if p_M > tau. The chosen expert then answers:
+Per query: the gate's features of the query (`queries.query_features`, the one path training and
+calibration use too), p_M = gate(features); hard decision E_M if p_M > tau (the checkpoint's). The chosen expert then answers:
   option questions  scored with the pipeline's rule (`letter`, zero-shot): `score_records` returns the
                     harness's `Outcome`s (what `medmoe eval --router` writes);
   open questions    greedy generation by that expert, the single-model server's batched decoding
-                    (`medmoe.serve.answerers.CausalLMAnswerer` over the expert), streamed token by
+                    (`medmoe.answer.causal_lm.CausalLMAnswerer` over the expert), streamed token by
                     token to a request's sink when it has one (`POST /v1/chat/completions`, stream).
 `answer_batch` returns `Answer`s naming the expert, with p_M and the gate's top features
 (attributions) for `ask` and the server. Latency per query = the gate's decision (tokenizing,
@@ -18,22 +18,21 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
-from medmoe.answer import Answer
+from medmoe.answer.causal_lm import CausalLMAnswerer
+from medmoe.answer.streaming import TextSink
+from medmoe.answer.types import Answer
 from medmoe.data.record import Record
 from medmoe.errors import MedmoeError, ModelError
 from medmoe.eval.model import HFEvalModel
 from medmoe.eval.rules import Outcome, apply_rule
-from medmoe.mambaformer.checkpoint import RouterCheckpoint
+from medmoe.mambaformer.checkpoint import ROLES, RouterCheckpoint
 from medmoe.mambaformer.experts import Expert, load_expert
-from medmoe.mambaformer.features import pad_batch
+from medmoe.mambaformer.features import GateFeatures
 from medmoe.mambaformer.gate import torch_threads
-from medmoe.mambaformer.queries import query_text
-from medmoe.serve.answerers import CausalLMAnswerer
-from medmoe.serve.streaming import TextSink
 
 RULE = "letter"  # how each expert scores in the pipeline (zero-shot): the outcomes the gate was trained on
 
@@ -53,17 +52,22 @@ class RoutedAnswerer:
         self._gate_lock = threading.Lock()
 
     @classmethod
-    def load(cls, router_dir: str | Path, **limits: int) -> RoutedAnswerer:
-        """Router checkpoint written by the pipeline; its config names the two experts. `limits`:
-        max_new_tokens, max_input_tokens (see the class)."""
+    def load(cls, router_dir: str | Path, experts: Mapping[str, str | None] | None = None, **limits: int) -> RoutedAnswerer:
+        """A router checkpoint (written by `medmoe run` or `medmoe router train`) and the two experts its
+        router.json names (`experts`); `experts` here (role -> source) overrides or completes those, e.g.
+        E_M for a checkpoint that names only E_T. `limits`: max_new_tokens, max_input_tokens (the class)."""
         checkpoint = RouterCheckpoint.load(router_dir)
-        config = checkpoint.info.get("config") or {}
-        if not (isinstance(config, dict) and config.get("transformer") and config.get("mamba")):
-            raise ModelError(f"router checkpoint {router_dir}: router.json names no experts (config.transformer and "
-                             "config.mamba, written by `medmoe run`; a `medmoe train router` gate names only its Transformer)")
-        experts = {"transformer": load_expert("transformer", config["transformer"]),
-                   "mamba": load_expert("mamba", config["mamba"], tokenizer_source=config["transformer"])}
-        return cls(checkpoint, experts, name=f"mambaformer:{router_dir}", **limits)
+        sources = {role: (experts or {}).get(role) or checkpoint.experts.get(role) for role in ROLES}
+        missing = [role for role in ROLES if not sources[role]]
+        if missing:
+            raise ModelError(f"router checkpoint {router_dir}: router.json names no expert for {' and '.join(missing)} "
+                             f"(experts.{missing[0]}); write it with `medmoe run` or `medmoe router train --mamba`, or give "
+                             f"the source (RoutedAnswerer.load(..., experts={{'{missing[0]}': ...}}), the server's "
+                             f"answerer_options.{missing[0]})")
+        transformer = cast(str, sources["transformer"])
+        loaded = {"transformer": load_expert("transformer", transformer),
+                  "mamba": load_expert("mamba", cast(str, sources["mamba"]), tokenizer_source=transformer)}
+        return cls(checkpoint, loaded, name=f"mambaformer:{router_dir}", **limits)
 
     def score_records(self, records: Sequence[Record], rule: str = RULE, shots: Sequence[Sequence[Record]] = (),
                       multi: bool = False, max_new_tokens: int = 32) -> list[Outcome]:
@@ -104,7 +108,8 @@ class RoutedAnswerer:
         p_M and the gate's top features. An open question whose prompt is over its expert's limit
         raises InputTooLong (in the server: a 422 for that request alone)."""
         start = time.perf_counter()
-        routes = self.route(records)
+        features = self.checkpoint.features(self.tokenizer, records)
+        routes = self._routes(features)
         gate_ms = (time.perf_counter() - start) * 1000 / len(records)  # per query, amortized
         answers: list[Answer | None] = [None] * len(records)
         choice = [i for i, r in enumerate(records) if r.options]
@@ -121,9 +126,8 @@ class RoutedAnswerer:
                 for i, answer in zip(chosen, self.generator(expert).answer_batch([records[i] for i in chosen], chosen_sinks)):
                     answer.latency_ms = {"gate": gate_ms, "expert": answer.latency_ms["expert"]}
                     answers[i] = answer
-        ids = self.tokenizer([query_text(r) for r in records], add_special_tokens=False)["input_ids"]
         with self._gate_lock, torch_threads(1):  # tiny tensors: one thread is faster than waking the pool (docs/router.md)
-            reasons = self.checkpoint.explain(*pad_batch(ids), top_tokens=3)
+            reasons = self.checkpoint.explain_features(features, top_tokens=3)
         done = cast(list[Answer], answers)  # every slot is filled now
         for answer, (_, p_mamba), why in zip(done, routes, reasons):
             answer.gate_probability, answer.top_features = p_mamba, why["top_features"][:5]
@@ -134,10 +138,12 @@ class RoutedAnswerer:
         return self.answer_batch([record])[0]
 
     def route(self, records: Sequence[Record]) -> list[tuple[str, float]]:
-        """(expert, p_M) per record: the gate's hard decision at tau over each query's text."""
-        ids = self.tokenizer([query_text(r) for r in records], add_special_tokens=False)["input_ids"]
+        """(expert, p_M) per record: the gate's hard decision at tau over each query's features."""
+        return self._routes(self.checkpoint.features(self.tokenizer, records))
+
+    def _routes(self, features: GateFeatures) -> list[tuple[str, float]]:
         with self._gate_lock:
-            p_mamba, to_mamba = self.checkpoint.route(*pad_batch(ids), threads=1)
+            p_mamba, to_mamba = self.checkpoint.route_features(features, threads=1)
         return [("mamba" if m else "transformer", p) for p, m in zip(p_mamba.tolist(), to_mamba.tolist())]
 
     def batch_key(self, record: Record) -> str:
@@ -166,9 +172,10 @@ class RoutedAnswerer:
 
 def load_routed_answerer(config) -> RoutedAnswerer:
     """Server factory (`answerer: medmoe.mambaformer.answerer:load_routed_answerer`, with
-    `answerer_options: {router: runs/mambaformer/pubmedqa/router}`)."""
+    `answerer_options: {router: runs/mambaformer/pubmedqa/router}`; optional `transformer` / `mamba`
+    sources override or complete the experts router.json names)."""
     options = getattr(config, "answerer_options", {}) or {}
     if "router" not in options:
         raise MedmoeError("server config: answerer_options.router must name a router checkpoint folder")
     limits = {name: getattr(config, name) for name in ("max_new_tokens", "max_input_tokens") if hasattr(config, name)}
-    return RoutedAnswerer.load(options["router"], **limits)
+    return RoutedAnswerer.load(options["router"], {role: options.get(role) for role in ROLES}, **limits)

@@ -45,6 +45,7 @@ class FeatureConfig:
     embed_dim: int = 64          # principal components kept of the frozen embedding table
     smoothing: float = 1.0       # alpha of the add-alpha unigram estimate
     max_word_pieces: int = 64    # pieces beyond this position in a word share a hash power
+    max_tokens: int = 4096       # a query's gate tokens at most: the first max_tokens (queries.encode_queries)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -8,7 +8,7 @@ For a query with token features f_t (B, T, F) and global features g (B, G):
   p_M   = sigmoid(z)                            probability of routing to E_M (Mamba)
 Decisions (`decide`): "soft" uses p_M; "st" draws a straight-through Gumbel (logistic-noise) sample,
 hard in the forward pass with the gradient of its relaxed sigmoid((z + g) / temperature); "hard" is
-1[p_M > tau], the inference rule.
+1[p_M > tau], the inference rule (tau: the router checkpoint's, RouterCheckpoint.tau).
 """
 
 from __future__ import annotations
@@ -33,15 +33,26 @@ class GateConfig:
     n_global_features: int = len(GLOBAL_FEATURES)
     phi_dim: int = 32          # H, width of phi(f_t)
     hidden: int = 32           # width of the pooled MLP
-    tau: float = 0.5           # inference threshold on p_M
     temperature: float = 1.0   # Gumbel temperature for "st" decisions
+    # No tau here: the inference threshold is stored once, as RouterCheckpoint.tau (router.json "tau").
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> GateConfig:
+        """From router.json's gate_config; a format-1 file's `tau` entry (a stale second copy) is ignored."""
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+    @property
+    def tau(self) -> float:
+        raise AttributeError("GateConfig has no tau: the threshold is stored once, as RouterCheckpoint.tau")
+
+    @tau.setter
+    def tau(self, value: float) -> None:
+        # TODO issue 18: remove with its last caller, `ckpt.gate.config.tau = cal.tau` in cli/gate.py
+        # (`router calibrate`, which sets RouterCheckpoint.tau the line before). Nothing reads it.
+        pass
 
 
 @dataclass
@@ -94,11 +105,13 @@ class TokenGate(nn.Module):
 
     def decide(self, output: GateOutput, mode: str = "hard", tau: float | None = None,
                temperature: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-        """(B,) decision d in [0, 1] (1 = E_M): "soft" p_M, "st" straight-through Gumbel, "hard" 1[p_M > tau]."""
+        """(B,) decision d in [0, 1] (1 = E_M): "soft" p_M, "st" straight-through Gumbel, "hard" 1[p_M > tau]
+        (tau required for "hard": the gate has no threshold of its own, its checkpoint has)."""
         if mode == "soft":
             return output.p_mamba
         if mode == "hard":
-            tau = self.config.tau if tau is None else tau
+            if tau is None:
+                raise MedmoeError("gate: hard decisions need tau (RouterCheckpoint.tau)")
             return (output.p_mamba > tau).to(output.p_mamba.dtype)
         if mode == "st":
             temperature = self.config.temperature if temperature is None else temperature
@@ -108,12 +121,11 @@ class TokenGate(nn.Module):
             return _StraightThrough.apply(soft)
         raise MedmoeError(f"gate: unknown decision mode {mode!r}; choose one of {DECISION_MODES}")
 
-    def explain(self, features: GateFeatures, tau: float | None = None, top_tokens: int = 5) -> list[dict]:
+    def explain(self, features: GateFeatures, tau: float, top_tokens: int = 5) -> list[dict]:
         """Why each query went where it went: p_M, decision, its highest-scoring tokens (position among the
         query's real tokens, score), every token score, and the
         features' attributions to the logit z (gradient x input; token features are standardised,
         so each attribution is relative to an average training token)."""
-        tau = self.config.tau if tau is None else tau
         token = ((features.token - self.feature_mean) / self.feature_std).detach().requires_grad_(True)
         global_ = features.global_.detach().clone().requires_grad_(True)
         with torch.enable_grad():

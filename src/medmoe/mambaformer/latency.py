@@ -4,6 +4,10 @@
 fits the quadratic by non-negative least squares (NNLS). With three coefficients NNLS is solved
 exactly by trying every support set (the optimum is the unconstrained least-squares solution on
 one of the 7 non-empty subsets of {a, b, c} that is non-negative), so no solver dependency is needed.
+
+`gate_cost_ms` measures the router's own cost per query (tokenizing, features, gate: what a served
+query pays before its expert starts); it is saved in the checkpoint (`RouterCheckpoint.gate_ms`) and
+added to every routed latency by calibration.
 """
 
 from __future__ import annotations
@@ -15,10 +19,16 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
 
+from medmoe.data.record import Record
 from medmoe.errors import MedmoeError
+from medmoe.mambaformer.features import GateFeaturizer
+from medmoe.mambaformer.gate import TokenGate, torch_threads
+from medmoe.mambaformer.queries import query_features
 from medmoe.paths import atomic_write_text
 
 
@@ -140,3 +150,22 @@ def profile(fn: Callable[[int], object], lengths: Sequence[int], repeats: int = 
             times[n].append((clock() - start) * 1000.0)
     medians = [statistics.median(times[n]) for n in lengths]
     return fit_latency_model(lengths, medians, expert=expert, machine=machine_description())
+
+
+def gate_cost_ms(featurizer: GateFeaturizer, gate: TokenGate, tokenizer: Any, records: Sequence[Record],
+                 repeats: int = 5, limit: int = 50) -> float:
+    """The gate's own cost in ms per query, as served: one query at a time, tokenizing + features
+    (`queries.query_features`) + gate forward in one torch thread; the median over `repeats` passes
+    over the first `limit` records. The cost depends on the featurizer and the gate's shape, not on its
+    weights, so a gate not yet trained measures the same."""
+    sample = list(records[:limit])
+    if not sample or repeats < 1:
+        raise MedmoeError("gate cost: need at least one query and repeats >= 1")
+    times = []
+    with torch.no_grad(), torch_threads(1):
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for record in sample:
+                gate(query_features(featurizer, tokenizer, [record]))
+            times.append((time.perf_counter() - start) * 1000 / len(sample))
+    return float(np.median(times))

@@ -1,9 +1,9 @@
-"""`medmoe router lexicon | train | calibrate | pareto`: the MambaFormer gate on your own result files.
+"""`medmoe mambaformer gate lexicon | train | calibrate | pareto`: the MambaFormer gate on your own result files.
 
-`medmoe run` does the whole job on the bundled experts (medmoe.mambaformer.pipeline); these commands do its
-router steps on any per-example expert results (`ExpertResults` JSONL, one example per line) whose
-ids come from a bundled dataset split, without running the experts. `medmoe profile` (cli/mambaformer)
-writes the latency model that `router train --latency-models` reads.
+`medmoe run` does the whole job on the bundled experts (medmoe.mambaformer.experiments.pipeline); these commands do its
+gate steps on any per-example expert results (`ExpertResults` JSONL, one example per line) whose
+ids come from a bundled dataset split, without running the experts. `medmoe mambaformer profile`
+(cli/mambaformer) writes the latency models that `gate train --transformer-latency/--mamba-latency` read.
 """
 
 from __future__ import annotations
@@ -16,8 +16,18 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from medmoe.cli.deprecated import renamed_flags
+
 console = Console()
-router_app = typer.Typer(help="MambaFormer gate: lexicon, training, calibration, Pareto sweep.", no_args_is_help=True)
+gate_app = typer.Typer(
+    help="The MambaFormer gate on cached expert results (ExpertResults JSONL): lexicon, training, calibration, "
+         "Pareto sweep.\n\nExample: medmoe mambaformer gate train --train-results train.jsonl --dev-results dev.jsonl",
+    no_args_is_help=True)
+LEXICON_FLAGS = {"--dataset": "--data", "--out": "--output"}  # old -> new (medmoe.cli.deprecated)
+TRAIN_FLAGS = {"--dataset": "--data", "--out": "--output"}
+CALIBRATE_FLAGS = {"--dataset": "--data"}
+PARETO_FLAGS = {"--dataset": "--data", "--out": "--output"}
+DATA_HELP = "Bundled dataset the result ids come from."
 
 
 def _features(featurizer, tokenizer, table, dataset: str, split: str, max_length: int):
@@ -38,31 +48,34 @@ def _latency_models(transformer: Path | None, mamba: Path | None):
     return {"transformer": LatencyModel.load(transformer), "mamba": LatencyModel.load(mamba)}
 
 
-@router_app.command("lexicon")
+@gate_app.command("lexicon", cls=renamed_flags(LEXICON_FLAGS))
 def lexicon(
-    dataset: list[str] = typer.Option(["pubmedqa", "dental"], help="Datasets whose train split feeds the lexicon."),
-    out: Path = typer.Option(Path("lexicon.json"), help="Where to write the lexicon (JSON)."),
+    data: list[str] = typer.Option(["pubmedqa", "dental"], "--data", help="Datasets whose train split feeds the lexicon (repeat the flag)."),
+    output: Path = typer.Option(Path("lexicon.json"), "--output", "-o", help="Where to write the lexicon (JSON)."),
 ) -> None:
-    """Build the medical lexicon (MeSH words + clinical/dental terms) from training splits only."""
+    """Build the medical lexicon (MeSH words + clinical/dental terms) from training splits only.
+
+    Example: medmoe mambaformer gate lexicon --data pubmedqa --data dental -o lexicon.json
+    """
     from medmoe.data import load_dataset
     from medmoe.mambaformer.lexicon import build_lexicon
 
-    records = [r for name in dataset for r in load_dataset(name, "train")]
+    records = [r for name in data for r in load_dataset(name, "train")]
     lex = build_lexicon(records)
-    lex.save(out)
-    console.print(f"[green]lexicon[/]: {len(lex)} terms from {len(records)} training records -> {out}")
+    lex.save(output)
+    console.print(f"[green]lexicon[/]: {len(lex)} terms from {len(records)} training records -> {output}")
 
 
-@router_app.command("train")
-def train_router(
+@gate_app.command("train", cls=renamed_flags(TRAIN_FLAGS))
+def train_gate(
     train_results: Path = typer.Option(..., help="ExpertResults JSONL of the training split."),
     dev_results: Path = typer.Option(..., help="ExpertResults JSONL of the dev split (for tau)."),
-    dataset: str = typer.Option("pubmedqa", help="Bundled dataset the result ids come from."),
+    data: str = typer.Option("pubmedqa", "--data", help=DATA_HELP),
     model: str = typer.Option("smollm2-135m", help="The Transformer expert: its tokenizer and embedding table feed the gate."),
-    out: Path = typer.Option(Path("runs/router"), help="Checkpoint folder."),
-    transformer_latency: Path | None = typer.Option(None, help="E_T's latency model (`medmoe profile ... --output`); with --mamba-latency the costs C_e(n) [default: measured latencies]."),
-    mamba_latency: Path | None = typer.Option(None, help="E_M's latency model (`medmoe profile ... --output`)."),
-    lexicon_path: Path | None = typer.Option(None, "--lexicon", help="Lexicon JSON [default: build from the dataset's train split]."),
+    output: Path = typer.Option(Path("runs/router"), "--output", "-o", help="Checkpoint folder."),
+    transformer_latency: Path | None = typer.Option(None, help="E_T's latency model (`medmoe mambaformer profile ... --output`); with --mamba-latency the costs C_e(n) (default: measured latencies)."),
+    mamba_latency: Path | None = typer.Option(None, help="E_M's latency model (`medmoe mambaformer profile ... --output`)."),
+    lexicon_path: Path | None = typer.Option(None, "--lexicon", help="Lexicon JSON (default: build from the dataset's train split)."),
     latency_budget: float | None = typer.Option(None, help="Latency budget in ms: dual ascent on lambda_cost and calibration of tau."),
     statistic: str = typer.Option("p50", help="Latency statistic for the budget: p50, mean or p95."),
     beta: float = typer.Option(1.0, help="Cost weight beta in the utility U_e = -l_e - beta C_e / C_ref."),
@@ -74,33 +87,36 @@ def train_router(
     max_length: int = typer.Option(4096, help="Gate tokens per query at most."),
     seed: int = typer.Option(0),
 ) -> None:
-    """Train the gate on cached expert results (experts frozen), calibrate tau on dev, save the checkpoint."""
+    """Train the gate on cached expert results (experts frozen), calibrate tau on dev, save the checkpoint.
+
+    Example: medmoe mambaformer gate train --train-results train.jsonl --dev-results dev.jsonl --latency-budget 400 -o runs/router
+    """
     from medmoe.data import load_dataset
     from medmoe.mambaformer.checkpoint import RouterCheckpoint
     from medmoe.mambaformer.features import featurizer_for_tokenizer
+    from medmoe.mambaformer.fit import fit_gate
     from medmoe.mambaformer.lexicon import Lexicon, build_lexicon
     from medmoe.mambaformer.loss import LossConfig
     from medmoe.mambaformer.queries import query_text
     from medmoe.mambaformer.results import ExpertResults
     from medmoe.mambaformer.train import TrainConfig
-    from medmoe.mambaformer.workflow import fit_gate
     from medmoe.models import load_causal_lm
 
     train_table, dev_table = ExpertResults.load_jsonl(train_results), ExpertResults.load_jsonl(dev_results)
-    out.mkdir(parents=True, exist_ok=True)
+    output.mkdir(parents=True, exist_ok=True)
     if lexicon_path is None:
-        lex = build_lexicon(load_dataset(dataset, "train"))
-        lexicon_path = out / "lexicon.json"
+        lex = build_lexicon(load_dataset(data, "train"))
+        lexicon_path = output / "lexicon.json"
         lex.save(lexicon_path)
     else:
         lex = Lexicon.load(lexicon_path)
     with console.status(f"loading {model} (tokenizer and embedding table)..."):
         lm, tokenizer = load_causal_lm(model)
-    corpus = [query_text(r) for r in load_dataset(dataset, "train")]
+    corpus = [query_text(r) for r in load_dataset(data, "train")]
     featurizer = featurizer_for_tokenizer(tokenizer, lm.get_input_embeddings().weight, corpus, lex.terms)
     del lm
-    train_f = _features(featurizer, tokenizer, train_table, dataset, "train", max_length)
-    dev_f = _features(featurizer, tokenizer, dev_table, dataset, "dev", max_length)
+    train_f = _features(featurizer, tokenizer, train_table, data, "train", max_length)
+    dev_f = _features(featurizer, tokenizer, dev_table, data, "dev", max_length)
     loss_config = LossConfig(cost=lambda_cost, util=lambda_util, bal=lambda_bal, ent=lambda_ent, reg=lambda_reg,
                              beta=beta, balance=balance, target_mix=target_mix)
     train_config = TrainConfig(epochs=epochs, mode=mode, seed=seed, latency_budget_ms=latency_budget)
@@ -108,26 +124,29 @@ def train_router(
     with console.status("training the gate..."):
         fitted = fit_gate(train_table, train_f, dev_table, dev_f, loss_config, train_config, models,
                           latency_budget, statistic)
-    info = {"model": model, "dataset": dataset, "loss_config": fitted.loss_config.to_dict(),
+    info = {"model": model, "dataset": data, "loss_config": fitted.loss_config.to_dict(),
             "train_config": train_config.to_dict(), "dev_metrics": fitted.dev_metrics,
             "calibration": fitted.calibration.to_dict() if fitted.calibration else None,
             "final_epoch": fitted.history[-1] if fitted.history else None}
-    RouterCheckpoint(fitted.gate, featurizer, fitted.tau, models or {}, str(lexicon_path), info).save(out)
-    (out / "history.json").write_text(json.dumps(fitted.history, indent=1) + "\n", encoding="utf-8")
-    _print_metrics(f"gate on {dataset} dev (tau = {fitted.tau:.4f})", fitted.dev_metrics)
-    console.print(f"checkpoint: {out}")
+    RouterCheckpoint(fitted.gate, featurizer, fitted.tau, models or {}, str(lexicon_path), info).save(output)
+    (output / "history.json").write_text(json.dumps(fitted.history, indent=1) + "\n", encoding="utf-8")
+    _print_metrics(f"gate on {data} dev (tau = {fitted.tau:.4f})", fitted.dev_metrics)
+    console.print(f"checkpoint: {output}")
 
 
-@router_app.command("calibrate")
+@gate_app.command("calibrate", cls=renamed_flags(CALIBRATE_FLAGS))
 def calibrate(
-    router: Path = typer.Option(..., help="Router checkpoint folder (from `medmoe router train`)."),
+    router: Path = typer.Option(..., help="Gate checkpoint folder (from `medmoe mambaformer gate train`)."),
     dev_results: Path = typer.Option(..., help="ExpertResults JSONL of the dev split."),
     latency_budget: float = typer.Option(..., help="Latency budget per query in ms."),
-    dataset: str = typer.Option("pubmedqa"), split: str = typer.Option("dev"),
+    data: str = typer.Option("pubmedqa", "--data", help=DATA_HELP), split: str = typer.Option("dev"),
     statistic: str = typer.Option("p50", help="p50, mean or p95."),
     max_length: int = typer.Option(4096),
 ) -> None:
-    """Pick tau so the routed dev latency statistic meets the budget with the best accuracy; saves it."""
+    """Pick tau so the routed dev latency statistic meets the budget with the best accuracy; saves it.
+
+    Example: medmoe mambaformer gate calibrate --router runs/router --dev-results dev.jsonl --latency-budget 300
+    """
     from medmoe.mambaformer.calibrate import calibrate_tau
     from medmoe.mambaformer.checkpoint import RouterCheckpoint
     from medmoe.mambaformer.results import ExpertResults
@@ -137,7 +156,7 @@ def calibrate(
     ckpt = RouterCheckpoint.load(router)
     table = ExpertResults.load_jsonl(dev_results)
     tokenizer = load_tokenizer(ckpt.info.get("model", "smollm2-135m"))
-    scores = gate_scores(ckpt.gate, _features(ckpt.featurizer, tokenizer, table, dataset, split, max_length))
+    scores = gate_scores(ckpt.gate, _features(ckpt.featurizer, tokenizer, table, data, split, max_length))
     cal = calibrate_tau(scores, table, latency_budget, statistic)
     ckpt.tau = cal.tau
     ckpt.gate.config.tau = cal.tau
@@ -146,22 +165,24 @@ def calibrate(
     _print_metrics(f"calibrated tau = {cal.tau:.4f} for {statistic} <= {latency_budget:g} ms", cal.metrics.to_dict())
 
 
-@router_app.command("pareto")
+@gate_app.command("pareto", cls=renamed_flags(PARETO_FLAGS))
 def pareto(
-    router: list[Path] = typer.Option(..., help="Router checkpoint folder(s); one per beta for the beta sweep."),
+    router: list[Path] = typer.Option(..., help="Gate checkpoint folder(s); one per beta for the beta sweep (repeat the flag)."),
     results: Path = typer.Option(..., help="ExpertResults JSONL of the evaluation split."),
     dev_results: Path | None = typer.Option(None, help="Dev ExpertResults JSONL (fits the length threshold)."),
-    dataset: str = typer.Option("pubmedqa"), split: str = typer.Option("test"),
-    out: Path = typer.Option(Path("runs/pareto"), help="Folder for pareto.md, pareto.json, pareto.png."),
+    data: str = typer.Option("pubmedqa", "--data", help=DATA_HELP), split: str = typer.Option("test"),
+    output: Path = typer.Option(Path("runs/pareto"), "--output", "-o", help="Folder for pareto.md, pareto.json, pareto.png."),
     statistic: str = typer.Option("p50", help="Latency axis: p50, mean or p95."),
     max_length: int = typer.Option(4096), seed: int = typer.Option(0),
 ) -> None:
-    """Sweep tau (and beta over several checkpoints): accuracy vs latency, Pareto front, APGR, baselines."""
+    """Sweep tau (and beta over several checkpoints): accuracy vs latency, Pareto front, APGR, baselines.
+
+    Example: medmoe mambaformer gate pareto --router runs/router-beta0.5 --router runs/router-beta1 --results test.jsonl -o runs/pareto
+    """
     from medmoe.mambaformer.checkpoint import RouterCheckpoint
-    from medmoe.mambaformer.pareto import write_report
+    from medmoe.mambaformer.experiments.pareto import pareto_run, write_report
     from medmoe.mambaformer.results import ExpertResults
     from medmoe.mambaformer.train import gate_scores
-    from medmoe.mambaformer.workflow import pareto_run
     from medmoe.models import load_tokenizer
 
     table = ExpertResults.load_jsonl(results)
@@ -173,13 +194,13 @@ def pareto(
         ckpt = RouterCheckpoint.load(folder)
         tokenizer = load_tokenizer(ckpt.info.get("model", "smollm2-135m"))
         beta = float(ckpt.info.get("loss_config", {}).get("beta", len(scores_by_beta)))
-        scores_by_beta[beta] = gate_scores(ckpt.gate, _features(ckpt.featurizer, tokenizer, table, dataset, split, max_length))
+        scores_by_beta[beta] = gate_scores(ckpt.gate, _features(ckpt.featurizer, tokenizer, table, data, split, max_length))
         tau = ckpt.tau if tau is None else tau
         first_beta = beta if first_beta is None else first_beta
     # --router is required (one folder at least), so tau and first_beta are set
     report = pareto_run(table, scores_by_beta, cast(float, tau), dev, seed=seed, statistic=statistic, oracle_beta=cast(float, first_beta))
-    paths = write_report(report, out, "pareto", statistic,
-                         header=f"# Pareto sweep on {dataset} {split} ({len(table)} examples)\n")
+    paths = write_report(report, output, "pareto", statistic,
+                         header=f"# Pareto sweep on {data} {split} ({len(table)} examples)\n")
     console.print(Path(paths["md"]).read_text(encoding="utf-8"))
     console.print(f"written: {', '.join(str(p) for p in paths.values())}")
 
@@ -190,6 +211,3 @@ def _print_metrics(title: str, metrics: dict) -> None:
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     console.print(table)
 
-
-def register(app: typer.Typer) -> None:
-    app.add_typer(router_app, name="router")

@@ -12,6 +12,8 @@ so A(x) >= A_w). Then
 1 when the router matches the slower expert's accuracy at the faster expert's latency, 0 when it never
 beats the faster expert. It is undefined (None) when the slower expert is not more accurate (nothing
 to recover). `mean_accuracy` is the same integral of A(x) without normalisation.
+
+`pareto_run` is the whole report on one test table (what `medmoe router pareto` and the pipeline write).
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from medmoe.errors import MedmoeError, MissingExtra, require
-from medmoe.mambaformer.baselines import Router
 from medmoe.mambaformer.calibrate import candidate_thresholds
+from medmoe.mambaformer.experiments.baselines import LengthThreshold, Router, baseline_routers
 from medmoe.mambaformer.metrics import evaluate
 from medmoe.mambaformer.results import ExpertResults
 from medmoe.paths import atomic_write_bytes, atomic_write_text
@@ -183,3 +185,26 @@ def write_report(report: dict, out_dir: str | Path, name: str = "pareto", statis
     if not plot(report, paths["png"], statistic):
         del paths["png"]
     return paths
+
+
+def pareto_run(test: ExpertResults, scores_by_beta: Mapping[float, np.ndarray], tau: float, dev: ExpertResults | None = None,
+               extra_points: Sequence[OperatingPoint] = (), seed: int = 0, gate_ms: float = 0.0,
+               statistic: str = "p50", oracle_beta: float = 1.0, routers: Sequence[Router] | None = None) -> dict:
+    """Sweep the gate(s) over tau on `test`; baselines: E_T only, E_M only, random at the mix of the first
+    gate at its tau, the length threshold fitted on `dev` (on `test` when no dev is given, marked so), the
+    utility oracle (argmax_e U_e with `oracle_beta`, C_ref = E_T's mean test latency), the accuracy oracle,
+    and any extra points (e.g. the largest Transformer alone). `routers`: those baselines, already built
+    by `baseline_routers` (a caller that also tabulates them passes its own). `gate_ms`: the gate's cost
+    per query (RouterCheckpoint.gate_ms), added to every gate point."""
+    first = np.asarray(next(iter(scores_by_beta.values())))
+    if routers is None:
+        routers = baseline_routers(test, float((first > tau).mean()), dev, seed, oracle_beta)
+    length = routers[3]
+    baselines = baseline_points(test, routers, statistic=statistic) + list(extra_points)
+    gate_points = sweep_points(test, scores_by_beta, gate_ms=gate_ms, statistic=statistic)
+    report = pareto_report(gate_points, baselines, baselines[0], baselines[1])
+    at_tau = evaluate(test, first > tau, gate_ms=gate_ms)
+    report["gate_at_tau"] = {"tau": tau, **at_tau.to_dict()}
+    if isinstance(length, LengthThreshold):
+        report["length_threshold"] = {"threshold": float(length.threshold), "long_to_mamba": bool(length.long_to_mamba)}
+    return report

@@ -2,7 +2,8 @@
 
 Baselines of docs/methods.md 1.4: E_T only, E_M only, random routing at a given mix (seeded), a length
 threshold fitted on dev, and the oracle router (best utility per query, an upper bound that reads the
-answers). `ScoreRouter` wraps a trained gate's p_M scores with the threshold tau.
+answers). `ScoreRouter` wraps a trained gate's p_M scores with the threshold tau. `baseline_routers`:
+the set every routing report compares against.
 """
 
 from __future__ import annotations
@@ -142,3 +143,17 @@ def make_router(name: str, **kwargs) -> Router:
     if name not in ROUTERS:
         raise MedmoeError(f"unknown router {name!r}; registered: {', '.join(sorted(ROUTERS))}")
     return ROUTERS[name](**kwargs)
+
+
+def baseline_routers(test: ExpertResults, mix: float, dev: ExpertResults | None = None, seed: int = 0,
+                     oracle_beta: float = 1.0) -> list[Router]:
+    """Every baseline of a routing report, in this order: E_T only, E_M only, random at `mix`, the length
+    threshold fitted on `dev` (on `test` when no dev is given, and named so), the utility oracle
+    (argmax_e U_e with `oracle_beta`) and the accuracy oracle."""
+    length = LengthThreshold().fit(dev if dev is not None else test)
+    if dev is None:
+        length.name = "length-threshold (fit on test)"
+    utility_oracle = OracleRouter(beta=oracle_beta)
+    utility_oracle.name = f"oracle(beta={oracle_beta:g})"
+    return [AlwaysTransformer(), AlwaysMamba(), RandomRouter(mix, seed), length, utility_oracle,
+            OracleRouter(objective="accuracy")]

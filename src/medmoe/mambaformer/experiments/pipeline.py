@@ -1,21 +1,23 @@
 """MambaFormer end to end on one dataset: experts -> per-example results -> gate -> calibration -> test.
 
   1. run each frozen expert once over train / dev / test (per-example JSONL, resumable, cached);
-  2. build the gate's feature tables from E_T's tokenizer and embeddings and the train split's text;
-  3. train one gate per beta with the utility-guided loss (costs = measured latencies);
-  4. calibrate tau on dev: the fastest routing within `tolerance` of E_T's dev accuracy, or the most
-     accurate one within a latency budget;
-  5. evaluate on test against every baseline (E_T only, E_M only, random at the same mix, length
+  2. build the gate's feature tables from E_T's tokenizer and embeddings and the train split's text,
+     and each split's query features (`queries.query_features`, the one path the server uses too);
+  3. measure the gate's own cost per query (`latency.gate_cost_ms`, on dev queries, one at a time);
+  4. per beta, `fit.fit_gate`: train the gate with the utility-guided loss (costs = measured
+     latencies) and calibrate tau on dev (`calibrate.calibrate_tau`, gate cost included): the fastest
+     routing within `tolerance` of E_T's dev accuracy, or the most accurate one within a latency budget;
+  5. save the gate of `beta` as the router checkpoint (tau, gate cost, both experts' sources);
+  6. evaluate on test against every baseline (E_T only, E_M only, random at the same mix, length
      threshold fit on dev, the oracle, and the largest offline Transformer alone), sweep tau x beta
      for the Pareto plot, and write the table, JSON and PNG.
 
 Routed latency per query = the chosen expert's measured latency on that query + the gate's measured
-cost per query (features + gate), so the table needs no second pass of the experts.
+cost per query, so the table needs no second pass of the experts.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,21 +28,25 @@ import torch
 
 from medmoe.data import load_dataset
 from medmoe.data.record import Record
+from medmoe.errors import MedmoeError
 from medmoe.eval.metrics import macro_f1
 from medmoe.eval.model import HFEvalModel
-from medmoe.eval.runner import run_records
-from medmoe.mambaformer.calibrate import calibrate_tau, threshold_sweep
+from medmoe.eval.runner import read_done, run_records
+from medmoe.mambaformer.calibrate import DEFAULT_TOLERANCE
 from medmoe.mambaformer.checkpoint import RouterCheckpoint
+from medmoe.mambaformer.experiments.baselines import baseline_routers
+from medmoe.mambaformer.experiments.pareto import OperatingPoint, pareto_run, write_report
 from medmoe.mambaformer.experts import Expert, check_gate_records, load_expert
-from medmoe.mambaformer.features import GateFeatures, GateFeaturizer, featurizer_for_tokenizer, pad_batch
+from medmoe.mambaformer.features import featurizer_for_tokenizer
+from medmoe.mambaformer.fit import FittedGate, fit_gate
+from medmoe.mambaformer.gate import TokenGate
+from medmoe.mambaformer.latency import gate_cost_ms
 from medmoe.mambaformer.lexicon import build_lexicon
 from medmoe.mambaformer.loss import LossConfig
-from medmoe.mambaformer.metrics import default_c_ref, evaluate
-from medmoe.mambaformer.pareto import OperatingPoint, write_report
-from medmoe.mambaformer.queries import query_text
+from medmoe.mambaformer.metrics import evaluate
+from medmoe.mambaformer.queries import query_features, query_text
 from medmoe.mambaformer.results import ExpertOutcome, ExpertResults
-from medmoe.mambaformer.train import TrainConfig, gate_scores, train_gate
-from medmoe.mambaformer.workflow import baseline_routers, pareto_run
+from medmoe.mambaformer.train import TrainConfig, gate_scores
 
 
 @dataclass
@@ -54,7 +60,7 @@ class PipelineConfig:
     test_limit: int | None = None
     betas: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 4.0)
     beta: float = 1.0  # the gate deployed (and calibrated) is the one trained with this beta
-    tolerance: float = 0.01  # calibration: fastest dev routing within this of E_T's dev accuracy
+    tolerance: float = DEFAULT_TOLERANCE  # calibration: fastest dev routing within this of E_T's dev accuracy
     latency_budget_ms: float | None = None  # if set, calibrate for this p50 budget instead
     out: str = "runs/mambaformer"
     loss: dict[str, Any] = field(default_factory=dict)  # LossConfig overrides
@@ -83,31 +89,27 @@ def table_from_rows(records: Sequence[Record], rows_t: list[dict], rows_m: list[
     )
 
 
-def gate_inputs(featurizer: GateFeaturizer, tokenizer: Any, records: Sequence[Record]) -> GateFeatures:
-    """Gate features of each record's query text (question, context, options; never the explanation,
-    which a user's query does not have), batched and padded."""
-    ids = tokenizer([query_text(r) for r in records], add_special_tokens=False)["input_ids"]
-    return featurizer(*pad_batch(ids))
-
-
-def gate_cost_ms(checkpoint: RouterCheckpoint, tokenizer: Any, records: Sequence[Record], repeats: int = 5) -> float:
-    """Median wall time per query of tokenizing + features + gate, one query at a time (as served)."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for record in records[:50]:
-            ids = tokenizer([query_text(record)], add_special_tokens=False)["input_ids"]
-            checkpoint.route(*pad_batch(ids))
-        times.append((time.perf_counter() - start) * 1000 / min(len(records), 50))
-    return float(np.median(times))
-
-
 def expert_table(experts: dict[str, Expert], records: Sequence[Record], folder: Path, label: str) -> ExpertResults:
     rows = {
         name: run_records(HFEvalModel(e.model, e.tokenizer, name), records, folder / f"{name}.jsonl", f"{label} {name}")
         for name, e in experts.items()
     }
     return table_from_rows(records, rows["transformer"], rows["mamba"])
+
+
+def cached_table(cfg: PipelineConfig, split: str) -> tuple[list[Record], ExpertResults]:
+    """(records, ExpertResults) of a run's split from its cached per-example rows (no expert runs):
+    what `medmoe calibrate` re-picks tau on (`fit.recalibrate`)."""
+    limit = {"train": cfg.train_limit, "dev": cfg.dev_limit, "test": cfg.test_limit}[split]
+    records = load_dataset(cfg.dataset, split)[:limit]
+    folder = Path(cfg.out) / cfg.dataset / split
+    rows = {e: read_done(folder / f"{e}.jsonl") for e in ("transformer", "mamba")}
+    missing = [f"{folder / e}.jsonl" for e in rows if any(r.id not in rows[e] for r in records)]
+    if missing:
+        raise MedmoeError(f"{cfg.dataset} {split}: the run's cached results are incomplete ({', '.join(missing)}); "
+                          "run `medmoe run` with the same settings first")
+    return records, table_from_rows(records, [rows["transformer"][r.id] for r in records],
+                                    [rows["mamba"][r.id] for r in records])
 
 
 def summary_row(name: str, table: ExpertResults, decisions: np.ndarray, gate_ms: float, big_p50: float | None) -> dict:
@@ -136,23 +138,25 @@ def run_pipeline(cfg: PipelineConfig, log: Callable[[str], None] = print) -> dic
     lexicon = build_lexicon(splits["train"])
     featurizer = featurizer_for_tokenizer(t_expert.tokenizer, t_expert.model.get_input_embeddings().weight.detach(),
                                           [query_text(r) for r in splits["train"]], sorted(lexicon.terms))
-    features = {s: gate_inputs(featurizer, t_expert.tokenizer, recs) for s, recs in splits.items()}
-    costs = tables["train"].stacked("latency_ms")
-    c_ref = default_c_ref(costs)
-
-    scores: dict[float, dict[str, np.ndarray]] = {}
-    gates = {}
-    for beta in sorted(set(cfg.betas) | {cfg.beta}):
-        loss = LossConfig.from_dict({**LossConfig().to_dict(), **cfg.loss, "beta": beta, "c_ref": c_ref})
-        gate, _ = train_gate(features["train"], tables["train"], costs, loss, TrainConfig(epochs=cfg.epochs))
-        gates[beta] = gate
-        scores[beta] = {s: gate_scores(gate, features[s]) for s in ("dev", "test")}
-        log(f"gate beta={beta:g}: trained on {len(tables['train'])} examples")
+    features = {s: query_features(featurizer, t_expert.tokenizer, recs) for s, recs in splits.items()}
+    # the gate's own cost per query, as served (depends on the featurizer, not on the gate's weights)
+    gate_ms = gate_cost_ms(featurizer, TokenGate(), t_expert.tokenizer, splits["dev"])
 
     dev, test = tables["dev"], tables["test"]
-    checkpoint = RouterCheckpoint(gates[cfg.beta], featurizer, 0.5, info={"config": asdict(cfg)})
-    gate_ms = gate_cost_ms(checkpoint, t_expert.tokenizer, splits["test"])
-    checkpoint.tau = calibrate(scores[cfg.beta]["dev"], dev, cfg, gate_ms)
+    scores: dict[float, dict[str, np.ndarray]] = {}
+    fitted: dict[float, FittedGate] = {}
+    for beta in sorted(set(cfg.betas) | {cfg.beta}):
+        loss = LossConfig.from_dict({**LossConfig().to_dict(), **cfg.loss, "beta": beta})
+        fitted[beta] = fit_gate(tables["train"], features["train"], dev, features["dev"], loss, TrainConfig(epochs=cfg.epochs),
+                                budget_ms=cfg.latency_budget_ms, gate_ms=gate_ms, tolerance=cfg.tolerance)
+        scores[beta] = {"dev": fitted[beta].dev_scores, "test": gate_scores(fitted[beta].gate, features["test"])}
+        log(f"gate beta={beta:g}: trained on {len(tables['train'])} examples")
+
+    deployed = fitted[cfg.beta]
+    info = {"config": asdict(cfg), "dataset": cfg.dataset, "loss_config": deployed.loss_config.to_dict(),
+            "calibration": deployed.calibration.to_dict(), "dev_metrics": deployed.dev_metrics}
+    checkpoint = RouterCheckpoint(deployed.gate, featurizer, deployed.tau, info=info, gate_ms=gate_ms,
+                                  experts={name: e.source for name, e in experts.items()})
     checkpoint.save(out / "router")
 
     decisions = scores[cfg.beta]["test"] > checkpoint.tau
@@ -176,12 +180,3 @@ def run_pipeline(cfg: PipelineConfig, log: Callable[[str], None] = print) -> dic
     write_report(report, out, name="pareto", header=f"# MambaFormer on {cfg.dataset} test\n")
     return report
 
-
-def calibrate(dev_scores: np.ndarray, dev: ExpertResults, cfg: PipelineConfig, gate_ms: float) -> float:
-    """tau on dev: within a latency budget (most accurate), else fastest within `tolerance` of E_T."""
-    if cfg.latency_budget_ms is not None:
-        return calibrate_tau(dev_scores, dev, cfg.latency_budget_ms, gate_ms=gate_ms).tau
-    target = float(dev.transformer.correct.mean()) - cfg.tolerance
-    sweep = threshold_sweep(dev_scores, dev, gate_ms=gate_ms)
-    ok = [(tau, m) for tau, m in sweep if m.accuracy >= target] or [max(sweep, key=lambda tm: tm[1].accuracy)]
-    return min(ok, key=lambda tm: (tm[1].p50_ms, -tm[1].accuracy))[0]

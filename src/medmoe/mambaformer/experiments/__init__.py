@@ -1,0 +1,10 @@
+"""MambaFormer experiments: what is measured *with* the model (medmoe.mambaformer), never part of it.
+
+  pipeline.py    `medmoe run`: experts over train/dev/test (cached), gates per beta, calibration, the
+                 test report against every baseline
+  pareto.py      accuracy-vs-latency sweeps, Pareto fronts, APGR, the report files; `pareto_run`
+  baselines.py   comparison routers (E_T only, E_M only, random, length threshold, oracles, scores)
+  generative.py  explanations by each expert and the routed system, ROUGE-L and BERTScore
+
+The model modules never import these (import-linter contract in pyproject.toml).
+"""
