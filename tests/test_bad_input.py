@@ -138,8 +138,8 @@ def test_a_prompt_whose_options_alone_fill_the_window_is_a_clear_error(tiny):
 
 
 def test_the_server_cuts_with_the_same_function(tiny):
+    from medmoe.answer.causal_lm import CausalLMAnswerer
     from medmoe.serve import answerers
-    from medmoe.serve.answerers import CausalLMAnswerer
 
     assert answerers.cut_context is cut_context
     server = CausalLMAnswerer(tiny.model, tiny.tokenizer, "tiny", max_new_tokens=8, max_input_tokens=120)

@@ -64,20 +64,21 @@ def test_train_calibrate_pareto_profile(tiny_model, tmp_path):
     result = runner.invoke(app, ["mambaformer", "gate", "train", "--train-results", str(paths["train"]), "--dev-results",
                                  str(paths["dev"]), "--model", str(folder), "--output", str(ckpt_dir), "--epochs", "5", "--max-length", "256",
                                  "--transformer-latency", str(tmp_path / "lat.json"), "--mamba-latency", str(tmp_path / "lat.json"),
-                                 "--latency-budget", str(budget)])
+                                 "--latency-budget", str(budget), "--mamba", str(tmp_path / "em")])
     assert result.exit_code == 0, result.output
     ckpt = RouterCheckpoint.load(ckpt_dir)
     assert ckpt.info["calibration"]["metrics"]["p50_ms"] <= budget
+    assert ckpt.experts == {"transformer": str(folder), "mamba": str(tmp_path / "em")} and ckpt.gate_ms is not None
     assert ckpt.latency_models["mamba"].lengths == (8, 16, 32)
     assert (ckpt_dir / "lexicon.json").is_file() and len(json.loads((ckpt_dir / "history.json").read_text())) == 5
 
     result = runner.invoke(app, ["mambaformer", "gate", "calibrate", "--router", str(ckpt_dir), "--dev-results", str(paths["dev"]),
-                                 "--latency-budget", str(budget * 1.2), "--max-length", "256"])
+                                 "--latency-budget", str(budget * 1.2)])
     assert result.exit_code == 0, result.output
     assert RouterCheckpoint.load(ckpt_dir).info["calibration"]["budget_ms"] == pytest.approx(budget * 1.2)
 
     result = runner.invoke(app, ["mambaformer", "gate", "pareto", "--router", str(ckpt_dir), "--results", str(paths["test"]),
-                                 "--dev-results", str(paths["dev"]), "--output", str(tmp_path / "pareto"), "--max-length", "256"])
+                                 "--dev-results", str(paths["dev"]), "--output", str(tmp_path / "pareto")])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "pareto" / "pareto.json").read_text())
     names = [p["name"] for p in report["baselines"]]

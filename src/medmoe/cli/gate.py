@@ -30,14 +30,6 @@ PARETO_FLAGS = {"--dataset": "--data", "--out": "--output"}
 DATA_HELP = "Bundled dataset the result ids come from."
 
 
-def _features(featurizer, tokenizer, table, dataset: str, split: str, max_length: int):
-    from medmoe.data import load_dataset
-    from medmoe.mambaformer.queries import batched_features, encode_queries, records_for
-
-    records = records_for(table.ids, load_dataset(dataset, split), f"{dataset} {split}")
-    return batched_features(featurizer, encode_queries(tokenizer, records, max_length))
-
-
 def _latency_models(transformer: Path | None, mamba: Path | None):
     if transformer is None and mamba is None:
         return None
@@ -71,7 +63,8 @@ def train_gate(
     train_results: Path = typer.Option(..., help="ExpertResults JSONL of the training split."),
     dev_results: Path = typer.Option(..., help="ExpertResults JSONL of the dev split (for tau)."),
     data: str = typer.Option("pubmedqa", "--data", help=DATA_HELP),
-    model: str = typer.Option("smollm2-135m", help="The Transformer expert: its tokenizer and embedding table feed the gate."),
+    model: str = typer.Option("smollm2-135m", help="The Transformer expert E_T: its tokenizer and embedding table feed the gate."),
+    mamba: str | None = typer.Option(None, help="The Mamba expert E_M the results came from (a folder), named in the checkpoint so it can be asked, served and evaluated."),
     output: Path = typer.Option(Path("runs/router"), "--output", "-o", help="Checkpoint folder."),
     transformer_latency: Path | None = typer.Option(None, help="E_T's latency model (`medmoe mambaformer profile ... --output`); with --mamba-latency the costs C_e(n) (default: measured latencies)."),
     mamba_latency: Path | None = typer.Option(None, help="E_M's latency model (`medmoe mambaformer profile ... --output`)."),
@@ -92,45 +85,23 @@ def train_gate(
     Example: medmoe mambaformer gate train --train-results train.jsonl --dev-results dev.jsonl --latency-budget 400 -o runs/router
     """
     from medmoe.data import load_dataset
-    from medmoe.mambaformer.checkpoint import RouterCheckpoint
-    from medmoe.mambaformer.features import featurizer_for_tokenizer
-    from medmoe.mambaformer.fit import fit_gate
-    from medmoe.mambaformer.lexicon import Lexicon, build_lexicon
+    from medmoe.mambaformer.fit import train_router
     from medmoe.mambaformer.loss import LossConfig
-    from medmoe.mambaformer.queries import query_text
     from medmoe.mambaformer.results import ExpertResults
     from medmoe.mambaformer.train import TrainConfig
-    from medmoe.models import load_causal_lm
 
     train_table, dev_table = ExpertResults.load_jsonl(train_results), ExpertResults.load_jsonl(dev_results)
-    output.mkdir(parents=True, exist_ok=True)
-    if lexicon_path is None:
-        lex = build_lexicon(load_dataset(data, "train"))
-        lexicon_path = output / "lexicon.json"
-        lex.save(lexicon_path)
-    else:
-        lex = Lexicon.load(lexicon_path)
-    with console.status(f"loading {model} (tokenizer and embedding table)..."):
-        lm, tokenizer = load_causal_lm(model)
-    corpus = [query_text(r) for r in load_dataset(data, "train")]
-    featurizer = featurizer_for_tokenizer(tokenizer, lm.get_input_embeddings().weight, corpus, lex.terms)
-    del lm
-    train_f = _features(featurizer, tokenizer, train_table, data, "train", max_length)
-    dev_f = _features(featurizer, tokenizer, dev_table, data, "dev", max_length)
     loss_config = LossConfig(cost=lambda_cost, util=lambda_util, bal=lambda_bal, ent=lambda_ent, reg=lambda_reg,
                              beta=beta, balance=balance, target_mix=target_mix)
     train_config = TrainConfig(epochs=epochs, mode=mode, seed=seed, latency_budget_ms=latency_budget)
-    models = _latency_models(transformer_latency, mamba_latency)
     with console.status("training the gate..."):
-        fitted = fit_gate(train_table, train_f, dev_table, dev_f, loss_config, train_config, models,
-                          latency_budget, statistic)
-    info = {"model": model, "dataset": data, "loss_config": fitted.loss_config.to_dict(),
-            "train_config": train_config.to_dict(), "dev_metrics": fitted.dev_metrics,
-            "calibration": fitted.calibration.to_dict() if fitted.calibration else None,
-            "final_epoch": fitted.history[-1] if fitted.history else None}
-    RouterCheckpoint(fitted.gate, featurizer, fitted.tau, models or {}, str(lexicon_path), info).save(output)
+        ckpt, fitted = train_router(
+            train_table, dev_table, load_dataset(data, "train"), load_dataset(data, "dev"), output, model, mamba,
+            loss_config=loss_config, train_config=train_config,
+            latency_models=_latency_models(transformer_latency, mamba_latency), lexicon_path=lexicon_path,
+            budget_ms=latency_budget, statistic=statistic, max_tokens=max_length, info={"dataset": data})
     (output / "history.json").write_text(json.dumps(fitted.history, indent=1) + "\n", encoding="utf-8")
-    _print_metrics(f"gate on {data} dev (tau = {fitted.tau:.4f})", fitted.dev_metrics)
+    _print_metrics(f"gate on {data} dev (tau = {ckpt.tau:.4f}, gate {ckpt.gate_ms or 0:.2f} ms)", fitted.dev_metrics)
     console.print(f"checkpoint: {output}")
 
 
@@ -141,27 +112,16 @@ def calibrate(
     latency_budget: float = typer.Option(..., help="Latency budget per query in ms."),
     data: str = typer.Option("pubmedqa", "--data", help=DATA_HELP), split: str = typer.Option("dev"),
     statistic: str = typer.Option("p50", help="p50, mean or p95."),
-    max_length: int = typer.Option(4096),
 ) -> None:
     """Pick tau so the routed dev latency statistic meets the budget with the best accuracy; saves it.
 
     Example: medmoe mambaformer gate calibrate --router runs/router --dev-results dev.jsonl --latency-budget 300
     """
-    from medmoe.mambaformer.calibrate import calibrate_tau
-    from medmoe.mambaformer.checkpoint import RouterCheckpoint
+    from medmoe.data import load_dataset
+    from medmoe.mambaformer.fit import recalibrate
     from medmoe.mambaformer.results import ExpertResults
-    from medmoe.mambaformer.train import gate_scores
-    from medmoe.models import load_tokenizer
 
-    ckpt = RouterCheckpoint.load(router)
-    table = ExpertResults.load_jsonl(dev_results)
-    tokenizer = load_tokenizer(ckpt.info.get("model", "smollm2-135m"))
-    scores = gate_scores(ckpt.gate, _features(ckpt.featurizer, tokenizer, table, data, split, max_length))
-    cal = calibrate_tau(scores, table, latency_budget, statistic)
-    ckpt.tau = cal.tau
-    ckpt.gate.config.tau = cal.tau
-    ckpt.info["calibration"] = cal.to_dict()
-    ckpt.save(router)
+    cal = recalibrate(router, ExpertResults.load_jsonl(dev_results), load_dataset(data, split), latency_budget, statistic)
     _print_metrics(f"calibrated tau = {cal.tau:.4f} for {statistic} <= {latency_budget:g} ms", cal.metrics.to_dict())
 
 
@@ -173,14 +133,16 @@ def pareto(
     data: str = typer.Option("pubmedqa", "--data", help=DATA_HELP), split: str = typer.Option("test"),
     output: Path = typer.Option(Path("runs/pareto"), "--output", "-o", help="Folder for pareto.md, pareto.json, pareto.png."),
     statistic: str = typer.Option("p50", help="Latency axis: p50, mean or p95."),
-    max_length: int = typer.Option(4096), seed: int = typer.Option(0),
+    seed: int = typer.Option(0),
 ) -> None:
     """Sweep tau (and beta over several checkpoints): accuracy vs latency, Pareto front, APGR, baselines.
 
     Example: medmoe mambaformer gate pareto --router runs/router-beta0.5 --router runs/router-beta1 --results test.jsonl -o runs/pareto
     """
+    from medmoe.data import load_dataset
     from medmoe.mambaformer.checkpoint import RouterCheckpoint
     from medmoe.mambaformer.experiments.pareto import pareto_run, write_report
+    from medmoe.mambaformer.queries import query_features, records_for
     from medmoe.mambaformer.results import ExpertResults
     from medmoe.mambaformer.train import gate_scores
     from medmoe.models import load_tokenizer
@@ -190,15 +152,18 @@ def pareto(
     scores_by_beta: dict[float, Any] = {}
     tau: float | None = None
     first_beta: float | None = None
+    gate_ms = 0.0
+    records = records_for(table.ids, load_dataset(data, split), f"{data} {split}")
     for folder in router:
         ckpt = RouterCheckpoint.load(folder)
-        tokenizer = load_tokenizer(ckpt.info.get("model", "smollm2-135m"))
+        tokenizer = load_tokenizer(ckpt.experts.get("transformer") or "smollm2-135m")
         beta = float(ckpt.info.get("loss_config", {}).get("beta", len(scores_by_beta)))
-        scores_by_beta[beta] = gate_scores(ckpt.gate, _features(ckpt.featurizer, tokenizer, table, data, split, max_length))
-        tau = ckpt.tau if tau is None else tau
-        first_beta = beta if first_beta is None else first_beta
+        scores_by_beta[beta] = gate_scores(ckpt.gate, query_features(ckpt.featurizer, tokenizer, records))
+        if tau is None:
+            tau, first_beta, gate_ms = ckpt.tau, beta, ckpt.gate_ms or 0.0
     # --router is required (one folder at least), so tau and first_beta are set
-    report = pareto_run(table, scores_by_beta, cast(float, tau), dev, seed=seed, statistic=statistic, oracle_beta=cast(float, first_beta))
+    report = pareto_run(table, scores_by_beta, cast(float, tau), dev, seed=seed, gate_ms=gate_ms, statistic=statistic,
+                        oracle_beta=cast(float, first_beta))
     paths = write_report(report, output, "pareto", statistic,
                          header=f"# Pareto sweep on {data} {split} ({len(table)} examples)\n")
     console.print(Path(paths["md"]).read_text(encoding="utf-8"))

@@ -168,24 +168,13 @@ def calibrate(
 
     Example: medmoe mambaformer calibrate --router runs/mambaformer/pubmedqa/router --latency-budget 300
     """
-    from medmoe.data import load_dataset
-    from medmoe.eval.runner import read_done
-    from medmoe.mambaformer.calibrate import calibrate_tau
     from medmoe.mambaformer.checkpoint import RouterCheckpoint
-    from medmoe.mambaformer.experiments.pipeline import PipelineConfig, table_from_rows
-    from medmoe.mambaformer.queries import query_features as gate_inputs
-    from medmoe.models import load_tokenizer
+    from medmoe.mambaformer.experiments.pipeline import PipelineConfig, cached_table
+    from medmoe.mambaformer.fit import recalibrate
 
     checkpoint = RouterCheckpoint.load(router)
-    cfg = PipelineConfig(**checkpoint.info["config"])
-    records = load_dataset(cfg.dataset, "dev")[: cfg.dev_limit]
-    folder = Path(cfg.out) / cfg.dataset / "dev"
-    rows = {e: read_done(folder / f"{e}.jsonl") for e in ("transformer", "mamba")}
-    table = table_from_rows(records, [rows["transformer"][r.id] for r in records], [rows["mamba"][r.id] for r in records])
-    scores = checkpoint.gate(gate_inputs(checkpoint.featurizer, load_tokenizer(cfg.transformer), records)).p_mamba.detach().numpy()
-    result = calibrate_tau(scores, table, latency_budget)
-    checkpoint.tau = result.tau
-    checkpoint.save(router)
+    records, table = cached_table(PipelineConfig(**checkpoint.info["config"]), "dev")
+    result = recalibrate(router, table, records, latency_budget)
     console.print(f"tau = {result.tau:.4f}: dev accuracy {result.metrics.accuracy:.3f}, p50 {result.metrics.p50_ms:.0f} ms, "
                   f"share to E_M {result.metrics.share_mamba:.2f}  -> {router}")
     console.print(json.dumps(result.to_dict()["metrics"]))

@@ -4,7 +4,7 @@ The student is a `MambaHybridForCausalLM` (medmoe.mamba.hybrid) with the teacher
 embeddings, MLPs, norms and LM head, in which the self-attention of each chosen layer is replaced by an
 `AttentionMamba` mixer (medmoe.mamba.attention_mixer) initialised from that attention's weights:
 value -> x, key -> B, query / sqrt(P) -> C, output -> out. A few layers may keep attention, and a
-shallow student keeps only a subset of the layers. Distillation (`medmoe distill`) then trains
+shallow student keeps only a subset of the layers. Distillation (`medmoe mambaformer distill`) then trains
 everything against the teacher.
 
 Saved as an ordinary Hugging Face folder of its own model type: config.json (`medmoe_mamba_hybrid`,

@@ -13,7 +13,7 @@ The model (this package's top level):
   calibrate.py   tau on dev: `calibrate_tau`, the one calibration (gate cost included)
   train.py       train_gate on cached results
   checkpoint.py  RouterCheckpoint: gate, feature tables, tau (once), gate cost, the experts' sources
-  fit.py         fit_gate (train + calibrate), train_router / recalibrate (`medmoe router train|calibrate`)
+  fit.py         fit_gate (train + calibrate), train_router / recalibrate (`medmoe mambaformer gate train|calibrate`)
   answerer.py    RoutedAnswerer: a checkpoint and its experts as an Answerer (ask, serve, eval)
 The experiments run with it (medmoe.mambaformer.experiments: pipeline, pareto, baselines,
 generative) and are never imported by the model.

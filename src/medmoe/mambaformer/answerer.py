@@ -53,7 +53,7 @@ class RoutedAnswerer:
 
     @classmethod
     def load(cls, router_dir: str | Path, experts: Mapping[str, str | None] | None = None, **limits: int) -> RoutedAnswerer:
-        """A router checkpoint (written by `medmoe run` or `medmoe router train`) and the two experts its
+        """A router checkpoint (written by `medmoe run` or `medmoe mambaformer gate train`) and the two experts its
         router.json names (`experts`); `experts` here (role -> source) overrides or completes those, e.g.
         E_M for a checkpoint that names only E_T. `limits`: max_new_tokens, max_input_tokens (the class)."""
         checkpoint = RouterCheckpoint.load(router_dir)
@@ -61,7 +61,7 @@ class RoutedAnswerer:
         missing = [role for role in ROLES if not sources[role]]
         if missing:
             raise ModelError(f"router checkpoint {router_dir}: router.json names no expert for {' and '.join(missing)} "
-                             f"(experts.{missing[0]}); write it with `medmoe run` or `medmoe router train --mamba`, or give "
+                             f"(experts.{missing[0]}); write it with `medmoe run` or `medmoe mambaformer gate train --mamba`, or give "
                              f"the source (RoutedAnswerer.load(..., experts={{'{missing[0]}': ...}}), the server's "
                              f"answerer_options.{missing[0]})")
         transformer = cast(str, sources["transformer"])

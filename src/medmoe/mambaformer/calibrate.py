@@ -13,7 +13,7 @@ The returned tau is the midpoint between the chosen candidate and the next large
 the dev set identically but leaves a margin on both sides for unseen queries.
 
 Every caller goes through `calibrate_tau`: the pipeline (`medmoe run`, through `fit.fit_gate`),
-`medmoe router train` (`fit.train_router`), and `medmoe router calibrate` / `medmoe calibrate`
+`medmoe mambaformer gate train` (`fit.train_router`), and `medmoe mambaformer gate calibrate` / `medmoe mambaformer calibrate`
 (`fit.recalibrate`), each with the checkpoint's measured gate cost, so all pick the same tau on the
 same dev results.
 """

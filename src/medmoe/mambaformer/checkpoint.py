@@ -8,7 +8,7 @@ Every file is written atomically (temporary file in the same folder, then os.rep
 
 Format 1 (before issue 18) is read too: its gate_config's second copy of tau is ignored, gate_ms is
 unknown (None), and the experts come from `config.transformer` / `config.mamba` (`medmoe run`) or
-`model` (`medmoe router train`, which named only E_T).
+`model` (`medmoe mambaformer gate train`, which named only E_T).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ ROLES = ("transformer", "mamba")
 
 def experts_from_info(info: dict) -> dict[str, str | None]:
     """The expert sources a format-1 router.json implies: `config` (`medmoe run`) names both, `model`
-    (`medmoe router train`) only E_T."""
+    (`medmoe mambaformer gate train`) only E_T."""
     config = info.get("config")
     if isinstance(config, dict) and (config.get("transformer") or config.get("mamba")):
         return {role: config.get(role) or None for role in ROLES}
@@ -89,7 +89,7 @@ class RouterCheckpoint:
             raise
         except (ValueError, KeyError, TypeError, AttributeError, RuntimeError, SafetensorError) as exc:  # JSONDecodeError is a ValueError
             raise ModelError(f"router checkpoint {directory}: unreadable or corrupt ({type(exc).__name__}: {exc}); "
-                             "write it again with `medmoe run` or `medmoe router train`") from None
+                             "write it again with `medmoe run` or `medmoe mambaformer gate train`") from None
 
     @classmethod
     def _from_files(cls, meta_file: Path, gate_file: Path, features_file: Path) -> RouterCheckpoint:

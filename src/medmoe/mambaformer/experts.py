@@ -29,7 +29,7 @@ class Expert:
 
 
 def load_expert(name: str, source: str, tokenizer_source: str | None = None) -> Expert:
-    """Load an expert from a bundled name, hub id, local folder, or a `medmoe distill` run folder
+    """Load an expert from a bundled name, hub id, local folder, or a `medmoe mambaformer distill` run folder
     (through the model zoo, which knows every kind); a hybrid saved without a tokenizer takes
     `tokenizer_source`'s, else its teacher's."""
     from medmoe.models import hybrid_folder, load_causal_lm, training_provenance

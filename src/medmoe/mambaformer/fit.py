@@ -2,9 +2,9 @@
 
   fit_gate       train a gate on the train table, then calibrate tau on dev (`calibrate.calibrate_tau`)
                  with the gate's measured cost; the pipeline (`medmoe run`) fits one per beta with it
-  train_router   `medmoe router train`: lexicon, feature tables from E_T, query features, the gate's
+  train_router   `medmoe mambaformer gate train`: lexicon, feature tables from E_T, query features, the gate's
                  cost, fit_gate, and the checkpoint (naming both experts) with history.json
-  recalibrate    `medmoe router calibrate` and `medmoe calibrate`: tau again for a checkpoint on dev
+  recalibrate    `medmoe mambaformer gate calibrate` and `medmoe mambaformer calibrate`: tau again for a checkpoint on dev
                  results, by the same rule, with the gate cost stored in the checkpoint
 """
 
@@ -69,7 +69,7 @@ def train_router(train: ExpertResults, dev: ExpertResults, train_records: Sequen
                  tolerance: float = DEFAULT_TOLERANCE, max_tokens: int = MAX_QUERY_TOKENS,
                  feature_config: FeatureConfig | None = None, info: Mapping[str, Any] | None = None,
                  log: Callable[[str], None] = lambda _: None) -> tuple[RouterCheckpoint, FittedGate]:
-    """`medmoe router train`'s job. train_records: the dataset's whole train split (the lexicon, unless
+    """`medmoe mambaformer gate train`'s job. train_records: the dataset's whole train split (the lexicon, unless
     `lexicon_path` is given, and the rarity counts come from it) and the source of the train table's
     queries; dev_records: the split of the dev table's ids. model: E_T (its tokenizer and embedding
     table feed the gate); mamba: E_M's source, so that the checkpoint can be asked, served and evaluated

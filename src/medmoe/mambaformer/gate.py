@@ -44,16 +44,6 @@ class GateConfig:
         """From router.json's gate_config; a format-1 file's `tau` entry (a stale second copy) is ignored."""
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
-    @property
-    def tau(self) -> float:
-        raise AttributeError("GateConfig has no tau: the threshold is stored once, as RouterCheckpoint.tau")
-
-    @tau.setter
-    def tau(self, value: float) -> None:
-        # TODO issue 18: remove with its last caller, `ckpt.gate.config.tau = cal.tau` in cli/gate.py
-        # (`router calibrate`, which sets RouterCheckpoint.tau the line before). Nothing reads it.
-        pass
-
 
 @dataclass
 class GateOutput:

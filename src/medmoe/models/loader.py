@@ -7,7 +7,7 @@ source                                   loads as
   hub id, HF folder, .gguf file          the class its config names (seq2seq for the T5 family)
   Mamba hybrid folder                    MambaHybridForCausalLM (model type medmoe_mamba_hybrid, or
                                          the format before it: Llama config.json + medmoe_hybrid.json)
-  `medmoe distill` run folder            its latest complete checkpoint, a hybrid
+  `medmoe mambaformer distill` run folder            its latest complete checkpoint, a hybrid
   `medmoe finetune` model/ folder        any of the above; its provenance: `training_provenance`
 adapter (applied on top of source)
   LoRA-MoE adapter folder                LoraMoeModel (loramoe_config.json + safetensors)

@@ -30,8 +30,9 @@ except ImportError as exc:
     raise MissingExtra("fastapi", "serve", "medmoe.serve (the HTTP server)") from exc
 
 from medmoe.answer import Answer
+from medmoe.answer.streaming import END, TextSink
+from medmoe.answer.types import RequestRejected
 from medmoe.data.record import Record
-from medmoe.serve.answerers import RequestRejected
 from medmoe.serve.batching import BatcherStopped, BatchInfo, MicroBatcher, QueueFull, RequestTimeout
 from medmoe.serve.config import ServeConfig, build_answerer
 from medmoe.serve.guards import BodyGuard, RequestMetrics, error_body
@@ -45,7 +46,6 @@ from medmoe.serve.schemas import (
     chat_completion,
     make_answer_request,
 )
-from medmoe.serve.streaming import END, TextSink
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ worker would only contend). Requests wait in one bounded FIFO queue:
                           An idle server admits any request (that is also how stale estimates heal).
                           Otherwise the request is queued; `wait(job)` awaits its answer (`submit` =
                           both). A streamed request carries a TextSink: the answerer pushes its text
-                          there while the batch decodes (medmoe.serve.streaming).
+                          there while the batch decodes (medmoe.answer.streaming).
   worker               takes the oldest request's key, waits up to `max_wait_ms` (counted from that
                           request's arrival) for up to `max_batch_size` requests with the same key,
                           removes them from the queue under the lock, runs `answer_batch` once and
@@ -49,9 +49,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from medmoe.answer import Answer
+from medmoe.answer.streaming import ResumedSink
 from medmoe.data.record import Record
 from medmoe.serve.admission import CostModel, Wait
-from medmoe.serve.streaming import ResumedSink
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_NEW_TOKENS = 64  # an open record's token budget when neither the server nor the answerer names one
@@ -89,7 +89,7 @@ class _Job:
     key: str
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
-    sink: Any = None  # medmoe.serve.streaming.TextSink for a streamed request
+    sink: Any = None  # medmoe.answer.streaming.TextSink for a streamed request
     enqueued: float = field(default_factory=time.perf_counter)
     withdrawn: bool = False  # its caller gave up (set under the lock; the worker skips it on a retry)
 

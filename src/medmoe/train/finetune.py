@@ -65,7 +65,7 @@ class FinetuneConfig:
     skip_first: int = 0  # ... which of its training examples were left out (the first N) ...
     limit: int = 0  # ... and how many were used after those (0 = all)
     with_explanation: bool = False  # ... and whether completions went on with the records' explanations
-    base: str = ""  # the base model as given (--base, --source): a resume must name the same one
+    base: str = ""  # the base model as given (--model): a resume must name the same one
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

@@ -13,7 +13,7 @@ so A(x) >= A_w). Then
 beats the faster expert. It is undefined (None) when the slower expert is not more accurate (nothing
 to recover). `mean_accuracy` is the same integral of A(x) without normalisation.
 
-`pareto_run` is the whole report on one test table (what `medmoe router pareto` and the pipeline write).
+`pareto_run` is the whole report on one test table (what `medmoe mambaformer gate pareto` and the pipeline write).
 """
 
 from __future__ import annotations

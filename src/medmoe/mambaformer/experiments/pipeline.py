@@ -53,7 +53,7 @@ from medmoe.mambaformer.train import TrainConfig, gate_scores
 class PipelineConfig:
     dataset: str = "pubmedqa"
     transformer: str = "smollm2-135m"
-    mamba: str = "runs/mamba-shallow"  # a `medmoe distill` run folder or a hybrid folder
+    mamba: str = "runs/mamba-shallow"  # a `medmoe mambaformer distill` run folder or a hybrid folder
     big: str | None = "gemma3-270m"  # the largest Transformer available offline, used alone
     train_limit: int | None = None
     dev_limit: int | None = None
@@ -99,7 +99,7 @@ def expert_table(experts: dict[str, Expert], records: Sequence[Record], folder: 
 
 def cached_table(cfg: PipelineConfig, split: str) -> tuple[list[Record], ExpertResults]:
     """(records, ExpertResults) of a run's split from its cached per-example rows (no expert runs):
-    what `medmoe calibrate` re-picks tau on (`fit.recalibrate`)."""
+    what `medmoe mambaformer calibrate` re-picks tau on (`fit.recalibrate`)."""
     limit = {"train": cfg.train_limit, "dev": cfg.dev_limit, "test": cfg.test_limit}[split]
     records = load_dataset(cfg.dataset, split)[:limit]
     folder = Path(cfg.out) / cfg.dataset / split
