@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from medmoe.mambaformer.queries import encode_queries
 from medmoe.mambaformer.results import ExpertOutcome, ExpertResults
 
 
@@ -37,3 +38,17 @@ def length_table(n: int = 400, seed: int = 0) -> ExpertResults:
         "mamba": ExpertOutcome(loss_m, correct_m, ["b"] * n, lat_m, rng.dirichlet([1, 1, 1], size=n)),
     }
     return ExpertResults([f"x{i}" for i in range(n)], n_tok, experts)
+
+
+def query_results(records, tokenizer, seed: int = 0, prediction: str = "yes") -> ExpertResults:
+    """Results on real records with a length signal in their gate tokens: E_T is right on short
+    queries (90%) and slow per token, E_M right on long ones and cheaper per token."""
+    rng = np.random.default_rng(seed)
+    n_tok = np.array([len(s) for s in encode_queries(tokenizer, records)])
+    n = len(records)
+    long = n_tok > np.median(n_tok)
+    experts = {}
+    for name, good, ms in (("transformer", ~long, 2.0 * n_tok), ("mamba", long, 0.5 * n_tok + 50)):
+        correct = np.where(good, rng.random(n) < 0.9, rng.random(n) < 0.5)
+        experts[name] = ExpertOutcome(np.where(correct, 0.3, 1.5), correct, [prediction] * n, ms)
+    return ExpertResults([r.id for r in records], n_tok, experts)

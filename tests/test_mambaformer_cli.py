@@ -10,8 +10,9 @@ from typer.testing import CliRunner
 from medmoe.cli import app
 from medmoe.data import load_dataset
 from medmoe.mambaformer.checkpoint import RouterCheckpoint
-from medmoe.mambaformer.queries import encode_queries, query_text
-from medmoe.mambaformer.results import ExpertOutcome, ExpertResults
+from medmoe.mambaformer.queries import query_text
+from medmoe.mambaformer.results import ExpertResults
+from router_helpers import query_results
 
 
 @pytest.fixture(scope="module")
@@ -34,15 +35,7 @@ def tiny_model(tmp_path_factory):
 
 
 def synthetic_results(split, tokenizer, n, seed):
-    records = load_dataset("pubmedqa", split)[:n]
-    rng = np.random.default_rng(seed)
-    n_tok = np.array([len(s) for s in encode_queries(tokenizer, records)])
-    long = n_tok > np.median(n_tok)
-    experts = {}
-    for name, good, ms in (("transformer", ~long, 2.0 * n_tok), ("mamba", long, 0.5 * n_tok + 50)):
-        correct = np.where(good, rng.random(n) < 0.9, rng.random(n) < 0.5)
-        experts[name] = ExpertOutcome(np.where(correct, 0.3, 1.5), correct, ["yes"] * n, ms)
-    return ExpertResults([r.id for r in records], n_tok, experts)
+    return query_results(load_dataset("pubmedqa", split)[:n], tokenizer, seed)
 
 
 def test_train_calibrate_pareto_profile(tiny_model, tmp_path):

@@ -21,22 +21,15 @@ from medmoe.mambaformer.checkpoint import RouterCheckpoint
 from medmoe.mambaformer.features import pad_batch
 from medmoe.mambaformer.fit import recalibrate, train_router
 from medmoe.mambaformer.queries import encode_queries, query_features
-from medmoe.mambaformer.results import ExpertOutcome, ExpertResults
+from medmoe.mambaformer.results import ExpertResults
 from medmoe.mambaformer.train import TrainConfig, gate_scores
+from router_helpers import query_results
 
 MAX_TOKENS = 32  # below the length of most Dental queries in the tiny tokenizer: truncation matters
 
 
 def synthetic_results(records, tokenizer, seed: int) -> ExpertResults:
-    rng = np.random.default_rng(seed)
-    n_tok = np.array([len(s) for s in encode_queries(tokenizer, records)])
-    n = len(records)
-    long = n_tok > np.median(n_tok)
-    experts = {}
-    for name, good, ms in (("transformer", ~long, 2.0 * n_tok), ("mamba", long, 0.5 * n_tok + 50)):
-        correct = np.where(good, rng.random(n) < 0.9, rng.random(n) < 0.5)
-        experts[name] = ExpertOutcome(np.where(correct, 0.3, 1.5), correct, ["A"] * n, ms)
-    return ExpertResults([r.id for r in records], n_tok, experts)
+    return query_results(records, tokenizer, seed, prediction="A")
 
 
 @pytest.fixture()
