@@ -19,6 +19,7 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
+
 from common import write_report
 from serve_load import questions, start_server
 
