@@ -70,7 +70,8 @@ def test_seq2seq_completion_loss_is_the_models_own_loss(t5):
     assert batch["input_ids"].shape == (2, len(features[0]["input_ids"])) and batch["labels"].shape == (2, 16)
     with torch.no_grad():
         want = model(**batch).loss  # T5's mean cross-entropy over the non-padding labels
-        assert completion_loss(model, batch).item() == pytest.approx(want.item(), rel=1e-5)
+        got, n_tokens = completion_loss(model, **batch)
+        assert got.item() == pytest.approx(want.item(), rel=1e-5) and n_tokens == int((batch["labels"] != -100).sum())
 
 
 def test_train_expert_top_layer_of_a_t5_decoder(tmp_path):

@@ -68,5 +68,6 @@ def test_completion_loss_with_the_head_at_answer_positions_equals_the_full_loss(
     batch = collate(features, pad_id=0)
     with torch.no_grad():
         expected = model(**batch).loss
-        got = completion_loss(model, batch)
+        got, n_tokens = completion_loss(model, **batch)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert n_tokens == 4

@@ -29,6 +29,7 @@ def eval_command(
     shots_from: str | None = typer.Option(None, help="Few-shot pool for cmb-exam:PATH and user files (a dataset file)."),
     threads: int | None = typer.Option(None, min=1, help="torch CPU threads (default: all cores)."),
     router: Path | None = typer.Option(None, help="Evaluate the routed MambaFormer system instead of one model: the gate checkpoint folder written by `medmoe run` (it names its two experts). Not with --model/--adapter."),
+    head: Path | None = typer.Option(None, help="Evaluate an expert through its output head or calibration: a folder written by `medmoe heads train` (it names its expert; rows also carry the expert's own zero-shot answer). Not with --model/--adapter/--router."),
 ) -> None:
     """Evaluate a model, or the routed MambaFormer system (--router), on medical benchmarks.
 
@@ -51,17 +52,28 @@ def eval_command(
         raise typer.BadParameter(str(exc), param_hint="--rule") from None
     if router is not None:
         check_router_options(model, adapter, rule, shots)
+    if head is not None and (router is not None or model is not None or adapter is not None or rule != "letter" or shots):
+        raise typer.BadParameter("--head names its expert and answers from the zero-shot letter prompt: "
+                                 "no --model/--adapter/--router, --rule letter, --shots 0", param_hint="--head")
     if threads:
         torch.set_num_threads(threads)
     names = [b.strip() for b in benchmarks.split(",") if b.strip()]
     for name in names:  # bad data (duplicate ids, bad rows) fails now, not after a model load of minutes
         load_benchmark(name, limit, shots_from)
-    if router is not None:
+    lm: Any  # an EvalModel, or a system that apply_rule asks through score_records (head, router)
+    if head is not None:
+        from medmoe.heads.answerer import HeadAnswerer
+
+        folder = output or Path("runs") / f"eval-head-{head.resolve().name}"
+        with console.status(f"loading the head {head} and its expert..."):
+            lm = HeadAnswerer.load(head)
+        settings = {"head": str(head.resolve()), "expert": lm.config.base, "head_kind": lm.config.kind}
+    elif router is not None:
         from medmoe.mambaformer.answerer import RoutedAnswerer
 
         folder = output or Path("runs") / f"eval-routed-{router.resolve().parent.name}-{router.name}"
         with console.status(f"loading the gate {router} and its experts..."):
-            lm: Any = RoutedAnswerer.load(router)  # not an EvalModel: apply_rule asks it through score_records
+            lm = RoutedAnswerer.load(router)  # not an EvalModel: apply_rule asks it through score_records
         settings = {"router": str(router.resolve()), "tau": lm.checkpoint.tau,
                     "experts": {name: e.source for name, e in lm.experts.items()}}
     else:

@@ -71,3 +71,19 @@ def bootstrap_macro(values: Sequence[float], groups: Sequence[str]) -> tuple[flo
         per_group.append(member[idx].mean(axis=1))  # (S,)
     low, high = np.percentile(np.mean(per_group, axis=0), [2.5, 97.5])
     return float(low), float(high)
+
+
+def best_constant(gold: Sequence[str]) -> tuple[str, float]:
+    """(answer, accuracy) of the best constant answer on these gold answers: the most common one
+    (ties: the alphabetically first), the floor every system is compared against."""
+    counts: dict[str, int] = {}
+    for g in gold:
+        counts[g] = counts.get(g, 0) + 1
+    answer = min(counts, key=lambda a: (-counts[a], a))
+    return answer, counts[answer] / len(gold)
+
+
+def paired_difference(correct_a: Sequence[float], correct_b: Sequence[float]) -> tuple[float, tuple[float, float]]:
+    """(mean of a - b, its 95% paired-bootstrap interval) for per-example 0/1 correctness on the same examples."""
+    diff = [float(a) - float(b) for a, b in zip(correct_a, correct_b, strict=True)]
+    return sum(diff) / len(diff), bootstrap_mean(diff)

@@ -17,7 +17,15 @@ from pathlib import Path
 from typing import Any
 
 from medmoe.errors import MissingExtra, require
-from medmoe.eval.metrics import bootstrap_interval, bootstrap_macro, bootstrap_mean, macro_f1, percentile
+from medmoe.eval.metrics import (
+    best_constant,
+    bootstrap_interval,
+    bootstrap_macro,
+    bootstrap_mean,
+    macro_f1,
+    paired_difference,
+    percentile,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +53,7 @@ def summarize_rows(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     correct = [float(r["correct"]) for r in rows]
     out["accuracy"] = sum(correct) / len(correct)
     out["accuracy_ci"] = bootstrap_mean(correct)
+    out.update(constant_comparison(rows, correct))
     if rows[0].get("extraction") is not None:
         out["no_answer_rate"] = sum(r["prediction"] == "" for r in rows) / len(rows)
     groups: list[Any] = [r.get("group") for r in rows]
@@ -59,6 +68,21 @@ def summarize_rows(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         gold, pred = [r["gold"] for r in rows], [r["prediction"] for r in rows]
         out["macro_f1"] = macro_f1(gold, pred, labels="ABC")
         out["macro_f1_ci"] = bootstrap_interval(lambda g, p: macro_f1(g, p, labels="ABC"), gold, pred)
+    return out
+
+
+def constant_comparison(rows: Sequence[dict[str, Any]], correct: Sequence[float]) -> dict[str, Any]:
+    """The best constant answer of these rows' gold answers, and the paired-bootstrap interval of the
+    system's accuracy minus that constant's; rows of a head (`route.lm_prediction`) add the expert's
+    own zero-shot accuracy from the same forward pass."""
+    gold = [r["gold"] for r in rows]
+    answer, accuracy = best_constant(gold)
+    diff, ci = paired_difference(correct, [float(g == answer) for g in gold])
+    out: dict[str, Any] = {"best_constant": {"answer": answer, "accuracy": accuracy},
+                           "diff_vs_constant": diff, "diff_vs_constant_ci": ci}
+    lm = [(r.get("route") or {}).get("lm_prediction") for r in rows]
+    if all(p is not None for p in lm):
+        out["lm_accuracy"] = sum(p == g for p, g in zip(lm, gold)) / len(rows)
     return out
 
 
@@ -97,6 +121,11 @@ def secondary_metrics(s: dict[str, Any]) -> list[str]:
         extras.append(f"macro-F1 {_fmt(s['macro_f1'], s['macro_f1_ci'])}")
     if "bertscore_f1" in s:
         extras.append(f"BERTScore-F1 {_fmt(s['bertscore_f1'], s['bertscore_f1_ci'])} ({s['bertscore_encoder']})")
+    if "best_constant" in s:
+        c = s["best_constant"]
+        extras.append(f"constant '{c['answer']}' {c['accuracy']:.3f}, difference {_fmt(s['diff_vs_constant'], s['diff_vs_constant_ci'])}")
+    if "lm_accuracy" in s:
+        extras.append(f"expert zero-shot {s['lm_accuracy']:.3f}")
     if "no_answer_rate" in s:
         extras.append(f"no answer {s['no_answer_rate']:.1%}")
     if "share_mamba" in s:

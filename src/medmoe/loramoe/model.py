@@ -2,6 +2,8 @@
 
     wrapped = LoraMoeModel(model, LoraMoeConfig())   # replaces target nn.Linear modules in place
     out = wrapped(input_ids=..., attention_mask=..., labels=...)   # out.loss includes the aux losses
+    with wrapped.routing(attention_mask): ...        # run part of the model (training: the body only), then
+    wrapped.aux_loss()                               # ... read the aux losses of that forward
     wrapped.save_adapter("adapter/")                 # safetensors + loramoe_config.json
     wrapped = LoraMoeModel.from_pretrained(fresh_model, "adapter/")
 
@@ -90,16 +92,23 @@ class LoraMoeModel(nn.Module):
         print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
 
     # --- forward ----------------------------------------------------------------------------------
-    def forward(self, *args, **kwargs):
-        mask = kwargs.get("attention_mask")
+    @contextmanager
+    def routing(self, attention_mask: torch.Tensor | None):
+        """Within the block, the LoRA-MoE layers leave padding out of routing statistics and, in a
+        training forward with grad, compute their aux losses (read them after with aux_loss()).
+        forward() runs the whole model in it; a caller running only the decoder body does the same."""
         is_seq2seq = bool(getattr(getattr(self.model, "config", None), "is_encoder_decoder", False))
-        self.context.token_mask = mask.reshape(-1) if mask is not None and not is_seq2seq else None
+        self.context.token_mask = attention_mask.reshape(-1) if attention_mask is not None and not is_seq2seq else None
         self.context.compute_aux = self.training and torch.is_grad_enabled()
         try:
-            out = self.model(*args, **kwargs)
+            yield self
         finally:
             self.context.compute_aux = False
             self.context.token_mask = None
+
+    def forward(self, *args, **kwargs):
+        with self.routing(kwargs.get("attention_mask")):
+            out = self.model(*args, **kwargs)
         aux = self.aux_loss()
         if aux is not None and getattr(out, "loss", None) is not None:
             out["loss"] = out.loss + aux

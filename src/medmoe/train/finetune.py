@@ -21,12 +21,13 @@ import torch
 from torch import nn
 
 from medmoe.errors import MedmoeError
-from medmoe.eval.scoring import accepts_logits_to_keep, is_encoder_decoder
+from medmoe.eval.scoring import is_encoder_decoder
 from medmoe.models.loader import TRAINING_FILE
 from medmoe.paths import atomic_write_text
 from medmoe.train.checkpoint import load_checkpoint, save_checkpoint
 from medmoe.train.data import Example, MicroBatches, collate, load_examples, tokenize_examples
 from medmoe.train.distributed import all_reduce_gradients, barrier
+from medmoe.train.loss import completion_loss, hf_model
 from medmoe.train.run_folder import LOG_FILE, open_run, run_settings, truncate_log
 
 METHODS = ("loramoe", "lora", "full")
@@ -118,37 +119,6 @@ def top_layer_parameters(model: Any, n: int, freeze_mixers: bool = False) -> lis
     return chosen + list(norm.parameters())
 
 
-def _hf_model(model: Any) -> nn.Module:
-    """The Hugging Face model under any wrapper (PEFT, LoRA-MoE), to ask what its forward accepts."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else getattr(model, "model", model)
-
-
-def completion_loss(model: nn.Module, batch: dict, with_aux: bool = True) -> torch.Tensor:
-    """Mean cross-entropy over the completion tokens (labels != -100), plus LoRA-MoE's auxiliary losses.
-    An encoder-decoder model (T5 family) gets the completion as its decoder labels.
-
-    The logit at position t predicts token t+1. Only the positions that predict a completion token in
-    some row, P = {t : labels[:, t+1] != -100}, go through the LM head (`logits_to_keep`): with a
-    one-word answer after a 400-token prompt that is a few positions instead of all of them, and the
-    49k-word head was most of a training step. Models without `logits_to_keep` use the full head."""
-    labels = batch["labels"]
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    if is_encoder_decoder(_hf_model(model)):  # T5 family: labels are the decoder's targets (b, m)
-        out = model(**inputs, labels=labels)                                # decoder inputs = labels shifted right
-        logits, target = out.logits, labels                                 # (b, m, V), (b, m)
-    elif accepts_logits_to_keep(_hf_model(model)):
-        target = labels[:, 1:]                                              # (b, n-1)
-        positions = (target != -100).any(dim=0).nonzero()[:, 0]            # (k,): P
-        out = model(**inputs, logits_to_keep=positions)
-        logits, target = out.logits, target[:, positions]                   # (b, k, V), (b, k)
-    else:
-        out = model(**inputs)
-        logits, target = out.logits[:, :-1], labels[:, 1:]                  # (b, n-1, V), (b, n-1)
-    loss = nn.functional.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=-100)
-    aux = out.get("aux_loss") if with_aux and hasattr(out, "get") else None
-    return loss + aux if aux is not None else loss
-
-
 def _scheduler(optimizer, cfg: FinetuneConfig):
     """Linear warm-up over warmup_steps, then cosine decay to 10% of the peak rate."""
 
@@ -169,9 +139,9 @@ def evaluate_loss(model: nn.Module, features: list[dict], batch_size: int, pad_i
     total, count = 0.0, 0
     for start in range(0, len(features), batch_size):
         batch = collate(features[start : start + batch_size], pad_id)
-        count_here = int((batch["labels"][:, 1:] != -100).sum())
-        total += float(completion_loss(model, batch, with_aux=False)) * count_here
-        count += count_here
+        loss, n_tokens = completion_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"], with_aux=False)
+        total += float(loss) * n_tokens
+        count += n_tokens
     model.train(was_training)
     return total / max(count, 1)
 
@@ -233,7 +203,7 @@ def finetune(
     barrier(world)
     train_examples, eval_examples = split_examples(train_examples, cfg.eval_examples, cfg.seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    seq2seq = is_encoder_decoder(_hf_model(model))
+    seq2seq = is_encoder_decoder(hf_model(model))
     train_features = tokenize_examples(train_examples, tokenizer, cfg.max_length, seq2seq)
     eval_features = tokenize_examples(eval_examples, tokenizer, cfg.max_length, seq2seq)
     batches = MicroBatches(train_features, cfg.batch_size, cfg.seed, pad_id, rank, world)
@@ -263,7 +233,8 @@ def finetune(
         step_loss = 0.0
         for micro in range(cfg.grad_accum):
             batch = batches.batch(step * cfg.grad_accum + micro)
-            loss = completion_loss(model, batch) / cfg.grad_accum
+            loss, _ = completion_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"])  # head at completion tokens only
+            loss = loss / cfg.grad_accum
             loss.backward()
             step_loss += float(loss.detach())
         all_reduce_gradients(params, world)

@@ -1,0 +1,192 @@
+"""The quality report: every answering system on the full test splits, beside the best constant answer.
+
+  PYTHONPATH=src python benchmarks/quality.py run --benchmarks pubmedqa,dental [--dtype bfloat16]
+  PYTHONPATH=src python benchmarks/quality.py report
+
+`run` (per benchmark; resumable: the expert's features are cached per record, heads train in seconds):
+  1. the benchmark's training pool (medmoe.data.pools: every train/dev record the splits allow, never
+     a test question) and its full test split;
+  2. the expert's features of both (one forward pass per question: hidden states + its own answer);
+  3. heads chosen by 5-fold cross-validation on the pool only (medmoe.heads.fit): zero-shot,
+     calibrated (per-option bias, or contextual calibration), head on hidden states, and the head with
+     retrieval features (nearest training questions, medmoe.heads.retrieval) when an encoder exists;
+  4. each system's test predictions -> runs/quality/<benchmark>/predictions.jsonl, and the chosen heads
+     -> runs/quality/<benchmark>/heads/<system>/ (loadable with `medmoe eval --head`).
+`report` reads every benchmark's results and writes reports/quality.md and reports/quality.json:
+  {"benchmarks": {NAME: {"n", "best_constant": {"answer", "accuracy", "macro_f1"},
+                         "systems": {SYSTEM: {"accuracy", "macro_f1", "ci95", "diff_vs_constant_ci95", "deployed"}}}}}
+Intervals: 95% bootstrap over test questions (1,000 resamples, seed 0); the difference to the constant
+is paired (the same resampled questions for both). Multi-answer questions (CMExam) count as wrong for
+every single-letter system, the constant included; `cmexam-single` is the single-answer subset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+RUNS = Path("runs/quality")
+EXPERTS = {  # benchmark -> (expert, what it is)
+    "pubmedqa": "smollm2-135m",
+    "dental": "smollm2-135m",
+    "cmexam": "qwen2.5-coder-1.5b",
+    "cmmlu-med": "qwen2.5-coder-1.5b",
+}
+DEPLOYED = {"zero-shot"}  # what the main job, `medmoe ask` and the server answer with by default today
+
+
+RETRIEVAL_FEATURES = ("knn_answer", "knn_answer_cosine", "knn_nearest", "knn_distractor")  # heads/retrieval.py f1..f4
+
+
+def retrieval_features(name: str, pool: list) -> tuple[Any, dict[str, Any]]:
+    """(records -> (N, K, 4) retrieval features against `pool`, the settings a head stores)."""
+    from medmoe.eval.prompts import language_of
+    from medmoe.heads.retrieval import default_encoder, knn, option_features
+
+    encoder = default_encoder(language_of(pool[0]))
+    k = 16
+
+    def extra(records: list) -> Any:
+        idx, sims = knn(records, pool, encoder, k)
+        return option_features(records, pool, idx, sims, encoder)
+
+    return extra, {"pool": name, "encoder": encoder.name, "k": k}
+
+
+def _letters_of(records: list, predictions: list[int]) -> list[str]:
+    return [r.letters[p] for r, p in zip(records, predictions)]
+
+
+def run(args: argparse.Namespace) -> None:
+    import torch
+
+    from medmoe.data import load_dataset
+    from medmoe.data.pools import training_pool
+    from medmoe.eval.model import HFEvalModel
+    from medmoe.heads.fit import option_inputs, predict
+    from medmoe.heads.train import expert_features, train_heads
+    from medmoe.models import load_causal_lm
+    from medmoe.models.head import save_head
+    from medmoe.paths import atomic_write_json
+
+    torch.set_num_threads(args.threads)
+    for name in args.benchmarks.split(","):
+        expert = args.expert or EXPERTS[name]
+        start = time.time()
+        pool = training_pool(name)
+        if args.pool_limit:
+            pool = sorted(pool, key=lambda r: __import__("hashlib").sha256(r.id.encode()).hexdigest())[: args.pool_limit]
+        test = load_dataset(name, "test")
+        model, tokenizer = load_causal_lm(expert, dtype=getattr(torch, args.dtype))
+        lm = HFEvalModel(model, tokenizer, expert, share_prefix=False)
+        extra, retrieval = (None, None) if args.no_retrieval else retrieval_features(name, pool)
+        heads, candidates = train_heads(lm, expert, name, pool, extra=extra, extra_names=RETRIEVAL_FEATURES,
+                                        retrieval=retrieval)
+        features = expert_features(lm, expert, test)
+        folder = RUNS / name
+        systems: dict[str, list[str]] = {}
+        for family, trained in heads.items():
+            uses_extra = family == "head+retrieval" and extra is not None
+            f, present = option_inputs(features, trained.head.letters, extra(test) if uses_extra else None)
+            h = None if trained.config.layer is None else features.pooled(trained.config.layer, trained.config.pooling or "last")
+            systems[family] = _letters_of(test, predict(trained.head, h, f, present).tolist())
+            save_head(trained.head, trained.config, folder / "heads" / family)
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / "predictions.jsonl", "w", encoding="utf-8") as out:
+            for i, record in enumerate(test):
+                row = {"id": record.id, "gold": record.answer, "multi_answer": len(record.answer) > 1,
+                       **{s: p[i] for s, p in systems.items()}}
+                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+        atomic_write_json(folder / "run.json", {
+            "benchmark": name, "expert": expert, "dtype": args.dtype, "pool": len(pool), "test": len(test),
+            "systems": {family: {"chosen": t.candidate.name, "cv_accuracy": t.candidate.accuracy,
+                                 "config": t.config.selection | {"candidates": None}}
+                        for family, t in heads.items()},
+            "candidates": [{"name": c.name, "kind": c.kind, "cv_accuracy": c.accuracy} for c in candidates],
+            "cpu_seconds_wall": time.time() - start,
+        })
+        print(f"{name}: {len(test)} test, pool {len(pool)}, " + ", ".join(
+            f"{s} {sum(p == r.answer for p, r in zip(ps, test)) / len(test):.3f}" for s, ps in systems.items()), flush=True)
+
+
+def summarize(name: str, rows: list[dict[str, Any]], systems: list[str]) -> dict[str, Any]:
+    from medmoe.eval.metrics import best_constant, bootstrap_mean, macro_f1, paired_difference
+
+    gold = [r["gold"] for r in rows]
+    labels = sorted({g for g in gold if len(g) == 1})
+    answer, accuracy = best_constant(gold)
+    constant_correct = [float(g == answer) for g in gold]
+    out: dict[str, Any] = {"n": len(rows), "best_constant": {
+        "answer": answer, "accuracy": accuracy, "macro_f1": macro_f1(gold, [answer] * len(gold), labels)}, "systems": {}}
+    for system in systems:
+        pred = [r[system] for r in rows]
+        correct = [float(p == g) for p, g in zip(pred, gold)]
+        _, diff_ci = paired_difference(correct, constant_correct)
+        out["systems"][system] = {
+            "accuracy": sum(correct) / len(correct), "macro_f1": macro_f1(gold, pred, labels),
+            "ci95": list(bootstrap_mean(correct)), "diff_vs_constant_ci95": list(diff_ci),
+            "deployed": system in DEPLOYED,
+        }
+    return out
+
+
+def report(args: argparse.Namespace) -> None:
+    from common import write_report
+
+    benchmarks: dict[str, Any] = {}
+    details: dict[str, Any] = {}
+    for folder in sorted(p for p in RUNS.iterdir() if (p / "predictions.jsonl").is_file()):
+        run_info = json.loads((folder / "run.json").read_text(encoding="utf-8"))
+        rows = [json.loads(line) for line in (folder / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+        systems = list(run_info["systems"])
+        benchmarks[folder.name] = summarize(folder.name, rows, systems)
+        details[folder.name] = run_info
+        if folder.name == "cmexam":
+            single = [r for r in rows if not r["multi_answer"]]
+            benchmarks["cmexam-single"] = summarize("cmexam-single", single, systems)
+            details["cmexam-single"] = run_info
+    lines = ["Every system answers from one forward pass of its expert over the zero-shot prompt; heads and "
+             "calibrations are chosen by 5-fold cross-validation on the training pool only (no test question "
+             "is seen). `diff vs constant` is the paired-bootstrap 95% interval of accuracy minus the best "
+             "constant answer's; a system beats the floor when its lower end is above 0.", ""]
+    for name, b in benchmarks.items():
+        info = details[name]
+        c = b["best_constant"]
+        lines += [f"## {name} (n = {b['n']}; expert {info['expert']}, {info['dtype']}; training pool {info['pool']})", "",
+                  f"Best constant answer: '{c['answer']}', accuracy {c['accuracy']:.3f}, macro-F1 {c['macro_f1']:.3f}.", "",
+                  "| system | chosen by CV on the pool | CV accuracy | accuracy [95% CI] | macro-F1 | diff vs constant [95% CI] | deployed |",
+                  "|---|---|---|---|---|---|---|"]
+        for system, s in b["systems"].items():
+            chosen = info["systems"][system]
+            lo, hi = s["diff_vs_constant_ci95"]
+            lines.append(f"| {system} | {chosen['chosen']} | {chosen['cv_accuracy']:.3f} | {s['accuracy']:.3f} "
+                         f"[{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}] | {s['macro_f1']:.3f} | "
+                         f"{s['accuracy'] - c['accuracy']:+.3f} [{lo:+.3f}, {hi:+.3f}] | {'yes' if s['deployed'] else ''} |")
+        lines.append("")
+    write_report("quality", "Quality: every system beside the best constant answer (full test splits)",
+                 "\n".join(lines), {"benchmarks": benchmarks, "runs": details})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="train and score every system on the named benchmarks")
+    r.add_argument("--benchmarks", default="pubmedqa,dental,cmexam,cmmlu-med")
+    r.add_argument("--expert", default=None, help="override the benchmark's expert (EXPERTS)")
+    r.add_argument("--dtype", default="bfloat16", help="the expert's dtype for its forward passes")
+    r.add_argument("--pool-limit", type=int, default=None, help="a fixed sha256-ordered subset of the pool")
+    r.add_argument("--threads", type=int, default=2)
+    r.add_argument("--no-retrieval", action="store_true", help="skip the head with retrieval features")
+    sub.add_parser("report", help="write reports/quality.md and .json from runs/quality")
+    args = parser.parse_args()
+    (run if args.command == "run" else report)(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""An expert with its option head, answering option questions: what `medmoe eval --head`, the quality
+benchmark and the server use.
+
+One forward pass per question gives the head its hidden state z and the expert's own answer s
+(heads/features.py), so the head costs one (K, D) product on top of the expert's prompt pass (the LM
+head runs at the last position only). The same pass also yields the expert's zero-shot answer, kept
+in each row's `route` as `lm_prediction`, so a run reports the head beside the likelihood rule.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medmoe.data.record import Record
+from medmoe.errors import MedmoeError
+from medmoe.eval.model import Generation, HFEvalModel
+from medmoe.eval.prompts import build_prompt
+from medmoe.eval.rules import Outcome
+from medmoe.eval.scoring import OptionScores
+from medmoe.eval.window import PromptFitter
+from medmoe.heads.features import MAX_OPTIONS, forward_prompt, pool
+from medmoe.models.head import HeadConfig, OptionHead, lm_option_feature, load_head
+
+RULE = "letter"
+
+
+def retrieval_extra(settings: dict[str, Any]) -> Any:
+    """records -> (N, K, 4) retrieval features against the head's training pool, as it was trained
+    (heads/retrieval.py); the pool's embeddings are cached after the first call."""
+    from medmoe.data.pools import training_pool
+    from medmoe.eval.prompts import language_of
+    from medmoe.heads.retrieval import default_encoder, knn, option_features
+
+    pool = training_pool(settings["pool"])
+    encoder = default_encoder(language_of(pool[0]))
+    if encoder.name != settings["encoder"]:
+        raise MedmoeError(f"the head's retrieval features came from the encoder {settings['encoder']}, "
+                          f"this installation has {encoder.name} (install the `retrieval` extra?)")
+
+    def extra(records: Sequence[Record]) -> torch.Tensor:
+        idx, sims = knn(records, pool, encoder, settings["k"])
+        return option_features(records, pool, idx, sims, encoder)
+
+    return extra
+
+
+class HeadAnswerer:
+    """`lm` answering through `head` (config: its HeadConfig); an EvalModel via score_records."""
+
+    def __init__(self, lm: HFEvalModel, head: OptionHead, config: HeadConfig, option_extra: Any = None):
+        self.lm, self.head, self.config = lm, head, config
+        self.tokenizer = lm.tokenizer
+        self.name = f"{lm.name}+head({config.kind})"
+        self.option_extra = option_extra  # records -> (N, K, F') retrieval features, when the head uses them
+        self._route: dict[str, Any] | None = None
+
+    @classmethod
+    def load(cls, folder: str | Path, dtype: Any = None, device: str = "cpu") -> HeadAnswerer:
+        from medmoe.models import load_causal_lm
+
+        head, config = load_head(folder)
+        dtype = dtype if dtype is not None else getattr(torch, config.dtype)
+        model, tokenizer = load_causal_lm(config.base, dtype=dtype, device=device, adapter=config.adapter)
+        extra = retrieval_extra(config.retrieval) if config.retrieval else None
+        return cls(HFEvalModel(model, tokenizer, config.base, share_prefix=False), head, config, extra)
+
+    @torch.inference_mode()
+    def answer(self, records: Sequence[Record]) -> list[Outcome]:
+        """The head's answer to each option question (zero-shot prompt, cut to the window)."""
+        fitter = PromptFitter(self.lm, RULE)
+        k = self.head.letters
+        outcomes = []
+        for record in records:
+            if len(record.options) > k:
+                raise MedmoeError(f"{record.id}: {len(record.options)} options, this head answers at most {k}")
+            start = time.perf_counter()
+            fitted, _ = fitter.fit(record)
+            prompt = build_prompt(fitted, self.tokenizer, (), RULE)
+            hidden, logprobs = forward_prompt(self.lm.model, self.tokenizer, prompt.context, prompt.continuations)
+            s = torch.full((1, MAX_OPTIONS), float("-inf"))
+            s[0, : len(logprobs)] = torch.tensor(logprobs)
+            s = s[:, :k]
+            f = lm_option_feature(s)  # (1, K, 1)
+            if self.option_extra is not None:
+                f = torch.cat([f, self.option_extra([record])[:, :k].float()], dim=-1)
+            h = None
+            if self.config.layer is not None and self.config.pooling is not None:
+                h = pool(hidden, self.config.layer, self.config.pooling)
+            logits = self.head(h, f, torch.isfinite(s))[0, : len(record.options)]  # (K_r,)
+            letters = record.letters
+            probs = torch.softmax(logits, dim=0)
+            lm_best = int(torch.tensor(logprobs).argmax())
+            outcomes.append(Outcome(
+                prediction=letters[int(logits.argmax())],
+                scores=dict(zip(letters, logits.tolist())), probs=dict(zip(letters, probs.tolist())),
+                prompt_tokens=int(hidden[0].shape[1]), latency_ms=(time.perf_counter() - start) * 1000,
+                route={"head": self.config.kind, "lm_prediction": letters[lm_best]},
+            ))
+        return outcomes
+
+    # --- EvalModel ----------------------------------------------------------------------------------
+    def score_records(self, records: Sequence[Record], rule: str, shots: Sequence[Sequence[Record]],
+                      multi: bool = False, max_new_tokens: int = 32) -> list[Outcome]:
+        if rule != RULE or any(shots):
+            raise MedmoeError(f"a head answers from its zero-shot {RULE} prompt: use --rule {RULE} --shots 0")
+        return self.answer(records)
+
+    def score_options(self, context: str, continuations: Sequence[str]) -> OptionScores:
+        raise MedmoeError("a head answers records (score_records), not raw prompts")
+
+    def score_batch(self, requests: Sequence[tuple[str, Sequence[str]]]) -> list[OptionScores]:
+        raise MedmoeError("a head answers records (score_records), not raw prompts")
+
+    def generate(self, context: str, max_new_tokens: int) -> Generation:
+        return self.lm.generate(context, max_new_tokens)
+
+    def last_route(self) -> dict[str, Any] | None:
+        return self._route
