@@ -38,25 +38,6 @@ EXPERTS = {  # benchmark -> (expert, what it is)
     "cmexam": "qwen2.5-coder-1.5b",
     "cmmlu-med": "qwen2.5-coder-1.5b",
 }
-DEPLOYED = {"zero-shot"}  # what the main job, `medmoe ask` and the server answer with by default today
-
-
-RETRIEVAL_FEATURES = ("knn_answer", "knn_answer_cosine", "knn_nearest", "knn_distractor")  # heads/retrieval.py f1..f4
-
-
-def retrieval_features(name: str, pool: list) -> tuple[Any, dict[str, Any]]:
-    """(records -> (N, K, 4) retrieval features against `pool`, the settings a head stores)."""
-    from medmoe.eval.prompts import language_of
-    from medmoe.heads.retrieval import default_encoder, knn, option_features
-
-    encoder = default_encoder(language_of(pool[0]))
-    k = 16
-
-    def extra(records: list) -> Any:
-        idx, sims = knn(records, pool, encoder, k)
-        return option_features(records, pool, idx, sims, encoder)
-
-    return extra, {"pool": name, "encoder": encoder.name, "k": k}
 
 
 def _letters_of(records: list, predictions: list[int]) -> list[str]:
@@ -70,7 +51,7 @@ def run(args: argparse.Namespace) -> None:
     from medmoe.data.pools import training_pool
     from medmoe.eval.model import HFEvalModel
     from medmoe.heads.fit import option_inputs, predict
-    from medmoe.heads.train import expert_features, train_heads
+    from medmoe.heads.train import RETRIEVAL_FEATURES, expert_features, retrieval_extra, train_heads
     from medmoe.models import load_causal_lm
     from medmoe.models.head import save_head
     from medmoe.paths import atomic_write_json
@@ -82,13 +63,13 @@ def run(args: argparse.Namespace) -> None:
         pool = training_pool(name)
         if args.pool_limit:
             pool = sorted(pool, key=lambda r: __import__("hashlib").sha256(r.id.encode()).hexdigest())[: args.pool_limit]
-        test = load_dataset(name, "test")
+        test = load_dataset(name, "test")[: args.test_limit]
         model, tokenizer = load_causal_lm(expert, dtype=getattr(torch, args.dtype))
         lm = HFEvalModel(model, tokenizer, expert, share_prefix=False)
-        extra, retrieval = (None, None) if args.no_retrieval else retrieval_features(name, pool)
+        features = expert_features(lm, expert, test)  # first: the longest part, cached for a resumed run
+        extra, retrieval = (None, None) if args.no_retrieval else retrieval_extra(name, pool)
         heads, candidates = train_heads(lm, expert, name, pool, extra=extra, extra_names=RETRIEVAL_FEATURES,
                                         retrieval=retrieval)
-        features = expert_features(lm, expert, test)
         folder = RUNS / name
         systems: dict[str, list[str]] = {}
         for family, trained in heads.items():
@@ -97,6 +78,12 @@ def run(args: argparse.Namespace) -> None:
             h = None if trained.config.layer is None else features.pooled(trained.config.layer, trained.config.pooling or "last")
             systems[family] = _letters_of(test, predict(trained.head, h, f, present).tolist())
             save_head(trained.head, trained.config, folder / "heads" / family)
+        # the server's default (heads/bundled.py): the CV-best family without retrieval features
+        deployed = max((f for f in heads if f != "head+retrieval"), key=lambda f: heads[f].candidate.accuracy)
+        if args.bundle:
+            from medmoe.heads.bundled import BUNDLED_HEADS
+
+            save_head(heads[deployed].head, heads[deployed].config, BUNDLED_HEADS / expert / name)
         folder.mkdir(parents=True, exist_ok=True)
         with open(folder / "predictions.jsonl", "w", encoding="utf-8") as out:
             for i, record in enumerate(test):
@@ -105,6 +92,7 @@ def run(args: argparse.Namespace) -> None:
                 out.write(json.dumps(row, ensure_ascii=False) + "\n")
         atomic_write_json(folder / "run.json", {
             "benchmark": name, "expert": expert, "dtype": args.dtype, "pool": len(pool), "test": len(test),
+            "test_split": len(load_dataset(name, "test")), "deployed": deployed, "bundled": args.bundle,
             "systems": {family: {"chosen": t.candidate.name, "cv_accuracy": t.candidate.accuracy,
                                  "config": t.config.selection | {"candidates": None}}
                         for family, t in heads.items()},
@@ -115,7 +103,7 @@ def run(args: argparse.Namespace) -> None:
             f"{s} {sum(p == r.answer for p, r in zip(ps, test)) / len(test):.3f}" for s, ps in systems.items()), flush=True)
 
 
-def summarize(name: str, rows: list[dict[str, Any]], systems: list[str]) -> dict[str, Any]:
+def summarize(name: str, rows: list[dict[str, Any]], systems: list[str], deployed: str | None) -> dict[str, Any]:
     from medmoe.eval.metrics import best_constant, bootstrap_mean, macro_f1, paired_difference
 
     gold = [r["gold"] for r in rows]
@@ -131,7 +119,7 @@ def summarize(name: str, rows: list[dict[str, Any]], systems: list[str]) -> dict
         out["systems"][system] = {
             "accuracy": sum(correct) / len(correct), "macro_f1": macro_f1(gold, pred, labels),
             "ci95": list(bootstrap_mean(correct)), "diff_vs_constant_ci95": list(diff_ci),
-            "deployed": system in DEPLOYED,
+            "deployed": system == deployed,
         }
     return out
 
@@ -145,11 +133,12 @@ def report(args: argparse.Namespace) -> None:
         run_info = json.loads((folder / "run.json").read_text(encoding="utf-8"))
         rows = [json.loads(line) for line in (folder / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
         systems = list(run_info["systems"])
-        benchmarks[folder.name] = summarize(folder.name, rows, systems)
+        deployed = run_info["deployed"] if run_info.get("bundled") else "zero-shot"
+        benchmarks[folder.name] = summarize(folder.name, rows, systems, deployed)
         details[folder.name] = run_info
         if folder.name == "cmexam":
             single = [r for r in rows if not r["multi_answer"]]
-            benchmarks["cmexam-single"] = summarize("cmexam-single", single, systems)
+            benchmarks["cmexam-single"] = summarize("cmexam-single", single, systems, deployed)
             details["cmexam-single"] = run_info
     lines = ["Every system answers from one forward pass of its expert over the zero-shot prompt; heads and "
              "calibrations are chosen by 5-fold cross-validation on the training pool only (no test question "
@@ -158,7 +147,8 @@ def report(args: argparse.Namespace) -> None:
     for name, b in benchmarks.items():
         info = details[name]
         c = b["best_constant"]
-        lines += [f"## {name} (n = {b['n']}; expert {info['expert']}, {info['dtype']}; training pool {info['pool']})", "",
+        partial = f"; PARTIAL: the first {b['n']} of {info['test_split']} test questions" if b["n"] < info.get("test_split", b["n"]) else ""
+        lines += [f"## {name} (n = {b['n']}{partial}; expert {info['expert']}, {info['dtype']}; training pool {info['pool']})", "",
                   f"Best constant answer: '{c['answer']}', accuracy {c['accuracy']:.3f}, macro-F1 {c['macro_f1']:.3f}.", "",
                   "| system | chosen by CV on the pool | CV accuracy | accuracy [95% CI] | macro-F1 | diff vs constant [95% CI] | deployed |",
                   "|---|---|---|---|---|---|---|"]
@@ -183,6 +173,8 @@ def main() -> None:
     r.add_argument("--pool-limit", type=int, default=None, help="a fixed sha256-ordered subset of the pool")
     r.add_argument("--threads", type=int, default=2)
     r.add_argument("--no-retrieval", action="store_true", help="skip the head with retrieval features")
+    r.add_argument("--test-limit", type=int, default=None, help="only the first N test questions (a partial run, marked so in the report)")
+    r.add_argument("--bundle", action="store_true", help="write the deployed head into src/medmoe/heads/bundled/<expert>/<benchmark>/")
     sub.add_parser("report", help="write reports/quality.md and .json from runs/quality")
     args = parser.parse_args()
     (run if args.command == "run" else report)(args)

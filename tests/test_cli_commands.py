@@ -45,7 +45,7 @@ ALL_COMMANDS = [path for path, _ in walk(click_tree())]
 
 def test_the_command_tree_is_by_method():
     top = click_tree()
-    assert set(visible(top)) == {"run", "ask", "finetune", "eval", "export-lm-eval", "serve", "data", "models", "mambaformer", "loramoe"}
+    assert set(visible(top)) == {"run", "ask", "finetune", "eval", "export-lm-eval", "serve", "data", "models", "mambaformer", "loramoe", "heads"}
     mambaformer, loramoe = top.commands["mambaformer"], top.commands["loramoe"]
     assert visible(mambaformer) == ["run", "ask", "distill", "expert", "profile", "calibrate", "gate"]
     assert visible(mambaformer.commands["gate"]) == ["lexicon", "train", "calibrate", "pareto"]

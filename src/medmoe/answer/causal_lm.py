@@ -27,6 +27,8 @@ from medmoe.eval.batch_scoring import score_options_batch
 from medmoe.eval.prompts import LABELS, build_prompt, language_of, question_block, uses_chat
 from medmoe.eval.scoring import bos_ids
 from medmoe.eval.window import cut_context
+from medmoe.heads.answerer import head_logits
+from medmoe.heads.bundled import HeadSet
 
 
 def open_prompt(record: Record, tokenizer: Any) -> str:
@@ -46,8 +48,10 @@ class CausalLMAnswerer:
     max_input_tokens: prompt limit in tokens (see the module docstring for the rule)
     """
 
-    def __init__(self, model: Any, tokenizer: Any, name: str, max_new_tokens: int = 64, max_input_tokens: int = 1024):
+    def __init__(self, model: Any, tokenizer: Any, name: str, max_new_tokens: int = 64, max_input_tokens: int = 1024,
+                 heads: HeadSet | None = None):
         self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.heads = heads  # option heads by question format (heads/bundled.py); None: the expert's own answer
         self.max_new_tokens = max_new_tokens
         window = getattr(model.config, "max_position_embeddings", None) or max_input_tokens + max_new_tokens
         self.max_input_tokens = min(max_input_tokens, window - max_new_tokens)
@@ -105,13 +109,29 @@ class CausalLMAnswerer:
         return done
 
     def _answer_options(self, records: Sequence[Record]) -> list[Answer]:
-        prompts = [build_prompt(r, self.tokenizer) for r in records]
-        out = []
-        for record, scores in zip(records, score_options_batch(self.model, self.tokenizer, prompts)):
+        """Records a head answers (their format's head, docs/heads.md) one pass each; the rest in one
+        batched forward by the expert's own option likelihoods."""
+        answers: dict[int, Answer] = {}
+        plain = []
+        for i, record in enumerate(records):
+            found = self.heads.for_record(record) if self.heads is not None else None
+            if found is None:
+                plain.append(i)
+                continue
+            head, config = found
+            prompt = build_prompt(record, self.tokenizer)
+            logits, _, _ = head_logits(self.model, self.tokenizer, head, config, prompt, len(record.options))
+            probs = torch.softmax(logits, dim=0).tolist()
+            best = max(range(len(probs)), key=probs.__getitem__)
+            answers[i] = Answer(answer=record.letters[best], expert=f"{self.name}+head({config.kind})",
+                                label_scores=dict(zip(record.letters, probs)))
+        prompts = [build_prompt(records[i], self.tokenizer) for i in plain]
+        for i, scores in zip(plain, score_options_batch(self.model, self.tokenizer, prompts) if plain else []):
             probs = scores.probabilities()
             best = max(range(len(probs)), key=probs.__getitem__)
-            out.append(Answer(answer=record.letters[best], expert=self.name, label_scores=dict(zip(record.letters, probs))))
-        return out
+            answers[i] = Answer(answer=records[i].letters[best], expert=self.name,
+                                label_scores=dict(zip(records[i].letters, probs)))
+        return [answers[i] for i in range(len(records))]
 
     @torch.inference_mode()
     def _generate(self, records: Sequence[Record], sinks: Sequence[TextSink | None] | None = None) -> list[Answer]:

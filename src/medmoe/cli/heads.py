@@ -9,9 +9,9 @@ from rich.console import Console
 from rich.table import Table
 
 console = Console()
-heads_app = typer.Typer(help="Target-specific output heads and calibrations on an expert's cached features (docs/heads.md).",
+heads_app = typer.Typer(help="Target-specific output heads and calibrations on an expert's cached features (docs/heads.md).\n\nExample: medmoe heads train --data pubmedqa -o runs/heads/pubmedqa",
                         no_args_is_help=True)
-FAMILY_CHOICES = ("best", "zero-shot", "calibrated", "head")
+FAMILY_CHOICES = ("best", "zero-shot", "calibrated", "head", "head+retrieval")
 
 
 @heads_app.command("train")
@@ -20,7 +20,8 @@ def train_command(
     model: str = typer.Option("smollm2-135m", help="The expert: bundled short name, Hugging Face hub id or local path."),
     adapter: str | None = typer.Option(None, help="A `medmoe finetune` adapter on the expert (LoRA-MoE, PEFT LoRA)."),
     output: Path = typer.Option(..., "--output", "-o", help="The head folder to write (medmoe_head.json + head.safetensors)."),
-    family: str = typer.Option("best", help="best (the highest cross-validated accuracy), zero-shot, calibrated (per-option bias or contextual calibration) or head (a linear head on hidden states)."),
+    family: str = typer.Option("best", help="best (the highest cross-validated accuracy), zero-shot, calibrated (per-option bias or contextual calibration), head (a linear head on hidden states) or head+retrieval (with --retrieval)."),
+    retrieval: bool = typer.Option(False, help="Also train a head with kNN features of the nearest training questions (MiniLM for English, multilingual-e5 for Chinese; the pool is embedded once and cached)."),
     dtype: str = typer.Option("bfloat16", help="The expert's dtype for its forward passes: float32 or bfloat16 (about 1.8x faster on CPUs with AVX512-BF16)."),
     device: str = typer.Option("cpu", help="torch device for the expert (cpu, cuda, cuda:1, mps)."),
     threads: int | None = typer.Option(None, min=1, help="torch CPU threads (default: all cores)."),
@@ -39,7 +40,7 @@ def train_command(
 
     from medmoe.data.pools import training_pool
     from medmoe.eval.model import HFEvalModel
-    from medmoe.heads.train import train_heads
+    from medmoe.heads.train import RETRIEVAL_FEATURES, retrieval_extra, train_heads
     from medmoe.models import load_causal_lm
     from medmoe.models.head import save_head
 
@@ -53,8 +54,14 @@ def train_command(
     with console.status(f"loading {model}..."):
         network, tokenizer = load_causal_lm(model, dtype=getattr(torch, dtype), device=device, adapter=adapter)
     lm = HFEvalModel(network, tokenizer, model, share_prefix=False)
-    trained, candidates = train_heads(lm, model, data, pool, adapter=adapter)
-    chosen = trained["head"] if family == "best" else trained[family]
+    extra, settings = retrieval_extra(data, pool) if retrieval else (None, None)
+    if family == "head+retrieval" and not retrieval:
+        raise typer.BadParameter("head+retrieval needs --retrieval", param_hint="--family")
+    trained, candidates = train_heads(lm, model, data, pool, extra=extra, extra_names=RETRIEVAL_FEATURES,
+                                      retrieval=settings, adapter=adapter)
+    if family == "best":
+        family = max(trained, key=lambda f: (trained[f].candidate.accuracy, -list(trained).index(f)))
+    chosen = trained[family]
     table = Table("candidate", "CV accuracy", title=f"{data}: {len(pool)} training questions, 5-fold CV")
     for c in sorted(candidates, key=lambda c: -c.accuracy)[:12]:
         table.add_row(c.name, f"{c.accuracy:.3f}")

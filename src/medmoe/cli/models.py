@@ -23,6 +23,8 @@ def list_models() -> None:
     table = Table("name", "kind", "Hugging Face id", "installed", "cached", "licence", "description")
     for name, spec in BUNDLED.items():
         installed = "no" if missing_packages(spec) else "yes"
+        if installed == "no" and spec.on_demand:
+            installed = "no (pulled on first use)"
         cached = "yes" if spec.gguf_file is None or (cache_dir(name) / "config.json").exists() else "no"
         table.add_row(name, spec.kind, spec.hf_id, installed, cached, spec.license, spec.description)
     console.print(table)

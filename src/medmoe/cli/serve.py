@@ -14,6 +14,7 @@ def serve(
     config: Path | None = typer.Option(None, "--config", "-c", help="YAML file of server settings (see docs/serving.md)."),
     model: str | None = typer.Option(None, help="Model for the default answerer: bundled name, hub id or local path (default: smollm2-135m)."),
     adapter: str | None = typer.Option(None, help="Adapter folder from `medmoe finetune` (LoRA-MoE or PEFT LoRA) applied to --model."),
+    heads: str | None = typer.Option(None, help="Option heads (docs/heads.md): bundled (medmoe's trained heads for --model; the default), none (the model's own option likelihoods), or comma-separated `medmoe heads train` folders."),
     answerer: str | None = typer.Option(None, help="Answerer factory 'module:callable' (e.g. the routed MambaFormer system)."),
     host: str | None = typer.Option(None, help="Interface to listen on (default: 127.0.0.1; use 0.0.0.0 to expose it)."),
     port: int | None = typer.Option(None, help="Port (default: 8000)."),
@@ -36,7 +37,8 @@ def serve(
     from medmoe.serve.app import app_from_config
     from medmoe.serve.config import ServeConfig
 
-    overrides = {"model": model, "adapter": adapter, "answerer": answerer, "host": host, "port": port, "threads": threads, "max_batch_size": max_batch_size}
+    head_setting: list[str] | str | None = heads if heads in (None, "bundled", "none") else [h for h in heads.split(",") if h]
+    overrides = {"model": model, "adapter": adapter, "heads": head_setting, "answerer": answerer, "host": host, "port": port, "threads": threads, "max_batch_size": max_batch_size}
     settings = ServeConfig.from_yaml(config, **overrides) if config else ServeConfig.from_dict({}, "flags", **overrides)
     with console.status(f"loading {settings.model if settings.answerer.endswith('load_causal_lm_answerer') else settings.answerer}..."):
         app = app_from_config(settings)

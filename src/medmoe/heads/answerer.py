@@ -29,24 +29,24 @@ from medmoe.models.head import HeadConfig, OptionHead, lm_option_feature, load_h
 RULE = "letter"
 
 
-def retrieval_extra(settings: dict[str, Any]) -> Any:
-    """records -> (N, K, 4) retrieval features against the head's training pool, as it was trained
-    (heads/retrieval.py); the pool's embeddings are cached after the first call."""
-    from medmoe.data.pools import training_pool
-    from medmoe.eval.prompts import language_of
-    from medmoe.heads.retrieval import default_encoder, knn, option_features
-
-    pool = training_pool(settings["pool"])
-    encoder = default_encoder(language_of(pool[0]))
-    if encoder.name != settings["encoder"]:
-        raise MedmoeError(f"the head's retrieval features came from the encoder {settings['encoder']}, "
-                          f"this installation has {encoder.name} (install the `retrieval` extra?)")
-
-    def extra(records: Sequence[Record]) -> torch.Tensor:
-        idx, sims = knn(records, pool, encoder, settings["k"])
-        return option_features(records, pool, idx, sims, encoder)
-
-    return extra
+@torch.inference_mode()
+def head_logits(model: Any, tokenizer: Any, head: OptionHead, config: HeadConfig, prompt: Any, options: int,
+                extra: torch.Tensor | None = None) -> tuple[torch.Tensor, list[float], int]:
+    """(the head's logits (options,), the expert's own option log-probs, prompt tokens) for one
+    prompt (eval.prompts.build_prompt, letter kind); extra: (1, K, F') retrieval features if the head reads them."""
+    k = head.letters
+    hidden, logprobs = forward_prompt(model, tokenizer, prompt.context, prompt.continuations)
+    s = torch.full((1, MAX_OPTIONS), float("-inf"))
+    s[0, : len(logprobs)] = torch.tensor(logprobs)
+    s = s[:, :k]
+    f = lm_option_feature(s)  # (1, K, 1)
+    if extra is not None:
+        f = torch.cat([f, extra[:, :k].float()], dim=-1)
+    h = None
+    if config.layer is not None and config.pooling is not None:
+        h = pool(hidden, config.layer, config.pooling)  # (1, D)
+    logits = head(h, f, torch.isfinite(s))[0, :options]
+    return logits, logprobs, int(hidden[0].shape[1])
 
 
 class HeadAnswerer:
@@ -66,7 +66,13 @@ class HeadAnswerer:
         head, config = load_head(folder)
         dtype = dtype if dtype is not None else getattr(torch, config.dtype)
         model, tokenizer = load_causal_lm(config.base, dtype=dtype, device=device, adapter=config.adapter)
-        extra = retrieval_extra(config.retrieval) if config.retrieval else None
+        extra = None
+        if config.retrieval:
+            from medmoe.data.pools import training_pool
+            from medmoe.heads.train import retrieval_extra
+
+            pool_name = config.retrieval["pool"]
+            extra, _ = retrieval_extra(pool_name, training_pool(pool_name), config.retrieval["encoder"])
         return cls(HFEvalModel(model, tokenizer, config.base, share_prefix=False), head, config, extra)
 
     @torch.inference_mode()
@@ -81,24 +87,16 @@ class HeadAnswerer:
             start = time.perf_counter()
             fitted, _ = fitter.fit(record)
             prompt = build_prompt(fitted, self.tokenizer, (), RULE)
-            hidden, logprobs = forward_prompt(self.lm.model, self.tokenizer, prompt.context, prompt.continuations)
-            s = torch.full((1, MAX_OPTIONS), float("-inf"))
-            s[0, : len(logprobs)] = torch.tensor(logprobs)
-            s = s[:, :k]
-            f = lm_option_feature(s)  # (1, K, 1)
-            if self.option_extra is not None:
-                f = torch.cat([f, self.option_extra([record])[:, :k].float()], dim=-1)
-            h = None
-            if self.config.layer is not None and self.config.pooling is not None:
-                h = pool(hidden, self.config.layer, self.config.pooling)
-            logits = self.head(h, f, torch.isfinite(s))[0, : len(record.options)]  # (K_r,)
+            extra = None if self.option_extra is None else self.option_extra([record])
+            logits, logprobs, tokens = head_logits(self.lm.model, self.tokenizer, self.head, self.config,
+                                                   prompt, len(record.options), extra)
             letters = record.letters
             probs = torch.softmax(logits, dim=0)
             lm_best = int(torch.tensor(logprobs).argmax())
             outcomes.append(Outcome(
                 prediction=letters[int(logits.argmax())],
                 scores=dict(zip(letters, logits.tolist())), probs=dict(zip(letters, probs.tolist())),
-                prompt_tokens=int(hidden[0].shape[1]), latency_ms=(time.perf_counter() - start) * 1000,
+                prompt_tokens=tokens, latency_ms=(time.perf_counter() - start) * 1000,
                 route={"head": self.config.kind, "lm_prediction": letters[lm_best]},
             ))
         return outcomes

@@ -14,7 +14,7 @@ give their hidden states with `output_hidden_states`; T5-family models give thei
 their option scores come from the decoder (`score_options_seq2seq`).
 
 The cache (`feature_folder`: one per model and dtype, shared by every split and pool) is a folder of
-chunk files (`chunk-00000.safetensors`, up to CHUNK records each, their record keys in the file's
+chunk files (`chunk-<hash of its keys>.safetensors`, up to CHUNK records each, their record keys in the file's
 metadata) plus `features.json` (the model, dtype and prompt they came from). A record's key is a
 fingerprint of its id and texts, so an interrupted extraction resumes with the records it lacks, an
 edited record is computed again, and a folder made by another model or dtype is refused.
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -174,22 +175,24 @@ def extract_features(lm: HFEvalModel, records: Sequence[Record], folder: Path, s
     index = _read_store(folder)
     todo = [r for r, k in zip(records, keys) if k not in index]
     fitter = PromptFitter(lm, "letter")
-    number = len(list(folder.glob("chunk-*.safetensors")))
     with progress_bar(f"features {source}") as bar:
         task = bar.add_task("", total=len(todo)) if progress and todo else None
         for start in range(0, len(todo), CHUNK):
             chunk = todo[start:start + CHUNK]
             tensors = _extract_chunk(lm, fitter, chunk)
-            path = folder / f"chunk-{number:05d}.safetensors"
-            number += 1
-            save_file(tensors, str(path) + ".tmp", metadata={"keys": json.dumps([record_key(r) for r in chunk])})
-            Path(str(path) + ".tmp").replace(path)
+            chunk_keys = [record_key(r) for r in chunk]
+            name = hashlib.sha256("".join(chunk_keys).encode()).hexdigest()[:16]  # never another chunk's name
+            path = folder / f"chunk-{name}.safetensors"
+            save_file(tensors, str(path) + f".tmp-{os.getpid()}", metadata={"keys": json.dumps(chunk_keys)})
+            Path(str(path) + f".tmp-{os.getpid()}").replace(path)
             if task is not None:
                 bar.advance(task, len(chunk))
     index = _read_store(folder)
     loaded: dict[Path, dict[str, torch.Tensor]] = {}
     rows = []
-    for key in keys:
+    for record, key in zip(records, keys):
+        if key not in index:
+            raise MedmoeError(f"{folder}: the features of {record.id} are missing after extraction (a chunk deleted meanwhile?)")
         path, row = index[key]
         if path not in loaded:
             loaded[path] = load_file(str(path))

@@ -63,11 +63,18 @@ def fit_head(h: torch.Tensor | None, f: torch.Tensor, present: torch.Tensor, y: 
         head.v[0] = 1.0  # start from (or, for a calibration, keep) the LM's own answer
     params = [head.b] if bias_only else [p for p in (head.W, head.v, head.b) if p.numel()]
     weights = class_weights(y, letters) if balanced else None
-    optimizer = torch.optim.LBFGS(params, lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
+    optimizer = torch.optim.LBFGS(params, lr=1.0, max_iter=steps, tolerance_grad=1e-5, tolerance_change=1e-7,
+                                  line_search_fn="strong_wolfe")
 
-    def closure() -> torch.Tensor:
+    z = None if hh is None else (hh - head.mu) / head.sigma  # (N, D), standardized once
+    absent = ~present
+
+    def closure() -> torch.Tensor:  # OptionHead.forward, with z precomputed
         optimizer.zero_grad()
-        logits = head(hh, f, present)
+        logits = f @ head.v + head.b
+        if z is not None:
+            logits = logits + z @ head.W.T
+        logits = logits.masked_fill(absent, float("-inf"))
         loss = F.cross_entropy(logits, y, weight=weights) + l2 * head.W.pow(2).sum()
         loss.backward()
         return loss
@@ -179,7 +186,18 @@ def score_candidates(ts: TrainingSet, contextual: torch.Tensor | None = None, la
                      poolings: Sequence[str] = POOLINGS, lambdas: Sequence[float] = LAMBDAS,
                      heads: bool = True) -> list[Candidate]:
     """Every candidate's mean held-out accuracy on the pool (module docstring); heads=False scores
-    the zero-shot answer and the calibrations only."""
+    the zero-shot answer and the calibrations only. Runs on one torch thread: the fits are small
+    (N x D products), where more threads only wait on each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _score_candidates(ts, contextual, layers, poolings, lambdas, heads)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _score_candidates(ts: TrainingSet, contextual: torch.Tensor | None, layers: Sequence[int] | None,
+                      poolings: Sequence[str], lambdas: Sequence[float], heads: bool) -> list[Candidate]:
     folds = folds_of(ts.ids)
     zero = torch.zeros(ts.letters)
     out = [Candidate("zero-shot", accuracy=cv_accuracy(None, ts.f, ts.present, ts.y, folds, fixed_bias=zero))]

@@ -15,6 +15,7 @@ import torch
 
 from medmoe.data.record import Record
 from medmoe.eval.model import HFEvalModel
+from medmoe.eval.prompts import is_yesno, language_of
 from medmoe.heads.contextual import contextual_bias
 from medmoe.heads.features import Features, extract_features, feature_folder, record_key
 from medmoe.heads.fit import Candidate, TrainingSet, best, fit_candidate, score_candidates, training_set
@@ -33,6 +34,36 @@ class TrainedHead:
     head: OptionHead
     config: HeadConfig
     candidate: Candidate
+
+
+RETRIEVAL_FEATURES = ("knn_answer", "knn_answer_cosine", "knn_nearest", "knn_distractor")  # heads/retrieval.py f1..f4
+RETRIEVAL_K = 16
+
+
+def retrieval_extra(pool_name: str, pool: Sequence[Record], encoder_name: str | None = None) -> tuple[OptionExtra, dict[str, Any]]:
+    """(records -> (N, K, 4) kNN features against `pool`, the settings a head stores to rebuild it).
+
+    The encoder is the default one for the pool's language (heads/retrieval.py); encoder_name, when
+    given (a saved head's), must be the one this installation has. `pool` itself is queried
+    leave-one-out (its records never see themselves or their duplicates)."""
+    from medmoe.errors import MedmoeError
+    from medmoe.heads.retrieval import default_cache_dir, default_encoder, knn, option_features
+
+    encoder = default_encoder(language_of(pool[0]))
+    if encoder_name is not None and encoder.name != encoder_name:
+        raise MedmoeError(f"the head's retrieval features came from the encoder {encoder_name}, this "
+                          f"installation has {encoder.name} (install the `retrieval` extra?)")
+
+    def extra(records: Sequence[Record]) -> torch.Tensor:
+        idx, sims = knn(records, pool, encoder, RETRIEVAL_K, default_cache_dir())  # embeddings cached
+        return option_features(records, pool, idx, sims, encoder, cache_dir=default_cache_dir())
+
+    return extra, {"pool": pool_name, "encoder": encoder.name, "k": RETRIEVAL_K}
+
+
+def question_format(record: Record) -> str:
+    """"yesno/<language>" or "choice/<language>": the questions a head trained on such records answers."""
+    return f"{'yesno' if is_yesno(record) else 'choice'}/{language_of(record)}"
 
 
 def pool_fingerprint(records: Sequence[Record]) -> str:
@@ -62,7 +93,9 @@ def train_heads(lm: HFEvalModel, source: str, pool_name: str, pool: Sequence[Rec
     families = {name: list(kinds) for name, kinds in FAMILIES.items()}
     if extra is not None:
         with_extra = training_set(features, pool, extra(pool))
-        retrieval_candidates = [c for c in score_candidates(with_extra, None, layers) if c.kind == "head"]
+        plain_best = best(candidates, ["head"])  # the retrieval head reads the same layer and pooling
+        retrieval_candidates = [c for c in score_candidates(with_extra, None, [plain_best.layer or 0],
+                                                            [plain_best.pooling or "last"]) if c.kind == "head"]
         for c in retrieval_candidates:
             c.kind = f"{c.kind}+retrieval"
         candidates += retrieval_candidates
@@ -79,6 +112,7 @@ def train_heads(lm: HFEvalModel, source: str, pool_name: str, pool: Sequence[Rec
             kind="head" if base_kind == "head" else base_kind, base=source, letters=ts.letters,
             option_features=option_features, layer=chosen.layer, pooling=chosen.pooling, adapter=adapter,
             dtype=dtype, retrieval=retrieval if family == "head+retrieval" else None,
+            questions=question_format(pool[0]),
             trained_on={"pool": pool_name, "records": len(pool), "single_answer": len(ts.ids),
                         "fingerprint": pool_fingerprint(pool)},
             selection={"family": family, "chosen": chosen.name, "cv_accuracy": chosen.accuracy,

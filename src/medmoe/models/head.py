@@ -55,12 +55,15 @@ class HeadConfig:
     dtype: str = "float32"  # the dtype the features were computed in
     retrieval: dict[str, Any] | None = None  # pool and encoder when option features use retrieval
     trained_on: dict[str, Any] = field(default_factory=dict)  # dataset pool, n, records key
+    questions: str | None = None  # what it answers: "yesno/en", "choice/en", "choice/zh" (the pool's format)
     selection: dict[str, Any] = field(default_factory=dict)  # cross-validation: grid, scores, choice
     format: int = HEAD_FORMAT
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ModelError(f"unknown head kind {self.kind!r}; one of {', '.join(KINDS)}")
+        if self.pooling is not None and self.pooling not in ("last", "mean"):
+            raise ModelError(f"unknown pooling {self.pooling!r}; last or mean")
         if (self.layer is None) != (self.pooling is None):
             raise ModelError("a head reads hidden states with both a layer and a pooling, or neither")
 
@@ -132,7 +135,7 @@ def load_head(folder: str | Path) -> tuple[OptionHead, HeadConfig]:
         raise ModelError(f"{config_file}: head format {found!r}, this medmoe reads format {HEAD_FORMAT}")
     try:
         config = HeadConfig(**raw)
-    except TypeError as exc:
+    except (TypeError, ModelError) as exc:  # unknown or missing fields; a bad kind, layer without pooling
         raise ModelError(f"{config_file}: {exc}") from exc
     problem = safetensors_problem(weights) if weights.is_file() else f"{weights}: missing"
     if problem:
@@ -141,11 +144,14 @@ def load_head(folder: str | Path) -> tuple[OptionHead, HeadConfig]:
     expected = {"mu", "sigma", "W", "v", "b"}
     if set(state) != expected:
         raise ModelError(f"{weights}: tensors {sorted(state)}, expected {sorted(expected)}")
-    letters, width = state["W"].shape
-    if letters != config.letters or state["b"].shape != (letters,) or state["v"].shape != (len(config.option_features),):
-        raise ModelError(f"{weights}: shapes W {tuple(state['W'].shape)}, v {tuple(state['v'].shape)}, "
-                         f"b {tuple(state['b'].shape)} do not match {HEAD_CONFIG} ({config.letters} letters, "
-                         f"option features {config.option_features})")
-    head = OptionHead(letters, width, len(config.option_features))
+    width = state["W"].shape[1] if state["W"].dim() == 2 else -1
+    shapes = {k: tuple(t.shape) for k, t in state.items()}
+    want = {"mu": (width,), "sigma": (width,), "W": (config.letters, width), "v": (len(config.option_features),),
+            "b": (config.letters,)}
+    if width < 0 or shapes != want:
+        raise ModelError(f"{weights}: shapes " + ", ".join(f"{k} {shapes[k]}" for k in ("W", "v", "b", "mu", "sigma"))
+                         + f" do not match {HEAD_CONFIG} ({config.letters} letters, option features "
+                         f"{config.option_features}) and each other")
+    head = OptionHead(config.letters, width, len(config.option_features))
     head.load_state_dict(state)
     return head.eval(), config

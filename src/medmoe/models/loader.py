@@ -9,6 +9,8 @@ source                                   loads as
                                          the format before it: Llama config.json + medmoe_hybrid.json)
   `medmoe mambaformer distill` run folder            its latest complete checkpoint, a hybrid
   `medmoe finetune` model/ folder        any of the above; its provenance: `training_provenance`
+  `medmoe heads train` folder            refused with a pointer to `medmoe eval --head`: a head is read
+                                         by models/head.py's `load_head` (it names its expert)
 adapter (applied on top of source)
   LoRA-MoE adapter folder                LoraMoeModel (loramoe_config.json + safetensors)
   PEFT LoRA adapter folder               PeftModel (adapter_config.json + adapter_model.safetensors)
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from medmoe.errors import ModelError
+from medmoe.models.head import is_head_folder
 from medmoe.models.zoo import load_hf_model, load_tokenizer, resolve
 
 TRAINING_FILE = "medmoe_training.json"  # next to a fine-tuned model: its data, and what was left out
@@ -37,6 +40,9 @@ def load_causal_lm(name_or_path: str, dtype: Any = None, device: str = "cpu", to
     if adapter is not None:
         return _with_adapter(name_or_path, Path(adapter), dtype, device, tokenizer)
     source = resolve(name_or_path)
+    if is_head_folder(source):
+        raise ModelError(f"{source} is an option head (medmoe_head.json), not a model: evaluate it with "
+                         "`medmoe eval --head` (it names its expert)")
     hybrid = hybrid_folder(Path(source))
     if hybrid is not None:
         return _load_hybrid(hybrid, dtype, device, tokenizer)

@@ -15,6 +15,7 @@ from typing import Any
 from medmoe.answer.causal_lm import CausalLMAnswerer, open_prompt
 from medmoe.answer.types import InputTooLong, RequestRejected
 from medmoe.eval.window import cut_context  # the long-input rule CausalLMAnswerer.fit applies (as `medmoe eval`)
+from medmoe.heads.bundled import HeadSet
 
 __all__ = ["CausalLMAnswerer", "InputTooLong", "RequestRejected", "cut_context", "load_causal_lm_answerer", "open_prompt"]
 
@@ -24,8 +25,34 @@ def load_causal_lm_answerer(config: Any) -> CausalLMAnswerer:
     bundled name, hub id, HF folder, GGUF, Mamba hybrid, fine-tuned model), with `config.adapter`."""
     from medmoe.models import load_causal_lm
 
-    model, tokenizer = load_causal_lm(config.model, adapter=getattr(config, "adapter", None))
+    adapter = getattr(config, "adapter", None)
+    model, tokenizer = load_causal_lm(config.model, adapter=adapter)
     return CausalLMAnswerer(
         model, tokenizer, name=config.model_label or config.model,
         max_new_tokens=config.max_new_tokens, max_input_tokens=config.max_input_tokens,
+        heads=server_heads(getattr(config, "heads", "none"), config.model, adapter),
     )
+
+
+def server_heads(heads: list[str] | str, model: str, adapter: str | None) -> HeadSet | None:
+    """The option heads the server answers through: medmoe's bundled ones for `model` ("bundled";
+    none exist for a model with an adapter, whose features differ), none ("none"), or the named
+    folders, each of which must read `model` without an adapter or with this one."""
+    from medmoe.errors import MedmoeError
+    from medmoe.models.head import load_head
+
+    if heads == "none":
+        return None
+    if heads == "bundled":
+        return None if adapter else HeadSet.bundled(model)
+    if isinstance(heads, str):
+        raise MedmoeError(f"server config: heads must be 'bundled', 'none' or a list of head folders, got {heads!r}")
+    loaded = [load_head(folder) for folder in heads]
+    for folder, (_, head_config) in zip(heads, loaded):
+        if head_config.base != model or head_config.adapter != adapter:
+            raise MedmoeError(f"server config: the head {folder} reads {head_config.base} (adapter {head_config.adapter}), "
+                              f"the server runs {model} (adapter {adapter})")
+        if head_config.retrieval:
+            raise MedmoeError(f"server config: the head {folder} uses retrieval features, which the server does not build; "
+                              "train one without --retrieval")
+    return HeadSet(loaded)

@@ -25,6 +25,7 @@ class ServeConfig:
     model: str = "smollm2-135m"  # bundled name, hub id or local path (any medmoe artifact), for the default factory
     adapter: str | None = None  # a `medmoe finetune` adapter folder (LoRA-MoE or PEFT LoRA) applied to `model`
     model_label: str | None = None  # name reported as the expert [default: model]
+    heads: list[str] | str = "bundled"  # option heads (docs/heads.md): "bundled" (medmoe's for `model`), "none", or head folders
     answerer: str = DEFAULT_FACTORY  # "module:callable", called as factory(config) -> Answerer
     answerer_options: dict[str, Any] = field(default_factory=dict)  # free-form, for custom factories
     threads: int | None = None  # torch CPU threads [default: torch's choice]
