@@ -241,3 +241,25 @@ def test_smollm2_batched_scores_match_score_options():
         prompt = build_prompt(record, tokenizer)
         reference = score_options(model, tokenizer, prompt.context, prompt.continuations).probabilities()
         assert list(answer.label_scores.values()) == pytest.approx(reference, abs=1e-4)
+
+
+@pytest.mark.real_model
+def test_the_default_server_answers_option_questions_through_its_bundled_heads():
+    """The default factory on SmolLM2 answers a PubMedQA and a Dental question through the bundled heads
+    (the same logits as the quality report's head, from the same forward pass); a Chinese question,
+    which no bundled head reads, by the model's own option likelihoods."""
+    from medmoe.data import load_dataset
+    from medmoe.heads.answerer import head_logits
+    from medmoe.heads.bundled import HeadSet
+    from medmoe.serve.config import ServeConfig, build_answerer
+
+    answerer = build_answerer(ServeConfig(model="smollm2-135m"))
+    records = [load_dataset("pubmedqa", "test")[0], load_dataset("dental", "test")[0], load_dataset("cmexam", "test")[0]]
+    answers = answerer.answer_batch(records)
+    assert [a.expert for a in answers] == ["smollm2-135m+head(head)", "smollm2-135m+head(head)", "smollm2-135m"]
+    heads = HeadSet.bundled("smollm2-135m")
+    for record, answer in zip(records[:2], answers):
+        head, config = heads.for_record(record)
+        logits, _, _ = head_logits(answerer.model, answerer.tokenizer, head, config, build_prompt(record, answerer.tokenizer),
+                                   len(record.options))
+        assert list(answer.label_scores.values()) == pytest.approx(torch.softmax(logits, 0).tolist(), abs=1e-5)
