@@ -49,6 +49,7 @@ def run(args: argparse.Namespace) -> None:
 
     from medmoe.data import load_dataset
     from medmoe.data.pools import training_pool
+    from medmoe.eval.benchmarks import subsample
     from medmoe.eval.model import HFEvalModel
     from medmoe.heads.fit import option_inputs, predict
     from medmoe.heads.train import RETRIEVAL_FEATURES, expert_features, retrieval_extra, train_heads
@@ -63,7 +64,7 @@ def run(args: argparse.Namespace) -> None:
         pool = training_pool(name)
         if args.pool_limit:
             pool = sorted(pool, key=lambda r: __import__("hashlib").sha256(r.id.encode()).hexdigest())[: args.pool_limit]
-        test = load_dataset(name, "test")[: args.test_limit]
+        test = subsample(load_dataset(name, "test"), args.test_limit)  # a partial run: the fixed sha256 subsample
         model, tokenizer = load_causal_lm(expert, dtype=getattr(torch, args.dtype))
         lm = HFEvalModel(model, tokenizer, expert, share_prefix=False)
         features = expert_features(lm, expert, test)  # first: the longest part, cached for a resumed run
@@ -139,7 +140,7 @@ def report(args: argparse.Namespace) -> None:
         if folder.name == "cmexam":
             single = [r for r in rows if not r["multi_answer"]]
             benchmarks["cmexam-single"] = summarize("cmexam-single", single, systems, deployed)
-            details["cmexam-single"] = run_info
+            details["cmexam-single"] = {**run_info, "subset": "the single-answer questions"}
     lines = ["Every system answers from one forward pass of its expert over the zero-shot prompt; heads and "
              "calibrations are chosen by 5-fold cross-validation on the training pool only (no test question "
              "is seen). `diff vs constant` is the paired-bootstrap 95% interval of accuracy minus the best "
@@ -147,7 +148,11 @@ def report(args: argparse.Namespace) -> None:
     for name, b in benchmarks.items():
         info = details[name]
         c = b["best_constant"]
-        partial = f"; PARTIAL: the first {b['n']} of {info['test_split']} test questions" if b["n"] < info.get("test_split", b["n"]) else ""
+        partial = ""
+        if info["test"] < info["test_split"]:
+            partial = f"; PARTIAL: a fixed subsample of {info['test']} of {info['test_split']} test questions"
+        if info.get("subset"):
+            partial += f"; {info['subset']}"
         lines += [f"## {name} (n = {b['n']}{partial}; expert {info['expert']}, {info['dtype']}; training pool {info['pool']})", "",
                   f"Best constant answer: '{c['answer']}', accuracy {c['accuracy']:.3f}, macro-F1 {c['macro_f1']:.3f}.", "",
                   "| system | chosen by CV on the pool | CV accuracy | accuracy [95% CI] | macro-F1 | diff vs constant [95% CI] | deployed |",
@@ -173,7 +178,7 @@ def main() -> None:
     r.add_argument("--pool-limit", type=int, default=None, help="a fixed sha256-ordered subset of the pool")
     r.add_argument("--threads", type=int, default=2)
     r.add_argument("--no-retrieval", action="store_true", help="skip the head with retrieval features")
-    r.add_argument("--test-limit", type=int, default=None, help="only the first N test questions (a partial run, marked so in the report)")
+    r.add_argument("--test-limit", type=int, default=None, help="only N test questions, the fixed sha256 subsample (a partial run, marked so in the report)")
     r.add_argument("--bundle", action="store_true", help="write the deployed head into src/medmoe/heads/bundled/<expert>/<benchmark>/")
     sub.add_parser("report", help="write reports/quality.md and .json from runs/quality")
     args = parser.parse_args()
