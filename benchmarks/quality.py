@@ -125,6 +125,17 @@ def summarize(name: str, rows: list[dict[str, Any]], systems: list[str], deploye
     return out
 
 
+def deployed_system(run_info: dict[str, Any]) -> str | None:
+    """What the server answers this benchmark's questions with by default: its model's bundled head
+    when the benchmark's expert is the server's default model; None when another model answers them
+    by default (the expert's heads are then used only with `medmoe serve --model EXPERT`)."""
+    from medmoe.serve.config import ServeConfig
+
+    if run_info["expert"] != ServeConfig().model:
+        return None
+    return run_info["deployed"] if run_info.get("bundled") else "zero-shot"
+
+
 def report(args: argparse.Namespace) -> None:
     from common import write_report
 
@@ -134,14 +145,18 @@ def report(args: argparse.Namespace) -> None:
         run_info = json.loads((folder / "run.json").read_text(encoding="utf-8"))
         rows = [json.loads(line) for line in (folder / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
         systems = list(run_info["systems"])
-        deployed = run_info["deployed"] if run_info.get("bundled") else "zero-shot"
+        deployed = deployed_system(run_info)
         benchmarks[folder.name] = summarize(folder.name, rows, systems, deployed)
         details[folder.name] = run_info
         if folder.name == "cmexam":
             single = [r for r in rows if not r["multi_answer"]]
             benchmarks["cmexam-single"] = summarize("cmexam-single", single, systems, deployed)
             details["cmexam-single"] = {**run_info, "subset": "the single-answer questions"}
-    lines = ["Every system answers from one forward pass of its expert over the zero-shot prompt; heads and "
+    lines = ["`deployed`: what `medmoe serve` answers with by default (its model is smollm2-135m, whose bundled "
+             "heads answer English yes/no/maybe and 4-option questions); the Qwen rows' `head` folders are "
+             "bundled too and answer by default under `medmoe serve --model qwen2.5-coder-1.5b`. The main job and "
+             "`medmoe ask` (the routed MambaFormer system) still answer with the experts' own scores.", "",
+             "Every system answers from one forward pass of its expert over the zero-shot prompt; heads and "
              "calibrations are chosen by 5-fold cross-validation on the training pool only (no test question "
              "is seen). `diff vs constant` is the paired-bootstrap 95% interval of accuracy minus the best "
              "constant answer's; a system beats the floor when its lower end is above 0.", ""]

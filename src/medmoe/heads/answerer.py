@@ -72,7 +72,11 @@ class HeadAnswerer:
             from medmoe.heads.train import retrieval_extra
 
             pool_name = config.retrieval["pool"]
-            extra, _ = retrieval_extra(pool_name, training_pool(pool_name), config.retrieval["encoder"])
+            pool = training_pool(pool_name)
+            if len(pool) != config.retrieval.get("records", len(pool)):
+                raise MedmoeError(f"{folder}: its retrieval features came from {config.retrieval['records']} records "
+                                  f"of the {pool_name} pool, which now has {len(pool)}; train the head again")
+            extra, _ = retrieval_extra(pool_name, pool, config.retrieval["encoder"])
         return cls(HFEvalModel(model, tokenizer, config.base, share_prefix=False), head, config, extra)
 
     @torch.inference_mode()

@@ -19,7 +19,8 @@ from medmoe.models.head import HeadConfig, OptionHead, is_head_folder, load_head
 BUNDLED_HEADS = Path(__file__).resolve().parent / "bundled"
 
 
-def record_format(record: Record) -> str:
+def question_format(record: Record) -> str:
+    """"yesno/<language>" or "choice/<language>": which head answers a record (a head stores its pool's)."""
     return f"{'yesno' if is_yesno(record) else 'choice'}/{language_of(record)}"
 
 
@@ -40,7 +41,7 @@ class HeadSet:
         return cls([load_head(p) for p in bundled_head_folders(expert)])
 
     def for_record(self, record: Record) -> tuple[OptionHead, HeadConfig] | None:
-        fmt = record_format(record)
+        fmt = question_format(record)
         for head, config in self.heads:
             if config.questions == fmt and len(record.options) <= head.letters and not config.retrieval:
                 return head, config

@@ -15,7 +15,8 @@ import torch
 
 from medmoe.data.record import Record
 from medmoe.eval.model import HFEvalModel
-from medmoe.eval.prompts import is_yesno, language_of
+from medmoe.eval.prompts import language_of
+from medmoe.heads.bundled import question_format
 from medmoe.heads.contextual import contextual_bias
 from medmoe.heads.features import Features, extract_features, feature_folder, record_key
 from medmoe.heads.fit import Candidate, TrainingSet, best, fit_candidate, score_candidates, training_set
@@ -58,12 +59,7 @@ def retrieval_extra(pool_name: str, pool: Sequence[Record], encoder_name: str | 
         idx, sims = knn(records, pool, encoder, RETRIEVAL_K, default_cache_dir())  # embeddings cached
         return option_features(records, pool, idx, sims, encoder, cache_dir=default_cache_dir())
 
-    return extra, {"pool": pool_name, "encoder": encoder.name, "k": RETRIEVAL_K}
-
-
-def question_format(record: Record) -> str:
-    """"yesno/<language>" or "choice/<language>": the questions a head trained on such records answers."""
-    return f"{'yesno' if is_yesno(record) else 'choice'}/{language_of(record)}"
+    return extra, {"pool": pool_name, "records": len(pool), "encoder": encoder.name, "k": RETRIEVAL_K}
 
 
 def pool_fingerprint(records: Sequence[Record]) -> str:
