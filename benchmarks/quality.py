@@ -10,8 +10,10 @@
   3. heads chosen by 5-fold cross-validation on the pool only (medmoe.heads.fit): zero-shot,
      calibrated (per-option bias, or contextual calibration), head on hidden states, and the head with
      retrieval features (nearest training questions, medmoe.heads.retrieval) when an encoder exists;
-  4. each system's test predictions -> runs/quality/<benchmark>/predictions.jsonl, and the chosen heads
-     -> runs/quality/<benchmark>/heads/<system>/ (loadable with `medmoe eval --head`).
+  4. each system's test predictions -> runs/quality/<benchmark>/<expert>/predictions.jsonl, and the chosen
+     heads -> runs/quality/<benchmark>/<expert>/heads/<family>/ (loadable with `medmoe eval --head`).
+A benchmark may be run with several experts (`--expert`); the report lists every expert's systems,
+named "<expert> <family>".
 `report` reads every benchmark's results and writes reports/quality.md and reports/quality.json:
   {"benchmarks": {NAME: {"n", "best_constant": {"answer", "accuracy", "macro_f1"},
                          "systems": {SYSTEM: {"accuracy", "macro_f1", "ci95", "diff_vs_constant_ci95", "deployed"}}}}}
@@ -71,7 +73,7 @@ def run(args: argparse.Namespace) -> None:
         extra, retrieval = (None, None) if args.no_retrieval else retrieval_extra(name, pool)
         heads, candidates = train_heads(lm, expert, name, pool, extra=extra, extra_names=RETRIEVAL_FEATURES,
                                         retrieval=retrieval)
-        folder = RUNS / name
+        folder = RUNS / name / expert
         systems: dict[str, list[str]] = {}
         for family, trained in heads.items():
             uses_extra = family == "head+retrieval" and extra is not None
@@ -136,21 +138,58 @@ def deployed_system(run_info: dict[str, Any]) -> str | None:
     return run_info["deployed"] if run_info.get("bundled") else "zero-shot"
 
 
+def load_run(folder: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    run_info = json.loads((folder / "run.json").read_text(encoding="utf-8"))
+    rows = [json.loads(line) for line in (folder / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+    return run_info, rows
+
+
+def merge_runs(name: str, runs: list[tuple[dict[str, Any], list[dict[str, Any]]]]
+               ) -> tuple[list[dict[str, Any]], list[str], str | None, dict[str, Any]]:
+    """One benchmark's runs (one per expert) on the same test questions -> rows with a column per
+    "<expert> <family>", those system names, the deployed one, and the runs' details."""
+    ids = [r["id"] for r in runs[0][1]]
+    merged = [{"id": r["id"], "gold": r["gold"], "multi_answer": r["multi_answer"]} for r in runs[0][1]]
+    systems: list[str] = []
+    deployed = None
+    details: dict[str, Any] = {"test": runs[0][0]["test"], "test_split": runs[0][0]["test_split"], "experts": {}, "systems": {}}
+    for run_info, rows in runs:
+        expert = run_info["expert"]
+        if [r["id"] for r in rows] != ids:
+            raise SystemExit(f"runs/quality/{name}: the {expert} run answered other test questions than "
+                             f"{runs[0][0]['expert']}'s (rerun both with the same --test-limit)")
+        for family, chosen in run_info["systems"].items():
+            system = f"{expert} {family}"
+            systems.append(system)
+            details["systems"][system] = {**chosen, "expert": expert, "family": family}
+            for row, out in zip(rows, merged):
+                out[system] = row[family]
+        if deployed_system(run_info) is not None:
+            deployed = f"{expert} {deployed_system(run_info)}"
+        details["experts"][expert] = {k: run_info[k] for k in ("dtype", "pool", "deployed", "bundled", "cpu_seconds_wall", "candidates")
+                                      if k in run_info}
+    return merged, systems, deployed, details
+
+
 def report(args: argparse.Namespace) -> None:
     from common import write_report
 
     benchmarks: dict[str, Any] = {}
     details: dict[str, Any] = {}
-    for folder in sorted(p for p in RUNS.iterdir() if (p / "predictions.jsonl").is_file()):
-        run_info = json.loads((folder / "run.json").read_text(encoding="utf-8"))
-        rows = [json.loads(line) for line in (folder / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
-        systems = list(run_info["systems"])
-        deployed = deployed_system(run_info)
-        benchmarks[folder.name] = summarize(folder.name, rows, systems, deployed)
-        details[folder.name] = run_info
-        if folder.name == "cmexam":
+    for bench in sorted(p for p in RUNS.iterdir() if p.is_dir()):
+        runs = [load_run(folder) for folder in sorted(bench.iterdir()) if (folder / "predictions.jsonl").is_file()]
+        if not runs:
+            continue
+        rows, systems, deployed, run_info = merge_runs(bench.name, runs)
+        benchmarks[bench.name] = summarize(bench.name, rows, systems, deployed)
+        for system, row in benchmarks[bench.name]["systems"].items():
+            row |= {"expert": run_info["systems"][system]["expert"], "family": run_info["systems"][system]["family"]}
+        details[bench.name] = run_info
+        if bench.name == "cmexam":
             single = [r for r in rows if not r["multi_answer"]]
             benchmarks["cmexam-single"] = summarize("cmexam-single", single, systems, deployed)
+            for system, row in benchmarks["cmexam-single"]["systems"].items():
+                row |= {"expert": run_info["systems"][system]["expert"], "family": run_info["systems"][system]["family"]}
             details["cmexam-single"] = {**run_info, "subset": "the single-answer questions"}
     lines = ["`deployed`: what `medmoe serve` answers with by default (its model is smollm2-135m, whose bundled "
              "heads answer English yes/no/maybe and 4-option questions); the Qwen rows' `head` folders are "
@@ -168,7 +207,8 @@ def report(args: argparse.Namespace) -> None:
             partial = f"; PARTIAL: a fixed subsample of {info['test']} of {info['test_split']} test questions"
         if info.get("subset"):
             partial += f"; {info['subset']}"
-        lines += [f"## {name} (n = {b['n']}{partial}; expert {info['expert']}, {info['dtype']}; training pool {info['pool']})", "",
+        experts = "; ".join(f"{e} ({x['dtype']}, training pool {x['pool']})" for e, x in info["experts"].items())
+        lines += [f"## {name} (n = {b['n']}{partial}; experts: {experts})", "",
                   f"Best constant answer: '{c['answer']}', accuracy {c['accuracy']:.3f}, macro-F1 {c['macro_f1']:.3f}.", "",
                   "| system | chosen by CV on the pool | CV accuracy | accuracy [95% CI] | macro-F1 | diff vs constant [95% CI] | deployed |",
                   "|---|---|---|---|---|---|---|"]
