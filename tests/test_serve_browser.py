@@ -23,20 +23,31 @@ QUESTION = "Which vitamin deficiency causes scurvy?"
 OPTIONS = ["Vitamin A", "Vitamin C", "Vitamin D"]
 
 
-def ask_on_page(driver, base: str, question: str, options=(), context: str = ""):
+def ask_on_page(driver, base: str, question: str, options=(), context: str = "", tau: float | None = None, load: bool = True):
+    """Ask on the page (loaded again unless `load` is False); tau: tick "my own threshold" and set the slider."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as EC
     from selenium.webdriver.support.ui import WebDriverWait
 
-    driver.get(base + "/")
+    if load:
+        driver.get(base + "/")
     assert "not medical advice" in driver.find_element(By.ID, "notice").text
+    if tau is not None:
+        WebDriverWait(driver, 20).until(EC.visibility_of_element_located((By.ID, "routing-box")))
+        override = driver.find_element(By.ID, "tau-override")
+        if not override.is_selected():
+            override.click()
+        slider = driver.find_element(By.ID, "tau")  # set like a user would, with the input event the page listens to
+        driver.execute_script("arguments[0].value = arguments[1]; arguments[0].dispatchEvent(new Event('input'));", slider, str(tau))
+        assert driver.find_element(By.ID, "tau-value").text == f"{tau:.2f}"
+    driver.find_element(By.ID, "question").clear()
     driver.find_element(By.ID, "question").send_keys(question)
     if options or context:
         driver.find_element(By.CSS_SELECTOR, "#more summary").click()
         driver.find_element(By.ID, "context").send_keys(context)
         driver.find_element(By.ID, "options").send_keys("\n".join(options))
     driver.find_element(By.ID, "ask").click()
-    wait = WebDriverWait(driver, 60)
+    wait = WebDriverWait(driver, 120)
     wait.until(lambda d: d.find_element(By.ID, "status").text in ("Answered.",) or "Error" in d.find_element(By.ID, "status").text)
     assert driver.find_element(By.ID, "status").text == "Answered.", driver.find_element(By.ID, "status").text
     wait.until(EC.visibility_of_element_located((By.ID, "answer")))
@@ -60,7 +71,8 @@ def test_page_answers_with_a_tiny_model(tmp_path):
         answer = driver.find_element(By.ID, "answer").text
         assert answer[:3] in ("A. ", "B. ", "C. ") and answer[3:] == OPTIONS["ABC".index(answer[0])]
         assert driver.find_element(By.ID, "expert").text == "tiny-llama"
-        assert driver.find_element(By.ID, "gate").text == "no router (single model)"
+        for routed_only in ("gate-row", "tau-row", "decision-row", "why", "routing-box"):  # a single model: just its name
+            assert not driver.find_element(By.ID, routed_only).is_displayed(), routed_only
         assert "ms total" in driver.find_element(By.ID, "latency").text
         assert len(driver.find_elements(By.CSS_SELECTOR, "#scores tbody tr")) == 3
         history = driver.find_elements(By.CSS_SELECTOR, "#history li")
@@ -73,8 +85,8 @@ def test_page_answers_with_a_tiny_model(tmp_path):
         assert driver.find_element(By.ID, "status").text == "Please type a question."
 
 
-def test_page_shows_the_routing_decision(tmp_path):
-    """With a routed answerer the page shows which expert answered, p_M and the top features."""
+def test_page_shows_the_gate_of_an_answerer_without_thresholds(tmp_path):
+    """An answerer that reports p_M and features but takes no threshold: those shown, no tau, no slider."""
     from medmoe.serve.app import create_app
 
     routed = FakeAnswerer(expert_of=lambda r: "mamba")
@@ -83,22 +95,65 @@ def test_page_shows_the_routing_decision(tmp_path):
         assert driver.find_element(By.ID, "answer").text == "echo:What causes scurvy?"
         assert driver.find_element(By.ID, "expert").text == "mamba"
         assert driver.find_element(By.ID, "gate").text == "0.250"
-        assert driver.find_element(By.ID, "features").text == "length: +0.500"
+        assert driver.find_element(By.ID, "features").text == "length (query length): +0.500 toward Mamba"
+        assert not driver.find_element(By.ID, "tau-row").is_displayed() and not driver.find_element(By.ID, "routing-box").is_displayed()
         assert not driver.find_element(By.ID, "scores-box").is_displayed()
+
+
+def test_page_shows_the_routing_decision_and_takes_a_threshold(tmp_path):
+    """The routed system (tiny experts, calibrated tau 0.5) behind the page: the expert, p_M, tau and the
+    decision, the gate's top features; the slider's threshold decides (0: Mamba, 1: Transformer)."""
+    from medmoe.data.record import Record
+    from medmoe.serve.app import create_app
+    from medmoe.serve.config import ServeConfig
+    from serve_helpers import tiny_router
+
+    router = tiny_router()
+    p_mamba = router.route([Record(id="q", question="What causes scurvy?", answer="")])[0][1]
+    calibrated = "mamba" if p_mamba > 0.5 else "transformer"
+    with running_server(create_app(router, ServeConfig(max_new_tokens=4, max_wait_ms=1))) as base, \
+            headless_chromium(tmp_path / "profile") as driver:
+        By = ask_on_page(driver, base, "What causes scurvy?")
+        assert driver.find_element(By.ID, "routing-box").is_displayed()
+        assert driver.find_element(By.ID, "tau-default").text == "(otherwise the calibrated τ = 0.500)"
+        assert driver.find_element(By.ID, "expert").text == calibrated
+        assert driver.find_element(By.ID, "gate").text == f"{p_mamba:.3f}"
+        assert driver.find_element(By.ID, "tau-used").text == "0.500 (calibrated)"
+        sign = ">" if calibrated == "mamba" else "≤"
+        assert driver.find_element(By.ID, "decision").text == f"p_M {p_mamba:.3f} {sign} τ 0.500: the {calibrated.title()} expert"
+        features = driver.find_elements(By.CSS_SELECTOR, "#features li")
+        assert 1 <= len(features) <= 5 and all(" toward " in f.text for f in features)
+        for tau, expert in ((0.0, "mamba"), (1.0, "transformer")):
+            ask_on_page(driver, base, "What causes scurvy?", tau=tau, load=False)
+            assert driver.find_element(By.ID, "expert").text == expert
+            assert driver.find_element(By.ID, "tau-used").text == f"{tau:.3f} (set for this question)"
+            assert driver.find_element(By.ID, "gate").text == f"{p_mamba:.3f}"  # the same p_M, another threshold
+        history = driver.find_elements(By.CSS_SELECTOR, "#history li")
+        assert len(history) == 3 and "τ 1.00" in history[0].text
+
+
+# What the default server (SmolLM2-135M through its bundled 4-option head) answers right, and the issue's
+# scurvy example, which it gets wrong ("Vitamin A"; before the heads, the plain model said "Vitamin D").
+RIGHT = ("Which blood cells carry oxygen to the tissues?", ["White blood cells", "Red blood cells", "Platelets", "Plasma cells"], "B")
+WRONG = (QUESTION, OPTIONS, "Scurvy results from a lack of ascorbic acid in the diet; citrus fruit prevents it.")
 
 
 @pytest.mark.real_model
 def test_page_with_smollm2(tmp_path):
-    """The bundled SmolLM2-135M behind the page (makes reports/web_page.png with MEDMOE_SCREENSHOT)."""
-    from medmoe.answer.causal_lm import CausalLMAnswerer
-    from medmoe.models import load_causal_lm
-    from medmoe.serve.app import create_app
+    """The default server (bundled SmolLM2-135M, its bundled heads) behind the page: a question it answers
+    right (makes reports/web_page.png with MEDMOE_SCREENSHOT), then one it gets wrong, still answered."""
+    from medmoe.serve.app import app_from_config
+    from medmoe.serve.config import ServeConfig
 
-    model, tokenizer = load_causal_lm("smollm2-135m")
-    answerer = CausalLMAnswerer(model, tokenizer, name="smollm2-135m")
-    with running_server(create_app(answerer)) as base, headless_chromium(tmp_path / "profile") as driver:
-        context = "Scurvy results from a lack of ascorbic acid in the diet; citrus fruit prevents it."
-        By = ask_on_page(driver, base, QUESTION, OPTIONS, context)
-        assert driver.find_element(By.ID, "expert").text == "smollm2-135m"
-        assert driver.find_element(By.ID, "answer").text[:1] in "ABC"
+    with running_server(app_from_config(ServeConfig(threads=1))) as base, headless_chromium(tmp_path / "profile") as driver:
+        question, options, gold = RIGHT
+        By = ask_on_page(driver, base, question, options)
+        assert driver.find_element(By.ID, "expert").text == "smollm2-135m+head(head)"
+        assert driver.find_element(By.ID, "answer").text == f"{gold}. {options['ABCD'.index(gold)]}"
+        assert not driver.find_element(By.ID, "gate-row").is_displayed()  # a single model: no routing shown
         save_screenshot(driver, tmp_path)
+
+        question, options, context = WRONG
+        By = ask_on_page(driver, base, question, options, context)
+        assert driver.find_element(By.ID, "expert").text.startswith("smollm2-135m")
+        assert driver.find_element(By.ID, "answer").text[:3] in ("A. ", "B. ", "C. ")  # an answer, right or not

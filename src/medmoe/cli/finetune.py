@@ -31,6 +31,7 @@ EXPERT_FLAGS = {"--source": "--model", "--dataset": "--data", "--gate-holdout": 
 ROUTING_FLAGS = {"--base": "--model", "--out": "--output"}
 
 SCHEDULE, LORAMOE, LORA, FULL = "Schedule and evaluation", "LoRA-MoE (--method loramoe)", "LoRA (--method lora)", "Full fine-tuning (--method full)"
+TOP_BLOCKS = "Top blocks over cached activations (--method lora, loramoe)"
 
 # ---- options shared by `finetune` and `mambaformer expert` (each command sets its own default) ----
 Data = Annotated[str, typer.Option("--data", help="Bundled dataset name (its train split) or a JSONL/JSON/CSV file.")]
@@ -42,7 +43,7 @@ GradAccum = Annotated[int, typer.Option(help="Micro-batches per optimizer step."
 Lr = Annotated[float, typer.Option(help="Peak learning rate (linear warm-up, cosine decay to 10%).", rich_help_panel=SCHEDULE)]
 MaxLength = Annotated[int, typer.Option(help="Tokens per example (the prompt is truncated on the left).")]
 SkipFirst = Annotated[int, typer.Option(help="Leave out the first N training examples, kept for the MambaFormer gate: it learns from the experts' outcomes on them (`medmoe run --train-limit` at most N).")]
-TopLayers = Annotated[int, typer.Option(help="Train only the last N decoder layers and the final norm (0 = every weight): the backward pass stops N layers deep.", rich_help_panel=FULL)]
+TopLayers = Annotated[int, typer.Option(help="Train only the last N decoder layers' weights and the final norm (0 = every weight): the backward pass stops N layers deep, the forward still runs every layer at every step (for adapters on the last N blocks over cached activations: --top-blocks).", rich_help_panel=FULL)]
 FreezeMixers = Annotated[bool, typer.Option(help="With --top-layers: train the MLPs and norms only (attention / Mamba mixers frozen); much cheaper on CPU.", rich_help_panel=FULL)]
 Threads = Annotated[int, typer.Option(help="torch threads (0 = torch default).")]
 Resume = Annotated[bool, typer.Option(help="Resume from the newest checkpoint in --output, if any (the same settings only); --no-resume refuses a folder that already holds a run (nothing is deleted).")]
@@ -89,6 +90,8 @@ def finetune_command(
     target_modules: Annotated[str, typer.Option(help="Comma-separated module names, or all-linear (LoRA and LoRA-MoE).")] = "all-linear",
     top_layers: TopLayers = 0,
     freeze_mixers: FreezeMixers = False,
+    top_blocks: Annotated[int, typer.Option(help="Adapters on the last N decoder blocks only, trained over cached activations of the frozen lower blocks: one forward of the lower blocks per example (stored in OUTPUT/top_blocks_cache, reused on resume, deleted when the run ends), then each step runs only the top N (0 = adapters on every block). Llama, SmolLM2, Qwen2/3, Gemma-3; not --top-layers, which trains the weights of the last N layers of --method full and runs every layer at every step.", rich_help_panel=TOP_BLOCKS)] = 0,
+    top_blocks_cache_dtype: Annotated[str, typer.Option(help="With --top-blocks: the cache's dtype, model (the lower blocks' output as computed: training equals the full model's) | bfloat16 (half the disk for an fp32 model; the top blocks see the states rounded to bfloat16).", rich_help_panel=TOP_BLOCKS)] = "model",
     config: ConfigOption = None,
 ) -> None:
     """Fine-tune a model on DATA with LoRA-MoE, plain LoRA or full fine-tuning; resumable.
@@ -99,7 +102,11 @@ def finetune_command(
     Example: medmoe finetune --model smollm2-135m --method loramoe --data pubmedqa --steps 200 -o runs/pubmedqa-moe
     """
     if method != "full" and (top_layers or freeze_mixers):
-        raise typer.BadParameter("--top-layers and --freeze-mixers are for --method full", param_hint="--method")
+        raise typer.BadParameter("--top-layers and --freeze-mixers are for --method full (for adapters on the last N blocks: "
+                                 "--top-blocks N)", param_hint="--method")
+    if method == "full" and top_blocks:
+        raise typer.BadParameter("--top-blocks is for --method lora and loramoe; for --method full, --top-layers N trains the "
+                                 "last N layers' weights", param_hint="--method")
     targets = "all-linear" if target_modules == "all-linear" else [t.strip() for t in target_modules.split(",") if t.strip()]
     loramoe = dict(num_experts=experts, top_k=top_k, rank=rank, alpha=alpha, dropout=dropout, router_kind=loramoe_router,
                    router_dim=loramoe_router_dim,
@@ -113,7 +120,8 @@ def finetune_command(
                     warmup_steps=warmup_steps, max_length=max_length, seed=seed, eval_every=eval_every,
                     eval_examples=eval_examples, save_every=save_every, resume=resume, skip_first=skip_first, limit=limit,
                     lora_rank=lora_rank, lora_dropout=dropout, target_modules=targets, loramoe=loramoe,
-                    top_layers=top_layers, freeze_mixers=freeze_mixers),
+                    top_layers=top_layers, freeze_mixers=freeze_mixers, top_blocks=top_blocks,
+                    top_blocks_cache_dtype=top_blocks_cache_dtype),
     )
 
 

@@ -1,7 +1,9 @@
 """The deployed MambaFormer: a router checkpoint plus its two experts, as an `Answerer`.
 
 Per query: the gate's features of the query (`queries.query_features`, the one path training and
-calibration use too), p_M = gate(features); hard decision E_M if p_M > tau (the checkpoint's). The chosen expert then answers:
+calibration use too), p_M = gate(features); hard decision E_M if p_M > tau: the checkpoint's calibrated
+tau, or the record's own (`record.metadata[TAU_METADATA]`, a per-request threshold the server sets:
+`mambaformer-tau-0.35` as the model name, docs/serving.md). The chosen expert then answers:
   option questions  scored with the pipeline's rule (`letter`, zero-shot): `score_records` returns the
                     harness's `Outcome`s (what `medmoe eval --router` writes);
   open questions    greedy generation by that expert, the single-model server's batched decoding
@@ -16,15 +18,18 @@ cuts long contexts with `fit` (both experts' windows).
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
+import torch
+
 from medmoe.answer.causal_lm import CausalLMAnswerer
 from medmoe.answer.streaming import TextSink
-from medmoe.answer.types import Answer
+from medmoe.answer.types import Answer, RequestRejected
 from medmoe.data.record import Record
 from medmoe.errors import MedmoeError, ModelError
 from medmoe.eval.model import HFEvalModel
@@ -35,15 +40,19 @@ from medmoe.mambaformer.features import GateFeatures
 from medmoe.mambaformer.gate import torch_threads
 
 RULE = "letter"  # how each expert scores in the pipeline (zero-shot): the outcomes the gate was trained on
+TAU_METADATA = "routing_tau"  # a record's own threshold (metadata key): E_M iff p_M > it, instead of the checkpoint's tau
 
 
 class RoutedAnswerer:
     """checkpoint: the gate; experts: {"transformer": E_T, "mamba": E_M}.
-    max_new_tokens / max_input_tokens: generation and prompt limits of open questions (the server's)."""
+    max_new_tokens / max_input_tokens: generation and prompt limits of open questions (the server's).
+    router_dir: the checkpoint's folder, when loaded from one (the server looks for the run's dev results
+    beside it, to map latency budgets to thresholds)."""
 
     def __init__(self, checkpoint: RouterCheckpoint, experts: dict[str, Expert], name: str = "mambaformer",
-                 max_new_tokens: int = 64, max_input_tokens: int = 1024):
+                 max_new_tokens: int = 64, max_input_tokens: int = 1024, router_dir: str | Path | None = None):
         self.checkpoint, self.experts, self.name = checkpoint, experts, name
+        self.router_dir = Path(router_dir) if router_dir is not None else None
         self.tokenizer = experts["transformer"].tokenizer  # the gate's features use E_T's vocabulary
         self.max_new_tokens, self.max_input_tokens = max_new_tokens, max_input_tokens
         self._generators: dict[str, CausalLMAnswerer] = {}
@@ -67,13 +76,27 @@ class RoutedAnswerer:
         transformer = cast(str, sources["transformer"])
         loaded = {"transformer": load_expert("transformer", transformer),
                   "mamba": load_expert("mamba", cast(str, sources["mamba"]), tokenizer_source=transformer)}
-        return cls(checkpoint, loaded, name=f"mambaformer:{router_dir}", **limits)
+        return cls(checkpoint, loaded, name=f"mambaformer:{router_dir}", router_dir=router_dir, **limits)
+
+    @property
+    def tau(self) -> float:
+        """The calibrated threshold (the checkpoint's): E_M iff p_M > tau, for a record without its own."""
+        return self.checkpoint.tau
+
+    def tau_of(self, record: Record) -> float:
+        """The threshold `record` is routed at: its own (metadata[TAU_METADATA]) or the calibrated one."""
+        value = record.metadata.get(TAU_METADATA)
+        if value is None:
+            return self.checkpoint.tau
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise RequestRejected(f"routing.tau must be a number in [0, 1], got {value!r}", "routing.tau")
+        return float(value)
 
     def score_records(self, records: Sequence[Record], rule: str = RULE, shots: Sequence[Sequence[Record]] = (),
                       multi: bool = False, max_new_tokens: int = 32) -> list[Outcome]:
         """Route every record, then let each expert score its share in one batched call (the harness's hook:
         `medmoe.eval.rules.apply_rule` calls it for this system). Outcome.latency_ms = gate + expert;
-        Outcome.route = {expert, gate_probability (p_M), tau, gate_ms, expert_ms}."""
+        Outcome.route = {expert, gate_probability (p_M), tau (the record's: `tau_of`), gate_ms, expert_ms}."""
         if rule != RULE or any(shots):
             raise MedmoeError(f"the routed system scores as its experts did when the gate was trained: rule {RULE!r}, "
                               f"zero-shot (got rule {rule!r}, {max((len(s) for s in shots), default=0)} shots)")
@@ -96,7 +119,7 @@ class RoutedAnswerer:
             model = HFEvalModel(expert.model, expert.tokenizer, expert.name)
             scored = apply_rule(model, [records[i] for i in chosen], RULE, [[] for _ in chosen], multi, max_new_tokens)
             for i, outcome in zip(chosen, scored):
-                outcome.route = {"expert": name, "gate_probability": routes[i][1], "tau": self.checkpoint.tau,
+                outcome.route = {"expert": name, "gate_probability": routes[i][1], "tau": self.tau_of(records[i]),
                                  "gate_ms": gate_ms, "expert_ms": outcome.latency_ms}
                 outcome.latency_ms += gate_ms
                 outcomes[i] = outcome
@@ -109,7 +132,7 @@ class RoutedAnswerer:
         raises InputTooLong (in the server: a 422 for that request alone)."""
         start = time.perf_counter()
         features = self.checkpoint.features(self.tokenizer, records)
-        routes = self._routes(features)
+        routes = self._routes(features, [self.tau_of(r) for r in records])
         gate_ms = (time.perf_counter() - start) * 1000 / len(records)  # per query, amortized
         answers: list[Answer | None] = [None] * len(records)
         choice = [i for i, r in enumerate(records) if r.options]
@@ -138,12 +161,16 @@ class RoutedAnswerer:
         return self.answer_batch([record])[0]
 
     def route(self, records: Sequence[Record]) -> list[tuple[str, float]]:
-        """(expert, p_M) per record: the gate's hard decision at tau over each query's features."""
-        return self._routes(self.checkpoint.features(self.tokenizer, records))
+        """(expert, p_M) per record: the gate's hard decision over each query's features, at the
+        record's threshold (`tau_of`: its own, else the calibrated one)."""
+        taus = [self.tau_of(r) for r in records]
+        return self._routes(self.checkpoint.features(self.tokenizer, records), taus)
 
-    def _routes(self, features: GateFeatures) -> list[tuple[str, float]]:
+    def _routes(self, features: GateFeatures, taus: Sequence[float]) -> list[tuple[str, float]]:
         with self._gate_lock:
-            p_mamba, to_mamba = self.checkpoint.route_features(features, threads=1)
+            p_mamba, _ = self.checkpoint.route_features(features, threads=1)
+        # compared in p_M's dtype, as route_features compares with the checkpoint's tau
+        to_mamba = p_mamba > torch.tensor(list(taus), dtype=p_mamba.dtype)
         return [("mamba" if m else "transformer", p) for p, m in zip(p_mamba.tolist(), to_mamba.tolist())]
 
     def batch_key(self, record: Record) -> str:
@@ -171,11 +198,15 @@ class RoutedAnswerer:
 
 
 def load_routed_answerer(config) -> RoutedAnswerer:
-    """Server factory (`answerer: medmoe.mambaformer.answerer:load_routed_answerer`, with
-    `answerer_options: {router: runs/mambaformer/pubmedqa/router}`; optional `transformer` / `mamba`
-    sources override or complete the experts router.json names)."""
+    """Server factory for the routed system: the router checkpoint folder `config.router` (`medmoe serve
+    --router DIR`, `router:` in the YAML), or `answerer_options.router` (with `answerer:
+    medmoe.mambaformer.answerer:load_routed_answerer`); optional `answerer_options` `transformer` /
+    `mamba` sources override or complete the experts router.json names. The server's
+    max_new_tokens / max_input_tokens apply to both experts."""
     options = getattr(config, "answerer_options", {}) or {}
-    if "router" not in options:
-        raise MedmoeError("server config: answerer_options.router must name a router checkpoint folder")
+    router = getattr(config, "router", None) or options.get("router")
+    if not router:
+        raise MedmoeError("server config: name a router checkpoint folder (router: DIR, `medmoe serve --router DIR`, "
+                          "or answerer_options.router)")
     limits = {name: getattr(config, name) for name in ("max_new_tokens", "max_input_tokens") if hasattr(config, name)}
-    return RoutedAnswerer.load(options["router"], {role: options.get(role) for role in ROLES}, **limits)
+    return RoutedAnswerer.load(router, {role: options.get(role) for role in ROLES}, **limits)

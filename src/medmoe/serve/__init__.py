@@ -1,5 +1,6 @@
-"""HTTP serving: FastAPI app, micro-batcher, schemas, metrics and the web page.
+"""HTTP serving: FastAPI app, micro-batcher, admission, per-request routing, schemas, metrics and the web page.
 
-The server imports the core (answerers, data, eval); the core does not import the server, except
-that the routed answerer (medmoe.mambaformer.answerer) generates with `serve.answerers.CausalLMAnswerer`.
+The server imports the layers below it (answer, mambaformer, eval, data); none of them imports the
+server. The routed MambaFormer system (medmoe.mambaformer.answerer) and the single model both answer
+through the answer layer's `CausalLMAnswerer` (docs/architecture.md).
 """

@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from importlib import resources
 from typing import Any
 
@@ -33,10 +33,12 @@ from medmoe.answer import Answer
 from medmoe.answer.streaming import END, TextSink
 from medmoe.answer.types import RequestRejected
 from medmoe.data.record import Record
+from medmoe.mambaformer.answerer import TAU_METADATA
 from medmoe.serve.batching import BatcherStopped, BatchInfo, MicroBatcher, QueueFull, RequestTimeout
 from medmoe.serve.config import ServeConfig, build_answerer
 from medmoe.serve.guards import BodyGuard, RequestMetrics, error_body
 from medmoe.serve.metrics import ServerMetrics
+from medmoe.serve.routing import Routing, RoutingError, RoutingPolicy
 from medmoe.serve.schemas import (
     AnswerResponse,
     ChatRequest,
@@ -78,6 +80,7 @@ def create_app(answerer: Any, config: ServeConfig | None = None) -> FastAPI:
     metrics = ServerMetrics(queue_depth=lambda: batcher.depth, batcher_counts=lambda: asdict(batcher.stats))
     batcher.on_batch = lambda size, seconds, wait: metrics.batch_size.observe(size)
     expert_name = getattr(answerer, "name", type(answerer).__name__)
+    policy = RoutingPolicy.for_answerer(answerer, expert_name)  # the thresholds requests may ask for (routed system)
     static = _load_static()
     fit = getattr(answerer, "fit", None)
     AnswerRequest = make_answer_request(config.max_question_chars, config.max_context_chars, config.max_options, config.max_option_chars)
@@ -96,7 +99,7 @@ def create_app(answerer: Any, config: ServeConfig | None = None) -> FastAPI:
         docs_url=None,  # Swagger UI and ReDoc load from a CDN; the schema itself is at /openapi.json
         redoc_url=None,
     )
-    app.state.batcher, app.state.metrics, app.state.config = batcher, metrics, config
+    app.state.batcher, app.state.metrics, app.state.config, app.state.routing = batcher, metrics, config, policy
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -115,6 +118,16 @@ def create_app(answerer: Any, config: ServeConfig | None = None) -> FastAPI:
     def rejected(exc: RequestRejected) -> ApiError:
         metrics.rejected.inc("invalid")
         return ApiError(exc.status, exc.kind, str(exc), exc.field)
+
+    def routed(record: Record, model: str | None, routing: dict[str, Any] | None) -> tuple[Record, Routing | None]:
+        """The record with the threshold this request asked for (routed system), or a 400 naming the field."""
+        try:
+            chosen = policy.resolve(model, routing)
+        except RoutingError as exc:
+            raise ApiError(400, "invalid_routing", str(exc), exc.param) from None
+        if chosen is None:
+            return record, None
+        return replace(record, metadata={**record.metadata, TAU_METADATA: chosen.tau}), chosen
 
     def fitted(record: Record) -> tuple[Record, int]:
         """(record that fits the model's window, dropped context tokens); 422 when it cannot fit."""
@@ -175,6 +188,7 @@ def create_app(answerer: Any, config: ServeConfig | None = None) -> FastAPI:
         fields: Any = body  # AnswerRequest is built at run time (make_answer_request): mypy cannot see its fields
         request_id = fields.request_id or uuid.uuid4().hex
         record = Record(id=request_id, question=fields.question, answer="", context=fields.context, options=tuple(fields.options or ()))
+        record, routing = routed(record, None, fields.routing)
         record, result, info, dropped, start = await answer_record(record)
         letter_index = record.letters.find(result.answer) if record.options and len(result.answer) == 1 else -1
         return {
@@ -185,6 +199,7 @@ def create_app(answerer: Any, config: ServeConfig | None = None) -> FastAPI:
             "expert": result.expert,
             "gate_probability": result.gate_probability,
             "top_features": [{"name": n, "contribution": c} for n, c in result.top_features],
+            "routing": routing.to_dict() if routing else None,
             "latency_ms": latency(result, info, start),
             "batch_size": info.batch_size,
             "truncated_context_tokens": dropped,
@@ -206,23 +221,25 @@ def create_app(answerer: Any, config: ServeConfig | None = None) -> FastAPI:
         )
         if len(record.question) > config.max_question_chars or len(record.context or "") > config.max_context_chars:
             raise ApiError(422, "invalid_request", f"messages: the question is limited to {config.max_question_chars} characters, the earlier turns to {config.max_context_chars}", "messages")
+        record, routing = routed(record, body.model, body.routing)
         model = body.model or expert_name
         if body.stream and batcher.streams:
-            return await stream_chat(record, model)
+            return await stream_chat(record, model, routing)
         record, result, info, dropped, start = await answer_record(record)
-        extra = chat_extra(result, info, dropped, start)
+        extra = chat_extra(result, info, dropped, start, routing)
         if not body.stream:
             return chat_completion(result.answer, model, extra)
         # an answerer that cannot stream: the whole answer, cut into word pieces, once it is done
         pieces = [{"role": "assistant", "content": ""}] + [{"content": w} for w in _words(result.answer)]
         return StreamingResponse(_sse(pieces, model, extra), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    def chat_extra(result: Answer, info: BatchInfo, dropped: int, start: float) -> dict[str, Any]:
+    def chat_extra(result: Answer, info: BatchInfo, dropped: int, start: float, routing: Routing | None) -> dict[str, Any]:
         return {"expert": result.expert, "gate_probability": result.gate_probability,
                 "top_features": [{"name": n, "contribution": c} for n, c in result.top_features],
+                "routing": routing.to_dict() if routing else None,
                 "latency_ms": latency(result, info, start), "batch_size": info.batch_size, "truncated_context_tokens": dropped}
 
-    async def stream_chat(record: Record, model: str) -> StreamingResponse:
+    async def stream_chat(record: Record, model: str, routing: Routing | None) -> StreamingResponse:
         """Queue a streamed request; answer with its events once its first piece of text (or its
         whole answer) is there, so that refusals and failures before that keep their HTTP status."""
         start = time.perf_counter()
@@ -259,7 +276,7 @@ def create_app(answerer: Any, config: ServeConfig | None = None) -> FastAPI:
             except ApiError as exc:
                 yield _event(error_body(exc.status, exc.kind, exc.message, exc.param))
             else:
-                extra = chat_extra(result, info, dropped, start)
+                extra = chat_extra(result, info, dropped, start, routing)
                 extra["latency_ms"]["first_token"] = round(first_ms, 2)
                 yield _event(chat_chunk(completion_id, model, {}, "stop", extra))
             yield b"data: [DONE]\n\n"
@@ -277,7 +294,9 @@ def create_app(answerer: Any, config: ServeConfig | None = None) -> FastAPI:
 
     @app.get("/v1/models", summary="OpenAI-compatible model list")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": expert_name, "object": "model", "created": 0, "owned_by": "medmoe"}]}
+        """The served names; a routed system's first entry (`mambaformer`) carries its calibrated tau and
+        the threshold forms a request may use (`mambaformer-tau-<tau>`, the `routing` field)."""
+        return {"object": "list", "data": policy.models()}
 
     @app.get("/healthz", response_model=Health, responses={503: {"model": Health}}, summary="Liveness and queue depth")
     async def healthz() -> JSONResponse:

@@ -1,10 +1,10 @@
 """Server settings: one dataclass, read from YAML (`medmoe serve --config`), overridable by flags.
 
-The answerer is built by a factory named in the config ("module:callable", called with the config),
-so the routed MambaFormer system or a LoRA-MoE model drops in without changing the server:
-
-    answerer: medmoe.mambaformer.answerer:load_routed_answerer   # the routed MambaFormer system
-    answerer_options: {router: runs/mambaformer/pubmedqa/router}
+The routed MambaFormer system is served from a router checkpoint folder (`router: DIR`, `medmoe serve
+--router DIR`); otherwise the answerer is built by a factory named in the config ("module:callable",
+called with the config), by default one causal LM (`model`), so a LoRA-MoE model or any other system
+drops in without changing the server. `router` excludes the single-model settings (`model`, `adapter`,
+`model_label`, `heads`, `answerer`): the router names its own experts.
 """
 
 from __future__ import annotations
@@ -17,6 +17,13 @@ from typing import Any
 from medmoe.errors import MedmoeError
 
 DEFAULT_FACTORY = "medmoe.serve.answerers:load_causal_lm_answerer"
+ROUTED_FACTORY = "medmoe.mambaformer.answerer:load_routed_answerer"  # serves `router`
+# Where the main job writes its router: `medmoe run` with its default --output (runs/mambaformer, relative
+# to the working directory) for its first dataset (pubmedqa); `medmoe ask` reads it by default too.
+# `medmoe serve` without --model, --router, --answerer or --config serves it when it is there.
+MAIN_JOB_ROUTER = Path("runs/mambaformer/pubmedqa/router")
+ROUTER_FILES = ("router.json", "gate.safetensors", "features.safetensors")  # a router checkpoint folder holds these
+SINGLE_MODEL_SETTINGS = ("model", "adapter", "model_label", "heads", "answerer")  # what `router` excludes
 
 
 @dataclass
@@ -27,7 +34,8 @@ class ServeConfig:
     model_label: str | None = None  # name reported as the expert [default: model]
     heads: list[str] | str = "bundled"  # option heads (docs/heads.md): "bundled" (medmoe's for `model`), "none", or head folders
     answerer: str = DEFAULT_FACTORY  # "module:callable", called as factory(config) -> Answerer
-    answerer_options: dict[str, Any] = field(default_factory=dict)  # free-form, for custom factories
+    answerer_options: dict[str, Any] = field(default_factory=dict)  # free-form, for custom factories (and `router`'s transformer/mamba)
+    router: str | None = None  # a router checkpoint folder: serve the routed MambaFormer system (excludes model, adapter, heads, answerer)
     threads: int | None = None  # torch CPU threads [default: torch's choice]
     # where
     host: str = "127.0.0.1"
@@ -57,6 +65,13 @@ class ServeConfig:
             raise MedmoeError(f"server config: max_wait_ms must be >= 0, got {self.max_wait_ms}")
         if ":" not in self.answerer:
             raise MedmoeError(f"server config: answerer must be 'module:callable', got '{self.answerer}'")
+        if self.router is not None:
+            if not str(self.router).strip():
+                raise MedmoeError("server config: router must name a router checkpoint folder, got an empty string")
+            defaults = ServeConfig.__dataclass_fields__
+            changed = [name for name in SINGLE_MODEL_SETTINGS if getattr(self, name) != defaults[name].default]
+            if changed:
+                refuse_router_with(changed)
 
     @classmethod
     def from_yaml(cls, path: Path, **overrides: Any) -> ServeConfig:
@@ -80,6 +95,10 @@ class ServeConfig:
         if unknown:
             raise MedmoeError(f"server config {source}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         merged = {**data, **{k: v for k, v in overrides.items() if v is not None}}
+        if merged.get("router") is not None:
+            given = [name for name in SINGLE_MODEL_SETTINGS if merged.get(name) is not None]
+            if given:
+                refuse_router_with(given, source)
         try:
             return cls(**merged)
         except TypeError as exc:
@@ -89,14 +108,35 @@ class ServeConfig:
         return asdict(self)
 
 
+def refuse_router_with(settings: list[str], source: str = "config") -> None:
+    """`router` together with single-model settings: a clear error naming both."""
+    names = ", ".join(settings)
+    raise MedmoeError(f"server config {source}: router and {names} cannot be used together: router serves the routed "
+                      f"MambaFormer system, whose two experts its router.json names; {names} set up a single model. "
+                      "Give one or the other (the experts of a router can be completed with answerer_options "
+                      "transformer / mamba)")
+
+
+def is_router_dir(path: str | Path) -> bool:
+    """Whether `path` is a router checkpoint folder (router.json, gate.safetensors, features.safetensors)."""
+    return all((Path(path) / name).is_file() for name in ROUTER_FILES)
+
+
+def main_job_router(cwd: str | Path | None = None) -> Path | None:
+    """The main job's router (MAIN_JOB_ROUTER, relative to `cwd` [the working directory]) if it is there."""
+    path = Path(cwd or ".") / MAIN_JOB_ROUTER
+    return path if is_router_dir(path) else None
+
+
 def build_answerer(config: ServeConfig) -> Any:
-    """Import the configured factory and call it with the config."""
-    module_name, _, attr = config.answerer.partition(":")
+    """The routed system for `config.router`; otherwise import the configured factory and call it with the config."""
+    factory_name = ROUTED_FACTORY if config.router is not None else config.answerer
+    module_name, _, attr = factory_name.partition(":")
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
-        raise MedmoeError(f"server config: cannot import answerer factory '{config.answerer}': {exc}") from None
+        raise MedmoeError(f"server config: cannot import answerer factory '{factory_name}': {exc}") from None
     answerer = factory(config)
     if not callable(getattr(answerer, "answer_batch", None)):
-        raise MedmoeError(f"answerer factory '{config.answerer}' returned {type(answerer).__name__}, which has no answer_batch(records)")
+        raise MedmoeError(f"answerer factory '{factory_name}' returned {type(answerer).__name__}, which has no answer_batch(records)")
     return answerer

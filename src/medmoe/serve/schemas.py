@@ -19,6 +19,11 @@ except ImportError as exc:
     raise MissingExtra("pydantic", "serve", "medmoe.serve (the HTTP server)") from exc
 
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
+ROUTING_DESCRIPTION = ("Routed system only: this request's threshold, {\"tau\": t} with t in [0, 1] (the Mamba expert "
+                       "iff p_M > t), or {\"latency_budget_ms\": ms} (the threshold calibration picks for that p50 "
+                       "budget on the run's dev results). Omit for the calibrated threshold. Checked by the server "
+                       "(400 invalid_routing); docs/serving.md.")
+ROUTING_EXAMPLES = [{"tau": 0.35}, {"latency_budget_ms": 300}]
 
 
 def check_text(value: str | None, what: str) -> str | None:
@@ -43,6 +48,7 @@ class AnswerRequestBase(BaseModel):
     context: str | None = Field(default=None, description="Supporting text (e.g. an abstract or a case). Cut to fit the model's window; see docs/serving.md.")
     options: list[str] | None = Field(default=None, description="Answer options in order (lettered A, B, ...). Omit for an open question.")
     request_id: str | None = Field(default=None, pattern=REQUEST_ID_PATTERN, description="Your id for this request, echoed back.")
+    routing: dict[str, Any] | None = Field(default=None, description=ROUTING_DESCRIPTION, examples=ROUTING_EXAMPLES)
 
     @field_validator("question")
     @classmethod
@@ -98,6 +104,17 @@ class Latency(BaseModel):
     total: float
 
 
+class RoutingUsed(BaseModel):
+    """The threshold this request was routed at (routed system only)."""
+
+    model_config = ConfigDict(extra="allow")
+    tau: float = Field(description="The threshold: the Mamba expert iff p_M > tau.")
+    source: Literal["calibrated", "model", "request", "latency_budget"] = Field(
+        description="calibrated (the router's own), model (mambaformer-tau-<tau>), request (routing.tau), latency_budget (routing.latency_budget_ms).")
+    latency_budget_ms: float | None = None
+    dev: dict[str, float] | None = Field(default=None, description="For a latency budget: that routing's dev accuracy, latency and share to the Mamba expert.")
+
+
 class AnswerResponse(BaseModel):
     request_id: str
     answer: str = Field(description="Option letter for option questions, else generated text.")
@@ -106,6 +123,7 @@ class AnswerResponse(BaseModel):
     expert: str = Field(description="Which expert (or model) answered.")
     gate_probability: float | None = Field(description="Router's probability of the Mamba expert; null without a router.")
     top_features: list[Feature] = Field(description="The gate's most influential features for this question.")
+    routing: RoutingUsed | None = Field(default=None, description="The threshold the gate decided at; null for a single model.")
     latency_ms: Latency
     batch_size: int = Field(description="How many requests shared this request's forward pass.")
     truncated_context_tokens: int = Field(description="Context tokens cut to fit the model's window (0: none).")
@@ -145,11 +163,12 @@ class ChatRequest(BaseModel):
     """OpenAI chat-completions request. Decoding is greedy: temperature/top_p are accepted, ignored."""
 
     model_config = ConfigDict(extra="allow")  # OpenAI clients send many optional fields
-    model: str | None = None
+    model: str | None = Field(default=None, description="Echoed back. A routed server also reads its threshold here: 'mambaformer' (calibrated) or 'mambaformer-tau-<tau>', tau in [0, 1]; other names get the calibrated one.")
     messages: list[ChatMessage] = Field(min_length=1)
     stream: bool = False
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    routing: dict[str, Any] | None = Field(default=None, description=ROUTING_DESCRIPTION, examples=ROUTING_EXAMPLES)
 
 
 def chat_completion(answer_text: str, model: str, extra: dict[str, Any]) -> dict[str, Any]:

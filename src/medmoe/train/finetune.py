@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ from medmoe.train.data import Example, MicroBatches, collate, load_examples, tok
 from medmoe.train.distributed import all_reduce_gradients, barrier
 from medmoe.train.loss import completion_loss, hf_model
 from medmoe.train.run_folder import LOG_FILE, open_run, run_settings, truncate_log
+from medmoe.train.top_blocks import CACHE_FOLDER, ActivationCache, decoder_blocks, top_block_linears, top_blocks_loss
 
 METHODS = ("loramoe", "lora", "full")
 
@@ -62,6 +64,12 @@ class FinetuneConfig:
     loramoe: dict = field(default_factory=dict)  # LoraMoeConfig fields
     top_layers: int = 0  # method full: train only the last N decoder layers + final norm (0 = every weight)
     freeze_mixers: bool = False  # with top_layers: keep those layers' attention / Mamba mixers frozen
+    # methods lora and loramoe: adapters on the last N decoder blocks only, trained over cached activations of the
+    # frozen lower blocks (top_blocks.py): one no-grad forward of the lower blocks per example, then every step runs
+    # only the top N (0 = adapters on every block, the whole model at every step). Not top_layers: that one trains
+    # the weights of the last N layers (method full) and still runs the lower layers at every step.
+    top_blocks: int = 0
+    top_blocks_cache_dtype: str = "model"  # with top_blocks: the cache's dtype, "model" (exact) or "bfloat16" (half the disk)
     data: str = ""  # provenance, written next to the result (TRAINING_FILE): which data ...
     skip_first: int = 0  # ... which of its training examples were left out (the first N) ...
     limit: int = 0  # ... and how many were used after those (0 = all)
@@ -73,6 +81,13 @@ class FinetuneConfig:
             raise MedmoeError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
             raise MedmoeError("steps, batch size and gradient accumulation must all be >= 1")
+        if self.top_blocks < 0:
+            raise MedmoeError(f"--top-blocks must be >= 0, got {self.top_blocks}")
+        if self.top_blocks and self.method == "full":
+            raise MedmoeError("--top-blocks is for --method lora and loramoe (adapters on the last N blocks); for --method "
+                              "full, --top-layers N trains the last N layers' weights (the lower layers still run every step)")
+        if self.top_blocks_cache_dtype not in ("model", "bfloat16"):
+            raise MedmoeError(f"--top-blocks-cache-dtype must be model or bfloat16, got {self.top_blocks_cache_dtype!r}")
 
 
 def prepare_model(model: nn.Module, cfg: FinetuneConfig) -> nn.Module:
@@ -81,12 +96,16 @@ def prepare_model(model: nn.Module, cfg: FinetuneConfig) -> nn.Module:
     if cfg.method == "loramoe":
         from medmoe.loramoe import LoraMoeConfig, LoraMoeModel
 
-        return LoraMoeModel(model, LoraMoeConfig(**{"target_modules": cfg.target_modules, **cfg.loramoe}))
+        moe = {"target_modules": cfg.target_modules, **cfg.loramoe}
+        if cfg.top_blocks:  # the full names of the top blocks' target linears (top_blocks.top_block_linears)
+            moe["target_modules"] = top_block_linears(model, moe["target_modules"], cfg.top_blocks)
+        return LoraMoeModel(model, LoraMoeConfig(**moe))
     if cfg.method == "lora":
         from peft import LoraConfig, get_peft_model
 
         alpha = cfg.lora_alpha if cfg.lora_alpha is not None else 2 * cfg.lora_rank
-        return get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=alpha, lora_dropout=cfg.lora_dropout, target_modules=cfg.target_modules))  # type: ignore[arg-type]  # peft annotates lora_alpha int; a float works
+        targets = top_block_linears(model, cfg.target_modules, cfg.top_blocks) if cfg.top_blocks else cfg.target_modules
+        return get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=alpha, lora_dropout=cfg.lora_dropout, target_modules=targets))  # type: ignore[arg-type]  # peft annotates lora_alpha int; a float works
     for p in model.parameters():
         p.requires_grad_(cfg.top_layers == 0)
     if cfg.top_layers:
@@ -119,6 +138,17 @@ def top_layer_parameters(model: Any, n: int, freeze_mixers: bool = False) -> lis
     return chosen + list(norm.parameters())
 
 
+def recorded_settings(cfg: FinetuneConfig) -> dict[str, Any]:
+    """The config as the run folder records it: asdict(cfg), without the top-blocks fields when
+    top_blocks is 0 (they mean nothing then), so folders written before those fields existed resume
+    unchanged, and a resume that adds --top-blocks is refused as a change (`(not set) -> 4`)."""
+    settings = asdict(cfg)
+    if not cfg.top_blocks:
+        settings.pop("top_blocks")
+        settings.pop("top_blocks_cache_dtype")
+    return settings
+
+
 def _scheduler(optimizer, cfg: FinetuneConfig):
     """Linear warm-up over warmup_steps, then cosine decay to 10% of the peak rate."""
 
@@ -131,15 +161,36 @@ def _scheduler(optimizer, cfg: FinetuneConfig):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+LossFn = Callable[..., tuple[torch.Tensor, int]]  # (batch, feature indices, with_aux=) -> (loss, n_tokens)
+
+
+def whole_model_loss(model: nn.Module) -> LossFn:
+    """completion_loss of the whole model on a collated batch (the indices are not needed)."""
+    def loss_of(batch: dict, indices: list[int], with_aux: bool = True) -> tuple[torch.Tensor, int]:
+        return completion_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"], with_aux=with_aux)
+    return loss_of
+
+
+def cached_top_blocks_loss(model: nn.Module, cache: ActivationCache, n_top: int, offset: int = 0) -> LossFn:
+    """The same loss from the cached lower-block states of features offset + indices (top_blocks.py)."""
+    def loss_of(batch: dict, indices: list[int], with_aux: bool = True) -> tuple[torch.Tensor, int]:
+        states = cache.states([offset + i for i in indices], batch["input_ids"].shape[1])  # (B, T, D)
+        return top_blocks_loss(model, states, batch["attention_mask"], batch["labels"], n_top, with_aux=with_aux)
+    return loss_of
+
+
 @torch.no_grad()
-def evaluate_loss(model: nn.Module, features: list[dict], batch_size: int, pad_id: int) -> float:
-    """Mean completion-token cross-entropy over the held-out features."""
+def evaluate_loss(model: nn.Module, features: list[dict], batch_size: int, pad_id: int, loss_of: LossFn | None = None) -> float:
+    """Mean completion-token cross-entropy over the held-out features; loss_of(batch, indices into
+    features, with_aux=) computes a batch's loss (default: the whole model's completion_loss)."""
+    loss_of = loss_of or whole_model_loss(model)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for start in range(0, len(features), batch_size):
         batch = collate(features[start : start + batch_size], pad_id)
-        loss, n_tokens = completion_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"], with_aux=False)
+        indices = list(range(start, min(start + batch_size, len(features))))
+        loss, n_tokens = loss_of(batch, indices, with_aux=False)
         total += float(loss) * n_tokens
         count += n_tokens
     model.train(was_training)
@@ -161,7 +212,8 @@ def save_final(model: Any, tokenizer, cfg: FinetuneConfig) -> Path:
     if hasattr(tokenizer, "save_pretrained"):
         tokenizer.save_pretrained(out)
     provenance = {"method": cfg.method, "data": cfg.data, "skip_first": cfg.skip_first, "limit": cfg.limit,
-                  "top_layers": cfg.top_layers, "freeze_mixers": cfg.freeze_mixers, "with_explanation": cfg.with_explanation}
+                  "top_layers": cfg.top_layers, "freeze_mixers": cfg.freeze_mixers, "with_explanation": cfg.with_explanation,
+                  **({"top_blocks": cfg.top_blocks} if cfg.top_blocks else {})}
     atomic_write_text(out / TRAINING_FILE, json.dumps(provenance, indent=2) + "\n")  # last: marks the result complete
     return out
 
@@ -187,19 +239,28 @@ def finetune(
     rank: int = 0,
     world: int = 1,
     on_step: Callable[[int, float], None] | None = None,
+    lower_fn: Callable | None = None,
 ) -> dict:
     """Train; returns {"model", "losses": {step: loss}, "eval": {step: loss}, "adapter", "start_step",
     "already_finished"}. A run whose last checkpoint is at cfg.steps trains nothing: its model is the
     checkpoint's, and its result is written only if a kill had stopped that (already_finished False).
 
     on_step(step, loss) is called after every optimizer step (tests use it to simulate a kill).
+    cfg.top_blocks: the lower blocks' states of every example (training and held out) are computed
+    once into the run folder's top_blocks_cache/ (or read from it, on resume; lower_fn replaces
+    top_blocks.lower_activations there, for tests), each step runs only the top blocks, and the cache is
+    deleted once the result is written (a finished run never trains again).
     """
     if train_examples is None:
         if data is None:
             raise MedmoeError("give --data (a bundled dataset name or a JSONL file)")
         train_examples = load_examples(data, tokenizer, with_explanation=cfg.with_explanation)
     out_dir, ckpt_dir = Path(cfg.output), Path(cfg.output) / "checkpoints"
-    resume_from = open_run(out_dir, run_settings(asdict(cfg), train_examples, world), cfg.resume, rank)
+    if cfg.top_blocks:  # refused before the run folder is touched
+        decoder_blocks(model, cfg.top_blocks)
+        if world > 1:
+            raise MedmoeError("--top-blocks trains in one process (one process builds the cache); run it without torchrun")
+    resume_from = open_run(out_dir, run_settings(recorded_settings(cfg), train_examples, world), cfg.resume, rank)
     barrier(world)
     train_examples, eval_examples = split_examples(train_examples, cfg.eval_examples, cfg.seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -226,14 +287,24 @@ def finetune(
     if start >= cfg.steps:
         return _finished(model, tokenizer, cfg, rank, start)
 
+    train_loss, eval_loss = whole_model_loss(model), whole_model_loss(model)
+    if cfg.top_blocks:
+        with torch.random.fork_rng(devices=[]):  # eval-mode forwards draw nothing; the RNG streams stay the run's
+            cache = ActivationCache.build_or_open(out_dir / CACHE_FOLDER, model, train_features + eval_features, cfg.top_blocks,
+                                                  pad_id, storage=cfg.top_blocks_cache_dtype, batch_size=cfg.batch_size,
+                                                  progress=cfg.progress and rank == 0, lower=lower_fn)
+        train_loss = cached_top_blocks_loss(model, cache, cfg.top_blocks)
+        eval_loss = cached_top_blocks_loss(model, cache, cfg.top_blocks, offset=len(train_features))
+
     losses, evals = {}, {}
     progress = _progress(range(start, cfg.steps), cfg, rank, start)
     model.train()
     for step in progress:
         step_loss = 0.0
         for micro in range(cfg.grad_accum):
-            batch = batches.batch(step * cfg.grad_accum + micro)
-            loss, _ = completion_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"])  # head at completion tokens only
+            index = step * cfg.grad_accum + micro
+            batch = batches.batch(index)
+            loss, _ = train_loss(batch, batches.indices(index))  # the LM head at completion tokens only
             loss = loss / cfg.grad_accum
             loss.backward()
             step_loss += float(loss.detach())
@@ -250,7 +321,7 @@ def finetune(
         if aux:
             record["aux"] = {k: float(v) for k, v in aux.items()}
         if eval_features and (done % cfg.eval_every == 0 or done == cfg.steps) and rank == 0:
-            evals[done] = record["eval_loss"] = evaluate_loss(model, eval_features, cfg.batch_size, pad_id)
+            evals[done] = record["eval_loss"] = evaluate_loss(model, eval_features, cfg.batch_size, pad_id, eval_loss)
         if rank == 0:
             with log_path.open("a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
@@ -263,6 +334,8 @@ def finetune(
         if on_step is not None:
             on_step(done, step_loss)
     adapter = save_final(model, tokenizer, cfg) if rank == 0 else None
+    if cfg.top_blocks and rank == 0:  # the result is complete: the cache (GBs) is never read again
+        shutil.rmtree(out_dir / CACHE_FOLDER, ignore_errors=True)
     return {"model": model, "losses": losses, "eval": evals, "adapter": adapter, "start_step": start, "already_finished": False}
 
 
@@ -273,6 +346,8 @@ def _finished(model: nn.Module, tokenizer, cfg: FinetuneConfig, rank: int, step:
     adapter = None
     if rank == 0:
         adapter = result_folder(cfg) if already else save_final(model, tokenizer, cfg)
+        if cfg.top_blocks:
+            shutil.rmtree(Path(cfg.output) / CACHE_FOLDER, ignore_errors=True)
     return {"model": model, "losses": {}, "eval": {}, "adapter": adapter, "start_step": step, "already_finished": already}
 
 

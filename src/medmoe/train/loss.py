@@ -51,8 +51,8 @@ def body_and_head(model: Any) -> tuple[nn.Module, nn.Module] | None:
     return body, head
 
 
-def completion_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, *,
-                    with_aux: bool = True) -> tuple[torch.Tensor, int]:
+def completion_loss(model: nn.Module, input_ids: torch.Tensor | None, attention_mask: torch.Tensor, labels: torch.Tensor, *,
+                    with_aux: bool = True, inputs_embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """(loss, n_tokens): the mean cross-entropy over the n_tokens completion tokens (labels != -100)
     plus, with_aux, LoRA-MoE's auxiliary losses of this forward (training mode only).
 
@@ -60,22 +60,25 @@ def completion_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     input_ids, attention_mask, labels: (B, T), right-padded, padding labelled -100 (data.collate).
     An encoder-decoder model (T5 family) takes labels (B, m) as its decoder targets and computes its
     own loss; a causal LM that cannot be split into body and head gets the full logits.
-    A batch without a completion token gives a zero loss (n_tokens 0) instead of a NaN."""
+    A batch without a completion token gives a zero loss (n_tokens 0) instead of a NaN.
+    inputs_embeds (B, T, D), instead of input_ids (then None): the first block's input, handed to the
+    decoder as HF's inputs_embeds (top_blocks.py gives the lower blocks' cached output this way)."""
+    inputs: dict[str, torch.Tensor | None] = {"input_ids": input_ids} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
     if is_encoder_decoder(hf_model(model)):  # T5 family: labels are the decoder's targets (B, m)
-        out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)  # decoder inputs = labels shifted right
+        out = model(**inputs, attention_mask=attention_mask, labels=labels)  # decoder inputs = labels shifted right
         logits = out.logits                                                 # (B, m, V)
         loss = nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
         aux = out.get("aux_loss") if with_aux and hasattr(out, "get") else None
         return (loss + aux if aux is not None else loss), int((labels != -100).sum())
     split = body_and_head(model)
     if split is None:
-        return _full_logits_loss(model, input_ids, attention_mask, labels, with_aux)
+        return _full_logits_loss(model, inputs, attention_mask, labels, with_aux)
     body, head = split
     target = labels[:, 1:]                                                  # (B, T-1): the token each position predicts
     rows, cols = (target != -100).nonzero(as_tuple=True)                    # (M,), (M,)
     routing = model.routing(attention_mask) if isinstance(model, LoraMoeModel) else nullcontext()
     with routing:  # LoRA-MoE layers see the padding mask and compute their aux losses (training)
-        hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state  # (B, T, D)
+        hidden = body(**inputs, attention_mask=attention_mask, use_cache=False).last_hidden_state  # (B, T, D)
         logits = head(hidden[rows, cols])                                   # (M, D) -> (M, V)
     cap = getattr(hf_model(model).config, "final_logit_softcapping", None)  # Gemma 2/3: in the model's order
     if cap is not None:
@@ -88,10 +91,10 @@ def completion_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     return (loss + aux if with_aux and aux is not None else loss), int(rows.numel())
 
 
-def _full_logits_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                      with_aux: bool) -> tuple[torch.Tensor, int]:
+def _full_logits_loss(model: nn.Module, inputs: dict[str, torch.Tensor | None], attention_mask: torch.Tensor,
+                      labels: torch.Tensor, with_aux: bool) -> tuple[torch.Tensor, int]:
     """The LM head at every position: for causal LMs whose body and head this module cannot split."""
-    out = model(input_ids=input_ids, attention_mask=attention_mask)
+    out = model(**inputs, attention_mask=attention_mask)
     logits, target = out.logits[:, :-1], labels[:, 1:]                      # (B, T-1, V), (B, T-1)
     n_tokens = int((target != -100).sum())
     loss = nn.functional.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=-100) if n_tokens \

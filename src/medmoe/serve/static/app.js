@@ -1,10 +1,18 @@
-// The medmoe page: POST /v1/answer and show the answer, the expert and why, latency and a history.
+// The medmoe page: POST /v1/answer and show the answer, the expert and why (for the routed system: p_M,
+// the threshold tau, the decision and the gate's top features; a threshold of the user's own on request),
+// latency and a history.
 // Plain JS, no dependencies; text is always inserted with textContent (never as HTML).
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const history = [];
 const HISTORY_SIZE = 10;
+const FEATURES = {  // the gate's features (docs/router.md), in words
+  complexity: "tokens unlike their neighbours", rarity: "rare tokens", fragmentation: "words split into pieces",
+  domain: "medical terms", length: "query length", log_length: "query length, log scale",
+};
+const SOURCES = { calibrated: "calibrated", model: "set by the model name", request: "set for this question", latency_budget: "for a latency budget" };
+let routedServer = null;  // the routed system's /v1/models entry (its calibrated tau), or null for a single model
 
 function clear(node) { while (node.firstChild) node.removeChild(node.firstChild); }
 
@@ -23,22 +31,51 @@ function describeLatency(ms) {
   return parts.join(" · ");
 }
 
+function expertName(expert) {
+  return expert === "mamba" ? "the Mamba expert" : expert === "transformer" ? "the Transformer expert" : expert;
+}
+
+function describeTau(routing) {
+  const budget = routing.source === "latency_budget" ? ` of ${Math.round(routing.latency_budget_ms)} ms` : "";
+  return `${routing.tau.toFixed(3)} (${SOURCES[routing.source] || routing.source}${budget})`;
+}
+
+function showRouting(data) {
+  // A routed answer (the gate decided): p_M, the threshold, the decision and the features that decided it.
+  // A single model's answer shows none of these: it made no routing decision.
+  const routed = data.gate_probability !== null && data.gate_probability !== undefined;
+  for (const node of document.querySelectorAll(".routed")) node.hidden = !routed;
+  if (!routed) return;
+  const p = data.gate_probability;
+  $("gate").textContent = p.toFixed(3);
+  $("tau-row").hidden = !data.routing;
+  $("decision-row").hidden = !data.routing;
+  if (data.routing) {
+    const tau = data.routing.tau;
+    $("tau-used").textContent = describeTau(data.routing);
+    const decision = $("decision");
+    const toMamba = data.expert === "mamba" || (data.expert !== "transformer" && p > tau);  // the server's decision
+    decision.textContent = `p_M ${p.toFixed(3)} ${toMamba ? ">" : "≤"} τ ${tau.toFixed(3)}: ${expertName(toMamba ? "mamba" : "transformer")}`;
+    decision.className = toMamba ? "decision-mamba" : "decision-transformer";
+  }
+  const features = $("features");
+  clear(features);
+  for (const f of data.top_features) {
+    const li = document.createElement("li");
+    li.appendChild(item("span", FEATURES[f.name] ? `${f.name} (${FEATURES[f.name]}): ` : `${f.name}: `, "name"));
+    li.appendChild(item("span", `${f.contribution >= 0 ? "+" : ""}${f.contribution.toFixed(3)}`, "value"));
+    li.appendChild(item("span", f.contribution >= 0 ? " toward Mamba" : " toward Transformer", "toward"));
+    features.appendChild(li);
+  }
+}
+
 function showResult(request, data) {
   const answer = data.answer_text ? `${data.answer}. ${data.answer_text}` : (data.answer || "(empty answer)");
   $("answer").textContent = answer;
   $("expert").textContent = data.expert;
-  $("gate").textContent = data.gate_probability === null ? "no router (single model)" : data.gate_probability.toFixed(3);
   $("latency").textContent = describeLatency(data.latency_ms) + ` · batch of ${data.batch_size}` +
     (data.truncated_context_tokens ? ` · context cut by ${data.truncated_context_tokens} tokens` : "");
-
-  const features = $("features");
-  clear(features);
-  if (data.top_features.length === 0) {
-    features.appendChild(item("li", "No gate features: this server runs a single model, so no routing decision was made."));
-  }
-  for (const f of data.top_features) {
-    features.appendChild(item("li", `${f.name}: ${f.contribution >= 0 ? "+" : ""}${f.contribution.toFixed(3)}`));
-  }
+  showRouting(data);
 
   const body = $("scores").tBodies[0];
   clear(body);
@@ -64,7 +101,7 @@ function showResult(request, data) {
 
 function addHistory(request, data) {
   history.unshift({ question: request.question, answer: data.answer_text ? `${data.answer}. ${data.answer_text}` : data.answer,
-                    expert: data.expert, ms: data.latency_ms.total });
+                    expert: data.expert, ms: data.latency_ms.total, tau: data.routing ? data.routing.tau : null });
   history.length = Math.min(history.length, HISTORY_SIZE);
   try { sessionStorage.setItem("medmoe-history", JSON.stringify(history)); } catch (e) { /* private mode */ }
   renderHistory();
@@ -77,7 +114,8 @@ function renderHistory() {
   for (const h of history) {
     const li = document.createElement("li");
     li.appendChild(item("div", h.question));
-    li.appendChild(item("div", `→ ${h.answer} (${h.expert}, ${Math.round(h.ms)} ms)`, "meta"));
+    const tau = typeof h.tau === "number" ? `, τ ${h.tau.toFixed(2)}` : "";
+    li.appendChild(item("div", `→ ${h.answer} (${h.expert}${tau}, ${Math.round(h.ms)} ms)`, "meta"));
     list.appendChild(li);
   }
 }
@@ -88,7 +126,24 @@ function readRequest() {
   const options = $("options").value.split("\n").map((s) => s.trim()).filter(Boolean);
   if (context) request.context = context;
   if (options.length) request.options = options;
+  if (routedServer && $("tau-override").checked) request.routing = { tau: Number($("tau").value) };
   return request;
+}
+
+async function loadRouting() {
+  // A routed server lists `mambaformer` first with its calibrated tau: offer a threshold for the question.
+  try {
+    const response = await fetch("/v1/models");
+    const models = await response.json();
+    const first = models.data && models.data[0];
+    if (!first || !first.medmoe || typeof first.medmoe.tau !== "number") return;
+    routedServer = first.medmoe;
+  } catch (e) { return; /* the page works without it */ }
+  const tau = Math.min(Math.max(routedServer.tau, 0), 1);
+  $("tau").value = String(tau);
+  $("tau-value").textContent = Number($("tau").value).toFixed(2);
+  $("tau-default").textContent = `(otherwise the calibrated τ = ${routedServer.tau.toFixed(3)})`;
+  $("routing-box").hidden = false;
 }
 
 async function ask(event) {
@@ -136,6 +191,9 @@ function init() {
     if (Array.isArray(saved)) history.push(...saved.slice(0, HISTORY_SIZE));
   } catch (e) { /* ignore a damaged entry */ }
   renderHistory();
+  loadRouting();
+  $("tau-override").addEventListener("change", () => { $("tau").disabled = !$("tau-override").checked; });
+  $("tau").addEventListener("input", () => { $("tau-value").textContent = Number($("tau").value).toFixed(2); });
   $("ask-form").addEventListener("submit", ask);
   $("question").addEventListener("keydown", (e) => {
     if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) $("ask-form").requestSubmit();
