@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ import torch
 pytest.importorskip("fastapi")
 import httpx
 
-from medmoe.answer.streaming import settled
+from medmoe.answer.streaming import cut_at_stop, hold_back_stop_prefix, settled
 from medmoe.data.record import Record
 from medmoe.serve.app import create_app
 from medmoe.serve.config import ServeConfig
@@ -48,6 +49,33 @@ def test_settled_text_holds_back_what_later_tokens_may_change():
     assert settled("caf\ufffd") == "caf"  # half a character: wait for its other bytes
     assert settled("a \ufffd\n") == "a"
     assert settled("\n\n") == ""
+
+
+def test_stop_sequences_cut_and_hold_back():
+    assert cut_at_stop("Vitamin C. Then", [".", "Then"]) == ("Vitamin C", True)
+    assert cut_at_stop("Vitamin C", ["."]) == ("Vitamin C", False)
+    assert hold_back_stop_prefix("Vitamin C\n", ["\n\n"]) == "Vitamin C"  # the next token may make it "\n\n"
+    assert hold_back_stop_prefix("Vitamin EN", ["END", "x"]) == "Vitamin "
+    assert hold_back_stop_prefix("Vitamin C", ["END"]) == "Vitamin C"
+    assert settled("  Vitamin", raw=True) == "  Vitamin"  # a raw completion keeps its leading whitespace
+
+
+def test_streamed_row_with_a_stop_sequence_never_sends_it():
+    """Stop sequences end a streamed row and a plain one in the same batch; no piece holds any part of a
+    stop sequence, the pieces concatenate to the answer, the other rows are unchanged."""
+    answerer = tiny_answerer(max_new_tokens=12)
+    record = Record(id="s", question="What causes scurvy?", answer="")
+    full = answerer.answer_batch([record])[0].answer
+    stop = full[5:8]
+    assert full.index(stop) == 5
+    stopped = replace(record, metadata={"stop": [stop]})
+    plain_row = Record(id="p", question="Fever?", answer="")
+    sink = ListSink()
+    streamed, plain, unstreamed = answerer.answer_batch([stopped, plain_row, stopped], sinks=[sink, None, None])
+    assert streamed.answer == unstreamed.answer == answerer.answer_batch([stopped])[0].answer == full[:5].strip()
+    assert streamed.finish_reason == unstreamed.finish_reason == "stop" and streamed.completion_tokens < 12
+    assert len(sink.pieces) > 1 and "".join(sink.pieces) == streamed.answer  # pieces cannot be taken back: none held the stop
+    assert plain.answer == answerer.answer_batch([plain_row])[0].answer and plain.finish_reason == "length"
 
 
 def test_streamed_rows_in_a_batch_equal_the_unstreamed_batch():
@@ -92,7 +120,7 @@ def test_http_stream_arrives_token_by_token():
     first_content = next(i for i, c in enumerate(chunks) if c["choices"][0]["delta"].get("content"))
     assert arrivals[-1] - arrivals[first_content] > 0.3  # the first text came long before the end
     assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
-    assert chunks[-1]["choices"][0]["finish_reason"] == "stop" and all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length" and all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
     latency = chunks[-1]["medmoe"]["latency_ms"]
     assert 0 < latency["first_token"] < latency["total"]
 

@@ -1,10 +1,11 @@
 """The answer layer: what every answering system returns, and the plain causal-LM answerer.
 
-  types.py      Answer, Answerer (the protocol), RequestRejected / InputTooLong (request faults)
-  causal_lm.py  CausalLMAnswerer: one causal LM as an Answerer (option scoring, batched greedy
-                generation, the long-input rule `fit`), open_prompt
-  streaming.py  token streaming: TextSink (worker thread -> event loop), RowStreams (per-row streamer
-                and stop rule for `generate`), ResumedSink
+  types.py      Answer, Answerer (the protocol), RequestRejected / InputTooLong / InvalidParameter
+                (request faults), Generation (an open record's generation settings)
+  causal_lm.py  CausalLMAnswerer: one causal LM as an Answerer (option scoring, batched generation,
+                greedy or sampled per row by RowSampler, the long-input rule `fit`), open_prompt
+  streaming.py  token streaming: TextSink (worker thread -> event loop), RowStreams (per-row streaming
+                and stop rule for `generate`: limits, stop sequences), ResumedSink
 
 The server (medmoe.serve) and the routed MambaFormer answerer (medmoe.mambaformer.answerer) both build
 on these; importing this package loads only `types` (no torch).

@@ -1,5 +1,5 @@
 """One causal LM as an `Answerer` (medmoe.answer.types): option questions by option log-likelihood,
-open ones by batched greedy generation, streamed to a request's sink when it has one
+open ones by batched generation (greedy, or sampled per row: `Generation`), streamed to a request's sink when it has one
 (medmoe.answer.streaming). The server's default answerer (medmoe.serve.answerers) and the routed
 MambaFormer system (medmoe.mambaformer.answerer, over its chosen expert) both answer with it.
 
@@ -18,9 +18,10 @@ from dataclasses import replace
 from typing import Any, cast
 
 import torch
+from transformers import LogitsProcessor
 
-from medmoe.answer.streaming import RowStreams, TextSink
-from medmoe.answer.types import Answer, InputTooLong
+from medmoe.answer.streaming import RowStreams, TextSink, cut_at_stop
+from medmoe.answer.types import MAX_NEW_TOKENS, Answer, Generation, InputTooLong
 from medmoe.data.record import Record
 from medmoe.errors import MedmoeError
 from medmoe.eval.batch_scoring import score_options_batch
@@ -32,16 +33,41 @@ from medmoe.heads.bundled import HeadSet
 
 
 def open_prompt(record: Record, tokenizer: Any) -> str:
-    """The generation prompt for an open question: context and question, then the answer slot."""
+    """The generation prompt for an open question: context and question, then the answer slot.
+
+    With a system prompt (metadata, `Generation.system`) it is the chat template's system message; a
+    template that refuses a system role, or drops its text, gets it before the question in the user
+    message instead (as does a tokenizer without a chat template). A raw prompt (`Generation.raw`: a
+    legacy completion) is the question itself, continued as it is."""
+    settings = Generation.of(record.metadata)
+    if settings.raw:
+        return record.question
     text = question_block(replace(record, options=()))
     if uses_chat(tokenizer):
-        return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
-    return f"{text}\n{LABELS[language_of(record)][2]}:"
+        return chat_prompt(tokenizer, text, settings.system)
+    system = f"{settings.system}\n\n" if settings.system else ""
+    return f"{system}{text}\n{LABELS[language_of(record)][2]}:"
+
+
+def chat_prompt(tokenizer: Any, text: str, system: str | None = None) -> str:
+    """`text` as the user's turn of the chat template, after `system` as the system turn when given."""
+    def render(messages: list[dict[str, str]]) -> str:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    if system:
+        try:
+            rendered = render([{"role": "system", "content": system}, {"role": "user", "content": text}])
+        except Exception:  # noqa: BLE001 - templates refuse a system role by raising (jinja's raise_exception, any type)
+            rendered = None
+        if rendered is not None and system.strip() in rendered:
+            return rendered
+        text = f"{system}\n\n{text}"  # no system role: the system prompt opens the user's message
+    return render([{"role": "user", "content": text}])
 
 
 class CausalLMAnswerer:
-    """Answers with one causal LM: option questions by option log-likelihood, open ones by greedy
-    generation. Whole batches run in one forward pass (options) or one `generate` call (open).
+    """Answers with one causal LM: option questions by option log-likelihood, open ones by greedy (or
+    sampled, per record: medmoe.answer.types.Generation) generation. Whole batches run in one forward pass (options) or one `generate` call (open).
 
     name:            reported as `Answer.expert`
     max_new_tokens:  generation limit (a record may lower it with metadata["max_new_tokens"])
@@ -135,14 +161,19 @@ class CausalLMAnswerer:
 
     @torch.inference_mode()
     def _generate(self, records: Sequence[Record], sinks: Sequence[TextSink | None] | None = None) -> list[Answer]:
-        """Greedy decoding for a batch of open questions, left-padded into one `generate` call.
+        """Decoding for a batch of open questions, left-padded into one `generate` call: greedy, or
+        sampled for the rows whose settings say so (`RowSampler`), each row at its own temperature,
+        top_p and random generator.
 
-        With sinks, a `RowStreams` streams each row's text and stops rows at their own limit or when
-        their client is gone; the tokens of the rows that run to the end are the same either way."""
+        A `RowStreams` follows the rows that are streamed or have stop sequences: it streams each
+        streamed row's text and stops rows at their own limit, at a stop sequence, or when their
+        client is gone; the tokens of the rows that run to the end are the same either way. Without
+        sampling, streams or stop sequences this is the plain greedy `generate` call."""
         tok = self.tokenizer
+        settings = [Generation.of(r.metadata) for r in records]
         encoded = [tok(open_prompt(r, tok), add_special_tokens=False)["input_ids"] for r in records]
         prompts = [bos_ids(tok, ids) + ids for ids in encoded]
-        limits = [min(int(r.metadata.get("max_new_tokens", self.max_new_tokens)), self.max_new_tokens) for r in records]
+        limits = [min(int(r.metadata.get(MAX_NEW_TOKENS, self.max_new_tokens)), self.max_new_tokens) for r in records]
         width = max(len(p) for p in prompts)
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         ids = torch.full((len(prompts), width), pad, dtype=torch.long)  # (b, n_max), left-padded
@@ -150,21 +181,74 @@ class CausalLMAnswerer:
         for row, p in enumerate(prompts):
             ids[row, width - len(p):] = torch.tensor(p)
             mask[row, width - len(p):] = 1
-        from transformers import StoppingCriteriaList
+        from transformers import LogitsProcessorList, StoppingCriteriaList
 
         device = next(self.model.parameters()).device
-        streams = RowStreams(tok, sinks, limits) if sinks is not None and any(s is not None for s in sinks) else None
-        streaming = {"streamer": streams, "stopping_criteria": StoppingCriteriaList([streams])} if streams is not None else {}
+        streamed = sinks is not None and any(s is not None for s in sinks)
+        streams = (RowStreams(tok, sinks, limits, width, [g.stop for g in settings], [g.raw for g in settings])
+                   if streamed or any(g.stop for g in settings) else None)
+        extra: dict[str, Any] = {"stopping_criteria": StoppingCriteriaList([streams])} if streams is not None else {}
+        if any(g.sampled for g in settings):
+            extra["logits_processor"] = LogitsProcessorList([RowSampler(settings)])
         generated = self.model.generate(
             input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max(limits),
-            do_sample=False, pad_token_id=pad, eos_token_id=tok.eos_token_id, **streaming,
+            do_sample=False, pad_token_id=pad, eos_token_id=tok.eos_token_id, **extra,
         )[:, width:]  # (b, new): only the continuation
         out = []
         for row, limit in enumerate(limits):
             tokens = generated[row, :limit].tolist()
-            if tok.eos_token_id in tokens:
-                tokens = tokens[: tokens.index(tok.eos_token_id)]
-            out.append(Answer(answer=tok.decode(tokens, skip_special_tokens=True).strip(), expert=self.name))
+            stopped_at = streams.stopped_at[row] if streams is not None else None
+            if stopped_at is not None:  # a stop sequence: the text before it
+                count, reason = stopped_at, "stop"
+                text = cut_at_stop(tok.decode(tokens[:stopped_at], skip_special_tokens=True), settings[row].stop)[0]
+            else:
+                if tok.eos_token_id in tokens:
+                    tokens = tokens[: tokens.index(tok.eos_token_id)]
+                    count, reason = len(tokens) + 1, "stop"
+                else:
+                    count, reason = len(tokens), "length"
+                text = tok.decode(tokens, skip_special_tokens=True)
+            out.append(Answer(answer=text if settings[row].raw else text.strip(), expert=self.name,
+                              finish_reason=reason, prompt_tokens=len(prompts[row]), completion_tokens=count))
             if streams is not None:
                 streams.finish(row, out[-1].answer)
+        return out
+
+
+class RowSampler(LogitsProcessor):
+    """A logits processor for `generate` that samples the next token of each sampled row: softmax of
+    logits / temperature, cut to the top_p nucleus, one draw from the row's own `torch.Generator`
+    (seeded with its seed, else at random) by inverse CDF; the row's scores then leave only that
+    token, so greedy `generate` takes it. Greedy rows pass through untouched. One uniform draw per
+    sampled row and step; everything else is batched tensor work. A row's draws do not depend on the
+    other rows of its batch, so a seed gives the same text in any batch (up to float rounding of
+    the logits)."""
+
+    def __init__(self, settings: Sequence[Generation]):
+        rows = [i for i, g in enumerate(settings) if g.sampled]
+        self.rows = torch.tensor(rows)
+        self.temperature = torch.tensor([[settings[i].temperature] for i in rows])  # (r, 1)
+        self.top_p = torch.tensor([[settings[i].top_p] for i in rows])  # (r, 1)
+        self.generators = [torch.Generator() for _ in rows]  # on the CPU: the same draws on any device
+        for generator, i in zip(self.generators, rows):
+            seed = settings[i].seed
+            if seed is None:
+                generator.seed()  # a fresh random seed (the server always gives one)
+            else:
+                generator.manual_seed(seed)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        device = scores.device
+        rows = self.rows.to(device)
+        probs = torch.softmax(scores[rows].float() / self.temperature.to(device), dim=-1)  # (r, V)
+        sorted_p, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+        keep = (sorted_p.cumsum(-1) - sorted_p) < self.top_p.to(device)  # the nucleus; the top token always
+        cdf = (sorted_p * keep).double().cumsum(-1)  # (r, V)
+        draws = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in self.generators]).to(device)
+        pick = torch.searchsorted(cdf, (draws * cdf[:, -1])[:, None], right=True)  # (r, 1)
+        pick = torch.minimum(pick, keep.sum(-1, keepdim=True) - 1)  # a draw at the very top stays in the nucleus
+        chosen = order.gather(-1, pick)  # (r, 1) token ids
+        out = scores.clone()
+        out[rows] = -torch.inf
+        out[rows, chosen[:, 0]] = 0.0
         return out

@@ -1,4 +1,5 @@
-"""The FastAPI app: POST /v1/answer, POST /v1/chat/completions, GET /healthz, GET /metrics, the page.
+"""The FastAPI app: POST /v1/answer, POST /v1/chat/completions, POST /v1/completions, GET /v1/models,
+GET /healthz, GET /metrics, the page.
 
 `create_app(answerer, config)` takes any `Answerer` (medmoe.answer); `app_from_config(config)` builds
 the configured one first. Every request goes through one `MicroBatcher`. No endpoint takes a file
@@ -11,11 +12,12 @@ import asyncio
 import json
 import logging
 import re
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from importlib import resources
 from typing import Any
 
@@ -31,7 +33,7 @@ except ImportError as exc:
 
 from medmoe.answer import Answer
 from medmoe.answer.streaming import END, TextSink
-from medmoe.answer.types import RequestRejected
+from medmoe.answer.types import MAX_NEW_TOKENS, SEED, Generation, InvalidParameter, RequestRejected
 from medmoe.data.record import Record
 from medmoe.mambaformer.answerer import TAU_METADATA
 from medmoe.serve.batching import BatcherStopped, BatchInfo, MicroBatcher, QueueFull, RequestTimeout
@@ -42,17 +44,23 @@ from medmoe.serve.routing import Routing, RoutingError, RoutingPolicy
 from medmoe.serve.schemas import (
     AnswerResponse,
     ChatRequest,
+    CompletionRequest,
     ErrorResponse,
+    GenerationFields,
     Health,
     chat_chunk,
     chat_completion,
     make_answer_request,
+    text_chunk,
+    text_completion,
+    usage,
+    usage_chunk,
 )
 
 log = logging.getLogger(__name__)
 
 STATIC_FILES = {"/static/app.js": ("app.js", "text/javascript"), "/static/style.css": ("style.css", "text/css")}
-ENDPOINTS = {"/", "/v1/answer", "/v1/chat/completions", "/v1/models", "/healthz", "/metrics", "/openapi.json", *STATIC_FILES}
+ENDPOINTS = {"/", "/v1/answer", "/v1/chat/completions", "/v1/completions", "/v1/models", "/healthz", "/metrics", "/openapi.json", *STATIC_FILES}
 ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 413, 422, 500, 503, 504)}
 
 
@@ -205,41 +213,93 @@ def create_app(answerer: Any, config: ServeConfig | None = None) -> FastAPI:
             "truncated_context_tokens": dropped,
         }
 
+    def generation(body: GenerationFields, limit: int | None, unsupported: dict[str, Any], system: str | None = None,
+                   raw: bool = False) -> dict[str, Any]:
+        """The record metadata of a chat or text completion's generation settings; 400 naming the field
+        for one out of range or one this server does not do (`unsupported`: field -> its default values)."""
+        if body.n not in (None, 1):
+            raise ApiError(400, "invalid_parameter", f"n: this server gives one choice per request (n=1), got n={body.n}", "n")
+        given = {**(body.model_extra or {}), **{name: getattr(body, name) for name in unsupported if name in type(body).model_fields}}
+        for name, defaults in unsupported.items():
+            value = given.get(name)
+            if value is not None and value not in defaults:
+                raise ApiError(400, "invalid_parameter", f"{name}: not supported by this server (docs/serving.md, OpenAI API); "
+                               f"got {value!r}", name)
+        if body.stream_options is not None and not body.stream:
+            raise ApiError(400, "invalid_parameter", "stream_options: only with stream: true", "stream_options")
+        try:
+            settings = Generation.checked(body.temperature, body.top_p, body.seed, body.stop, system, raw)
+        except InvalidParameter as exc:
+            raise ApiError(exc.status, exc.kind, str(exc), exc.field) from None
+        if settings.sampled and settings.seed is None:  # a seed of its own, so that a retried batch repeats its text
+            settings = replace(settings, seed=secrets.randbits(63))
+        return {MAX_NEW_TOKENS: min(limit or config.max_new_tokens, config.max_new_tokens), **settings.metadata()}
+
+    def include_usage(body: GenerationFields) -> bool:
+        return bool(body.stream and body.stream_options is not None and body.stream_options.include_usage)
+
     @app.post("/v1/chat/completions", responses=ERRORS, summary="OpenAI-compatible chat completion")
     async def chat(body: ChatRequest) -> Any:
-        """The last user message is the question; earlier turns become its context. Greedy decoding.
-        With `stream: true` the answer arrives as server-sent events, token by token as it is generated."""
+        """System messages are the prompt's system turn; the last user message is the question, earlier
+        turns its context. Greedy decoding unless temperature > 0. With `stream: true` the answer
+        arrives as server-sent events, token by token as it is generated."""
         users = [i for i, m in enumerate(body.messages) if m.role == "user"]
         if not users or not body.messages[users[-1]].text().strip():
             raise ApiError(422, "invalid_request", "messages: needs a user message with non-empty text", "messages")
         last = users[-1]
         earlier = [f"{m.role}: {m.text().strip()}" for m in body.messages[:last] if m.role in ("user", "assistant") and m.text().strip()]
-        limit = body.max_completion_tokens or body.max_tokens or config.max_new_tokens
-        record = Record(
-            id=uuid.uuid4().hex, question=body.messages[last].text().strip(), answer="",
-            context="\n".join(earlier) or None, metadata={"max_new_tokens": min(limit, config.max_new_tokens)},
-        )
-        if len(record.question) > config.max_question_chars or len(record.context or "") > config.max_context_chars:
-            raise ApiError(422, "invalid_request", f"messages: the question is limited to {config.max_question_chars} characters, the earlier turns to {config.max_context_chars}", "messages")
+        system = "\n".join(m.text().strip() for m in body.messages if m.role in ("system", "developer") and m.text().strip())
+        metadata = generation(body, body.max_completion_tokens or body.max_tokens, CHAT_UNSUPPORTED, system or None)
+        record = Record(id=uuid.uuid4().hex, question=body.messages[last].text().strip(), answer="",
+                        context="\n".join(earlier) or None, metadata=metadata)
+        if len(record.question) > config.max_question_chars or len(record.context or "") + len(system) > config.max_context_chars:
+            raise ApiError(422, "invalid_request", f"messages: the question is limited to {config.max_question_chars} characters, "
+                           f"the earlier turns and system messages to {config.max_context_chars}", "messages")
+        return await complete(record, body, CHAT)
+
+    @app.post("/v1/completions", responses=ERRORS, summary="OpenAI-compatible (legacy) text completion")
+    async def completions(body: CompletionRequest) -> Any:
+        """The prompt is continued as it is (no chat template), by the same model as chat (a routed
+        server: the expert its gate picks for the prompt). Greedy unless temperature > 0."""
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if len(prompts) != 1:
+            raise ApiError(400, "invalid_parameter", f"prompt: one prompt per request (a string or a list of one), got {len(prompts)}", "prompt")
+        prompt, limit = prompts[0], config.max_question_chars + config.max_context_chars
+        if not prompt.strip() or len(prompt) > limit:
+            raise ApiError(422, "invalid_request", f"prompt: needs text, at most {limit} characters", "prompt")
+        metadata = generation(body, body.max_tokens, COMPLETION_UNSUPPORTED, raw=True)
+        record = Record(id=uuid.uuid4().hex, question=prompt, answer="", metadata=metadata)
+        try:
+            return await complete(record, body, COMPLETION)
+        except ApiError as exc:
+            if exc.param == "question":  # the answerer's name for the text it was given (prompt too long)
+                exc.param, exc.message = "prompt", exc.message.replace("question", "prompt", 1)
+            raise
+
+    async def complete(record: Record, body: GenerationFields, shape: _Shape) -> Any:
+        """Answer a chat or text completion: JSON, or server-sent events."""
         record, routing = routed(record, body.model, body.routing)
         model = body.model or expert_name
         if body.stream and batcher.streams:
-            return await stream_chat(record, model, routing)
+            return await stream_answer(record, model, routing, shape, include_usage(body))
         record, result, info, dropped, start = await answer_record(record)
-        extra = chat_extra(result, info, dropped, start, routing)
+        extra = answer_extra(record, result, info, dropped, start, routing)
         if not body.stream:
-            return chat_completion(result.answer, model, extra)
+            return shape.completion(result.answer, model, extra, result.finish_reason or "stop", usage(result.prompt_tokens, result.completion_tokens))
         # an answerer that cannot stream: the whole answer, cut into word pieces, once it is done
-        pieces = [{"role": "assistant", "content": ""}] + [{"content": w} for w in _words(result.answer)]
-        return StreamingResponse(_sse(pieces, model, extra), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(_sse(_words(result.answer), model, result, extra, shape, include_usage(body)),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    def chat_extra(result: Answer, info: BatchInfo, dropped: int, start: float, routing: Routing | None) -> dict[str, Any]:
-        return {"expert": result.expert, "gate_probability": result.gate_probability,
-                "top_features": [{"name": n, "contribution": c} for n, c in result.top_features],
-                "routing": routing.to_dict() if routing else None,
-                "latency_ms": latency(result, info, start), "batch_size": info.batch_size, "truncated_context_tokens": dropped}
+    def answer_extra(record: Record, result: Answer, info: BatchInfo, dropped: int, start: float, routing: Routing | None) -> dict[str, Any]:
+        extra = {"expert": result.expert, "gate_probability": result.gate_probability,
+                 "top_features": [{"name": n, "contribution": c} for n, c in result.top_features],
+                 "routing": routing.to_dict() if routing else None,
+                 "latency_ms": latency(result, info, start), "batch_size": info.batch_size, "truncated_context_tokens": dropped}
+        if SEED in record.metadata:  # a sampled answer: the seed that gives it again
+            extra["seed"] = record.metadata[SEED]
+        return extra
 
-    async def stream_chat(record: Record, model: str, routing: Routing | None) -> StreamingResponse:
+    async def stream_answer(record: Record, model: str, routing: Routing | None, shape: _Shape, with_usage: bool) -> StreamingResponse:
         """Queue a streamed request; answer with its events once its first piece of text (or its
         whole answer) is there, so that refusals and failures before that keep their HTTP status."""
         start = time.perf_counter()
@@ -258,15 +318,19 @@ def create_app(answerer: Any, config: ServeConfig | None = None) -> FastAPI:
         done = None  # nothing streamed: an empty answer, or the request failed (-> its HTTP status)
         if first is END:
             done = await settle(job, max(deadline - time.perf_counter(), 0.0))
-        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        completion_id = f"{shape.prefix}-{uuid.uuid4().hex}"
         first_ms = (time.perf_counter() - start) * 1000
 
+        def event(chunk: dict[str, Any]) -> bytes:
+            return _event({**chunk, "usage": None} if with_usage else chunk)
+
         async def events() -> AsyncIterator[bytes]:
-            yield _event(chat_chunk(completion_id, model, {"role": "assistant", "content": ""}))
+            for chunk in shape.opening(completion_id, model):
+                yield event(chunk)
             piece = first
             try:
                 while piece is not END:
-                    yield _event(chat_chunk(completion_id, model, {"content": piece}))
+                    yield event(shape.piece(completion_id, model, piece))
                     piece = await sink.next(deadline)
                 result, info = done or await settle(job, max(deadline - time.perf_counter(), 0.0))
             except TimeoutError:
@@ -276,20 +340,26 @@ def create_app(answerer: Any, config: ServeConfig | None = None) -> FastAPI:
             except ApiError as exc:
                 yield _event(error_body(exc.status, exc.kind, exc.message, exc.param))
             else:
-                extra = chat_extra(result, info, dropped, start, routing)
+                extra = answer_extra(record, result, info, dropped, start, routing)
                 extra["latency_ms"]["first_token"] = round(first_ms, 2)
-                yield _event(chat_chunk(completion_id, model, {}, "stop", extra))
+                yield event(shape.last(completion_id, model, result.finish_reason or "stop", extra))
+                if with_usage:
+                    yield _event(usage_chunk(completion_id, model, shape.chunk_object, usage(result.prompt_tokens, result.completion_tokens)))
             yield b"data: [DONE]\n\n"
 
         # however the response ends (done, client gone, error), the job is withdrawn: its row stops decoding
         return _ClosingStream(events(), on_close=lambda: batcher.withdraw(job, "cancelled"),
                               media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    async def _sse(pieces: list[dict[str, Any]], model: str, extra: dict[str, Any]) -> AsyncIterator[bytes]:
-        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
-        for delta in pieces:
-            yield _event(chat_chunk(completion_id, model, delta))
-        yield _event(chat_chunk(completion_id, model, {}, "stop", extra))
+    async def _sse(pieces: list[str], model: str, result: Answer, extra: dict[str, Any], shape: _Shape,
+                   with_usage: bool) -> AsyncIterator[bytes]:
+        completion_id = f"{shape.prefix}-{uuid.uuid4().hex}"
+        chunks = [*shape.opening(completion_id, model), *(shape.piece(completion_id, model, p) for p in pieces),
+                  shape.last(completion_id, model, result.finish_reason or "stop", extra)]
+        for chunk in chunks:
+            yield _event({**chunk, "usage": None} if with_usage else chunk)
+        if with_usage:
+            yield _event(usage_chunk(completion_id, model, shape.chunk_object, usage(result.prompt_tokens, result.completion_tokens)))
         yield b"data: [DONE]\n\n"
 
     @app.get("/v1/models", summary="OpenAI-compatible model list")
@@ -318,6 +388,43 @@ def create_app(answerer: Any, config: ServeConfig | None = None) -> FastAPI:
     app.add_middleware(BodyGuard, max_body_bytes=config.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=metrics, endpoints=ENDPOINTS)  # outermost: sees 413s too
     return app
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """How one OpenAI endpoint's answers look: chat completions or (legacy) text completions."""
+
+    prefix: str  # of the completion's id
+    chunk_object: str
+    completion: Callable[..., dict[str, Any]]  # (text, model, extra, finish_reason, usage) -> the JSON answer
+    chat: bool
+
+    def opening(self, completion_id: str, model: str) -> list[dict[str, Any]]:
+        """The chunks before the text: chat's role chunk."""
+        return [chat_chunk(completion_id, model, {"role": "assistant", "content": ""})] if self.chat else []
+
+    def piece(self, completion_id: str, model: str, text: str) -> dict[str, Any]:
+        return chat_chunk(completion_id, model, {"content": text}) if self.chat else text_chunk(completion_id, model, text)
+
+    def last(self, completion_id: str, model: str, finish_reason: str, extra: dict[str, Any]) -> dict[str, Any]:
+        if self.chat:
+            return chat_chunk(completion_id, model, {}, finish_reason, extra)
+        return text_chunk(completion_id, model, "", finish_reason, extra)
+
+
+CHAT = _Shape("chatcmpl", "chat.completion.chunk", chat_completion, chat=True)
+COMPLETION = _Shape("cmpl", "text_completion", text_completion, chat=False)
+# OpenAI fields this server does not do: a request giving one of them a value other than these is a 400 naming it
+_NO_PENALTY = (0, 0.0)
+CHAT_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "logprobs": (False,), "top_logprobs": (0,), "tools": ([],), "functions": ([],), "tool_choice": ("none", "auto"),
+    "function_call": ("none", "auto"), "logit_bias": ({},), "presence_penalty": _NO_PENALTY, "frequency_penalty": _NO_PENALTY,
+    "response_format": ({"type": "text"},), "audio": (), "modalities": (["text"],), "prediction": (),
+}
+COMPLETION_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "echo": (False,), "best_of": (1,), "suffix": (), "logprobs": (), "logit_bias": ({},),
+    "presence_penalty": _NO_PENALTY, "frequency_penalty": _NO_PENALTY,
+}
 
 
 def _fixed_file(content: bytes, media_type: str) -> Any:

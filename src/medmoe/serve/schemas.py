@@ -159,25 +159,85 @@ class ChatMessage(BaseModel):
         return self.content or ""
 
 
-class ChatRequest(BaseModel):
-    """OpenAI chat-completions request. Decoding is greedy: temperature/top_p are accepted, ignored."""
+STOP_DESCRIPTION = "Up to 4 sequences: the answer ends before the first one generated (finish_reason \"stop\")."
+SEED_DESCRIPTION = "Sampling only: the same seed (and request) gives the same text."
+TEMPERATURE_DESCRIPTION = "0 (the default here) or absent: greedy decoding; > 0 samples, at most 2."
+TOP_P_DESCRIPTION = "Sampling only: sample from the smallest set of most likely tokens whose probability reaches top_p, in (0, 1]."
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    include_usage: bool | None = Field(default=None, description="A last chunk with empty `choices` and the request's `usage`.")
+
+
+class GenerationFields(BaseModel):
+    """The OpenAI fields of chat and text completions that this server honours (docs/serving.md); the
+    ranges are checked by the server (400 invalid_parameter, naming the field)."""
 
     model_config = ConfigDict(extra="allow")  # OpenAI clients send many optional fields
     model: str | None = Field(default=None, description="Echoed back. A routed server also reads its threshold here: 'mambaformer' (calibrated) or 'mambaformer-tau-<tau>', tau in [0, 1]; other names get the calibrated one.")
-    messages: list[ChatMessage] = Field(min_length=1)
     stream: bool = False
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    stream_options: StreamOptions | None = Field(default=None, description="With stream: true only.")
+    max_tokens: int | None = Field(default=None, ge=1, description="Generation limit in tokens (never above the server's max_new_tokens, its default).")
+    temperature: float | None = Field(default=None, description=TEMPERATURE_DESCRIPTION)
+    top_p: float | None = Field(default=None, description=TOP_P_DESCRIPTION)
+    seed: int | None = Field(default=None, description=SEED_DESCRIPTION)
+    stop: str | list[str] | None = Field(default=None, description=STOP_DESCRIPTION)
+    n: int | None = Field(default=None, description="Only 1: one choice per request.")
     routing: dict[str, Any] | None = Field(default=None, description=ROUTING_DESCRIPTION, examples=ROUTING_EXAMPLES)
 
 
-def chat_completion(answer_text: str, model: str, extra: dict[str, Any]) -> dict[str, Any]:
+class ChatRequest(GenerationFields):
+    """OpenAI chat-completions request. System messages are the prompt's system turn; the last user
+    message is the question, earlier turns its context."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1, description="The same as max_tokens (it wins when both are given).")
+
+
+class CompletionRequest(GenerationFields):
+    """OpenAI (legacy) text-completions request: the prompt is continued as it is, without a chat template."""
+
+    prompt: str | list[str] = Field(description="The text to continue: a string, or a list of one string.")
+    echo: bool | None = Field(default=None, description="Only false.")
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v: str | list[str]) -> str | list[str]:
+        for text in [v] if isinstance(v, str) else v:
+            check_text(text, "prompt")
+        return v
+
+
+def usage(prompt_tokens: int | None, completion_tokens: int | None) -> dict[str, int] | None:
+    """OpenAI's usage object (None when the answerer does not count tokens)."""
+    if prompt_tokens is None or completion_tokens is None:
+        return None
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+
+
+def chat_completion(answer_text: str, model: str, extra: dict[str, Any], finish_reason: str = "stop",
+                    used: dict[str, int] | None = None) -> dict[str, Any]:
     return {
         "id": f"chatcmpl-{uuid.uuid4().hex}",
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": answer_text}, "finish_reason": "stop"}],
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": answer_text}, "logprobs": None, "finish_reason": finish_reason}],
+        "usage": used,
+        "medmoe": extra,
+    }
+
+
+def text_completion(answer_text: str, model: str, extra: dict[str, Any], finish_reason: str = "stop",
+                    used: dict[str, int] | None = None) -> dict[str, Any]:
+    return {
+        "id": f"cmpl-{uuid.uuid4().hex}",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "text": answer_text, "logprobs": None, "finish_reason": finish_reason}],
+        "usage": used,
         "medmoe": extra,
     }
 
@@ -193,3 +253,21 @@ def chat_chunk(completion_id: str, model: str, delta: dict[str, Any], finish_rea
     if extra is not None:
         chunk["medmoe"] = extra
     return chunk
+
+
+def text_chunk(completion_id: str, model: str, text: str, finish_reason: str | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    chunk = {
+        "id": completion_id,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+    }
+    if extra is not None:
+        chunk["medmoe"] = extra
+    return chunk
+
+
+def usage_chunk(completion_id: str, model: str, obj: str, used: dict[str, int] | None) -> dict[str, Any]:
+    """The last chunk of a stream with `stream_options.include_usage`: no choices, the usage."""
+    return {"id": completion_id, "object": obj, "created": int(time.time()), "model": model, "choices": [], "usage": used}
