@@ -47,7 +47,7 @@ def test_the_command_tree_is_by_method():
     top = click_tree()
     assert set(visible(top)) == {"run", "ask", "finetune", "eval", "export-lm-eval", "serve", "data", "models", "mambaformer", "loramoe", "heads"}
     mambaformer, loramoe = top.commands["mambaformer"], top.commands["loramoe"]
-    assert visible(mambaformer) == ["run", "ask", "distill", "expert", "profile", "calibrate", "gate"]
+    assert visible(mambaformer) == ["run", "ask", "distill", "distill-task", "expert", "profile", "calibrate", "gate"]
     assert visible(mambaformer.commands["gate"]) == ["lexicon", "train", "calibrate", "pareto"]
     assert visible(loramoe) == ["finetune", "routing"]
     hidden = {name for name, command in top.commands.items() if command.hidden}

@@ -7,12 +7,12 @@ The tree, by method (litgpt-style); the everyday commands also sit at the top le
     medmoe eval | export-lm-eval | serve  any model, or the routed system
     medmoe heads train                    an expert's output head or calibration for a benchmark
     medmoe data ... | models ...          datasets and the model zoo
-    medmoe mambaformer run | ask | distill | expert | profile | calibrate | gate {lexicon, train, calibrate, pareto}
+    medmoe mambaformer run | ask | distill | distill-task | expert | profile | calibrate | gate {lexicon, train, calibrate, pareto}
     medmoe loramoe finetune | routing
 
 One flag vocabulary: `--model` (a model), `--data` (datasets or a file), `--output/-o` (what a
 command writes); `--router` is always a MambaFormer gate checkpoint folder. `run`, `finetune`,
-`mambaformer distill` and `mambaformer expert` take `--config FILE.yaml` (cli/config_file.py).
+`mambaformer distill`, `mambaformer distill-task` and `mambaformer expert` take `--config FILE.yaml` (cli/config_file.py).
 Old command and flag names still work for one release, hidden, with a notice (cli/deprecated.py).
 
 Each area lives in its own module here, exposing `register(app)`. Heavy imports (torch,

@@ -3,7 +3,8 @@
 The file is a flat mapping of option names, spelled as the flags without `--`, with `-` or `_`
 (`batch-size: 8` or `batch_size: 8`; `resume: false` for `--no-resume`). Unknown keys are an error
 naming the key and the file. Relative paths in it are read from the current folder, as on the
-command line. Used by `finetune`, `mambaformer expert`, `mambaformer distill` and `run`:
+command line. Used by `finetune`, `mambaformer expert`, `mambaformer distill`, `mambaformer distill-task`
+and `run`:
 
     medmoe finetune --config recipes/finetune_loramoe_pubmedqa.yaml --steps 20   # --steps wins
 

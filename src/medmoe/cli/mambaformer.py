@@ -2,6 +2,7 @@
 
     run, ask                  the main job and one routed answer (also top level: `medmoe run`, `medmoe ask`)
     distill                   a Mamba expert from a Transformer (cli/distill.py)
+    distill-task              task-level distillation of the Mamba expert from E_T (and its head) (cli/distill.py)
     expert                    task fine-tuning of an expert: a preset of `medmoe finetune` (cli/finetune.py)
     profile, calibrate        an expert's latency model; tau again for a latency budget on a run's cached results
     gate lexicon|train|calibrate|pareto   the gate on cached expert results (cli/gate.py)
@@ -182,7 +183,7 @@ def calibrate(
 
 def register(app: typer.Typer) -> None:
     """`run` and `ask` at the top level, and the `mambaformer` group."""
-    from medmoe.cli.distill import DISTILL_FLAGS, distill_command
+    from medmoe.cli.distill import DISTILL_FLAGS, distill_command, distill_task_command
     from medmoe.cli.finetune import EXPERT_FLAGS, expert_command
     from medmoe.cli.gate import gate_app
 
@@ -194,6 +195,7 @@ def register(app: typer.Typer) -> None:
         target.command("run", cls=renamed_flags(RUN_FLAGS))(run)
         target.command("ask")(ask)
     group.command("distill", cls=renamed_flags(DISTILL_FLAGS))(distill_command)
+    group.command("distill-task")(distill_task_command)
     group.command("expert", cls=renamed_flags(EXPERT_FLAGS))(expert_command)
     group.command("profile")(profile)
     group.command("calibrate")(calibrate)

@@ -14,6 +14,7 @@ A run killed at any moment resumes from the last complete checkpoint.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -31,6 +32,7 @@ from medmoe.mamba.transfer import AttentionMamba, HybridSpec, load_hybrid, save_
 from medmoe.paths import atomic_write_file
 
 LATEST = "latest.json"
+TRAINER_STATE = "trainer_state.json"
 
 
 @dataclass
@@ -77,7 +79,7 @@ def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     return F.kl_div(log_q, log_p, log_target=True, reduction="batchmean") * t * t
 
 
-def _batch_indices(step: int, num_blocks: int, batch: int, seed: int) -> torch.Tensor:
+def batch_indices(step: int, num_blocks: int, batch: int, seed: int) -> torch.Tensor:
     """Blocks of `step`: a seeded permutation per epoch, walked in order."""
     per_epoch = max(num_blocks // batch, 1)
     epoch, k = divmod(step, per_epoch)
@@ -99,6 +101,16 @@ def _trainable(student, mode: str) -> list[tuple[str, torch.nn.Parameter]]:
 
 
 def _save(out: Path, step: int, student, spec, tokenizer, opt, names, cfg: DistillConfig, history: list) -> None:
+    save_checkpoint(out, step, student, spec, tokenizer, opt, names,
+                    {"step": step, "config": asdict(cfg), "history": history})
+
+
+def save_checkpoint(out: Path, step: int, student, spec, tokenizer, opt, names: list[str], state: dict,
+                    extra_files: dict[str, dict] | None = None) -> Path:
+    """Write `out/ckpt-<step>/` (the hybrid, optimizer.safetensors, trainer_state.json = `state`, and
+    each of `extra_files` as JSON), then point `out/latest.json` at it and remove older checkpoints.
+    Every file is written atomically and latest.json last, so a kill leaves the previous checkpoint.
+    names: the parameter names of `opt.param_groups[0]["params"]`, in order."""
     from safetensors.torch import save_file
 
     ckpt = out / f"ckpt-{step:06d}"
@@ -111,15 +123,20 @@ def _save(out: Path, step: int, student, spec, tokenizer, opt, names, cfg: Disti
             value = value.detach().float()
             opt_state[f"{name}::{key}"] = (value.reshape(1) if key == "step" else value).contiguous()
     atomic_write_file(ckpt / "optimizer.safetensors", lambda p: save_file(opt_state, p))
-    state = {"step": step, "config": asdict(cfg), "history": history}
-    atomic_write_file(ckpt / "trainer_state.json", lambda p: Path(p).write_text(json.dumps(state, indent=1)))
+    for file_name, content in {TRAINER_STATE: state, **(extra_files or {})}.items():
+        atomic_write_file(ckpt / file_name, functools.partial(_write_text, json.dumps(content, indent=1)))
     atomic_write_file(out / LATEST, lambda p: Path(p).write_text(json.dumps({"checkpoint": ckpt.name, "step": step})))
     for old in out.glob("ckpt-*"):
         if old != ckpt:
             shutil.rmtree(old, ignore_errors=True)
+    return ckpt
 
 
-def _read_json(path: Path) -> dict:
+def _write_text(text: str, path: str) -> None:
+    Path(path).write_text(text)
+
+
+def read_json(path: Path) -> dict:
     """A checkpoint's JSON file as an object; anything else is a ModelError naming the file."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -138,13 +155,14 @@ def latest_checkpoint(out: str | Path) -> Path | None:
     pointer = Path(out) / LATEST
     if not pointer.exists():
         return None
-    name = _read_json(pointer).get("checkpoint")
+    name = read_json(pointer).get("checkpoint")
     if not isinstance(name, str) or not re.fullmatch(r"ckpt-\d+", name) or not (Path(out) / name).is_dir():
         raise ModelError(f"{pointer}: field 'checkpoint' must name a ckpt-<step> folder in {out}, got {name!r}")
     return Path(out) / name
 
 
-def _restore_optimizer(opt, names, folder: Path) -> None:
+def restore_optimizer(opt, names: list[str], folder: Path) -> None:
+    """AdamW's state saved by `save_checkpoint` in `folder`, put back on the same parameters (by name)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -160,7 +178,7 @@ def _restore_optimizer(opt, names, folder: Path) -> None:
             opt.state[params[i]] = entries
 
 
-def _load_student(folder: Path):
+def load_student(folder: Path):
     """load_hybrid, with an unreadable weights file reported as a ModelError naming the folder."""
     from safetensors import SafetensorError
 
@@ -184,8 +202,8 @@ def distill(teacher, student, spec: HybridSpec, blocks: torch.Tensor, out: str |
     history: list = []
     found = latest_checkpoint(out) if resume else None
     if found is not None:
-        student, _, spec = _load_student(found)
-        state = _read_json(found / "trainer_state.json")
+        student, _, spec = load_student(found)
+        state = read_json(found / TRAINER_STATE)
         step, past = state.get("step"), state.get("history")
         if not isinstance(step, int) or not isinstance(past, list):
             raise ModelError(f"{found / 'trainer_state.json'}: fields 'step' (a number) and 'history' (a list) are required")
@@ -196,13 +214,13 @@ def distill(teacher, student, spec: HybridSpec, blocks: torch.Tensor, out: str |
     names = [n for n, _ in named]
     opt = torch.optim.AdamW([p for _, p in named], lr=cfg.lr, weight_decay=cfg.weight_decay)
     if found is not None:
-        _restore_optimizer(opt, names, found)
+        restore_optimizer(opt, names, found)
     began = time.monotonic()
     step = start
     while step < cfg.max_steps:
         if cfg.max_minutes is not None and time.monotonic() - began > 60 * cfg.max_minutes:
             break
-        ids = blocks[_batch_indices(step, len(blocks), cfg.batch_size, cfg.seed)]
+        ids = blocks[batch_indices(step, len(blocks), cfg.batch_size, cfg.seed)]
         with torch.no_grad():
             teacher_logits = teacher(input_ids=ids, use_cache=False).logits
         loss = kl_loss(student(input_ids=ids, use_cache=False).logits, teacher_logits, cfg.temperature)

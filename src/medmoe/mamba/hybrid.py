@@ -48,6 +48,11 @@ class HybridSpec:
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
 
+    def mixer_layers(self) -> list[tuple[int, int]]:
+        """(student position, teacher layer) of every layer whose attention was replaced by a Mamba
+        mixer: student layer p is teacher layer layers[p] (a shallow student keeps a subset, in order)."""
+        return [(p, j) for p, j in enumerate(self.layers) if j not in self.attention_layers]
+
 
 @strict
 class MambaHybridConfig(LlamaConfig):
