@@ -92,17 +92,22 @@ def test_a_hybrid_saved_before_its_model_type_still_loads(hybrid_folder, tmp_pat
 
 
 def test_loramoe_adapter_is_refused_by_stock_loaders(tmp_path):
-    """A LoRA-MoE adapter folder is neither a model nor a PEFT adapter: both stock loaders say so."""
+    """A LoRA-MoE adapter folder is in PEFT's layout (adapter_config.json naming its base) but with a
+    peft_type PEFT does not know: stock PEFT, and transformers (which loads the named base, then asks
+    PEFT for the adapter), fail on it rather than load it as a plain LoRA (tests/test_adapter_layout.py)."""
     from peft import PeftModel
 
     from medmoe.loramoe import LoraMoeConfig, LoraMoeModel
+    from medmoe.loramoe.config import PEFT_TYPE
 
+    base = tmp_path / "base"
+    tiny_llama().save_pretrained(base)
     wrapped = LoraMoeModel(tiny_llama(), LoraMoeConfig(num_experts=4, top_k=2, rank=4, router_dim=8, queue_size=16))
-    wrapped.save_adapter(tmp_path)
-    with pytest.raises((OSError, ValueError)):
-        AutoModelForCausalLM.from_pretrained(tmp_path)
-    with pytest.raises((OSError, ValueError)):
-        PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    wrapped.save_adapter(tmp_path / "ad", base_model=str(base))
+    with pytest.raises((OSError, ValueError, KeyError), match=PEFT_TYPE):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "ad")
+    with pytest.raises((OSError, ValueError, KeyError), match=PEFT_TYPE):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path / "ad")
 
 
 def test_the_server_and_the_zoo_load_every_hybrid_format_as_a_hybrid(hybrid_folder, tmp_path):

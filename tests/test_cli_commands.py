@@ -45,7 +45,7 @@ ALL_COMMANDS = [path for path, _ in walk(click_tree())]
 
 def test_the_command_tree_is_by_method():
     top = click_tree()
-    assert set(visible(top)) == {"run", "ask", "finetune", "eval", "export-lm-eval", "serve", "data", "models", "mambaformer", "loramoe", "heads"}
+    assert set(visible(top)) == {"run", "ask", "finetune", "eval", "export", "export-lm-eval", "serve", "data", "models", "mambaformer", "loramoe", "heads"}
     mambaformer, loramoe = top.commands["mambaformer"], top.commands["loramoe"]
     assert visible(mambaformer) == ["run", "ask", "distill", "distill-task", "expert", "profile", "calibrate", "gate"]
     assert visible(mambaformer.commands["gate"]) == ["lexicon", "train", "calibrate", "pareto"]
@@ -160,7 +160,7 @@ def test_finetune_from_a_config_file_with_a_flag_overriding_it(tmp_path, tiny_ba
     assert "done: step 2" in result.output
     saved = json.loads((tmp_path / "run" / "finetune_config.json").read_text())
     assert saved["steps"] == 2 and saved["batch_size"] == 2 and saved["lr"] == pytest.approx(0.01)  # flag > file > default
-    assert json.loads((tmp_path / "run" / "adapter" / "loramoe_config.json").read_text())["num_experts"] == 4
+    assert json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())["num_experts"] == 4
 
 
 def test_config_errors_name_the_key_and_the_file(tmp_path):

@@ -115,7 +115,7 @@ def test_a_kill_after_the_last_checkpoint_only_writes_the_result(tmp_path):
     steps_run = []
     result = _run(_cfg(tmp_path), on_step=lambda step, loss: steps_run.append(step))
     assert steps_run == [] and not result["already_finished"]
-    assert (tmp_path / "run" / "adapter" / "loramoe_adapter.safetensors").is_file()
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
     assert [r["step"] for r in _log(tmp_path / "run")] == [1, 2, 3, 4]
 
 

@@ -55,8 +55,8 @@ def test_finetune_command_trains_saves_and_the_adapter_loads(tmp_path, run_files
     assert "done: step 3" in result.output
     assert (out / "checkpoints" / "step-2.safetensors").is_file() and (out / "checkpoints" / "step-3.json").is_file()
     adapter = out / "adapter"
-    config = json.loads((adapter / "loramoe_config.json").read_text())
-    assert config["num_experts"] == 4 and config["rank"] == 4 and config["compute"] == "auto"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["num_experts"] == 4 and config["r"] == 4 and config["compute"] == "auto"
 
     from transformers import AutoModelForCausalLM
 
@@ -80,7 +80,7 @@ def test_finetune_command_passes_compute_and_names_a_bad_one(tmp_path, run_files
     common = ["finetune", "--model", str(base), "--data", str(data), "--steps", "1", "--experts", "4", "--rank", "4", "--eval-examples", "0"]
     result = CliRunner().invoke(app, [*common, "--output", str(tmp_path / "dense"), "--compute", "dense"])
     assert result.exit_code == 0, result.output
-    assert json.loads((tmp_path / "dense" / "adapter" / "loramoe_config.json").read_text())["compute"] == "dense"
+    assert json.loads((tmp_path / "dense" / "adapter" / "adapter_config.json").read_text())["compute"] == "dense"
     result = CliRunner().invoke(app, [*common, "--output", str(tmp_path / "bad"), "--compute", "triton"])
     assert result.exit_code != 0
     assert "compute must be one of" in str(result.exception)

@@ -56,7 +56,7 @@ def test_training_reduces_loss_and_writes_adapter_and_log(tmp_path):
     cfg = _cfg(tmp_path, "run", steps=12, save_every=100)
     result = _run(cfg)
     assert result["losses"][12] < result["losses"][1]
-    assert (tmp_path / "run" / "adapter" / "loramoe_adapter.safetensors").is_file()
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
     log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, 13))
     assert set(log[0]["aux"]) == {"balance", "z", "contrastive"}

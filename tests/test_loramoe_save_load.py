@@ -34,7 +34,7 @@ def test_loading_onto_a_fresh_base_reproduces_logits_exactly(arch, tmp_path):
     with torch.no_grad():
         expected = wrapped(**inputs).logits
     wrapped.save_adapter(tmp_path)
-    assert (tmp_path / WEIGHTS_NAME).is_file() and (tmp_path / "loramoe_config.json").is_file()
+    assert (tmp_path / WEIGHTS_NAME).is_file() and (tmp_path / "adapter_config.json").is_file()
     assert adapter_info(tmp_path)["metadata"]["model_class"] == type(wrapped.model).__name__
 
     fresh, _ = tiny_model(arch)  # same seed: the same base weights
@@ -49,8 +49,8 @@ def test_loading_onto_a_fresh_base_reproduces_logits_exactly(arch, tmp_path):
 def test_saved_config_is_json(tmp_path):
     wrapped, _ = _trained_adapter("llama", steps=0)
     wrapped.save_adapter(tmp_path)
-    data = json.loads((tmp_path / "loramoe_config.json").read_text())
-    assert data["num_experts"] == 4 and data["rank"] == 4
+    data = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert data["num_experts"] == 4 and data["r"] == 4
 
 
 def test_loading_onto_another_architecture_fails_clearly(tmp_path):
@@ -86,4 +86,4 @@ def test_seq2seq_generation_with_kv_cache():
 def test_save_pretrained_saves_the_adapter_only(tmp_path):
     wrapped, _ = _trained_adapter("llama", steps=0)
     wrapped.save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["loramoe_adapter.safetensors", "loramoe_config.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]

@@ -246,7 +246,7 @@ def test_smollm2_batched_scores_match_score_options():
 @pytest.mark.real_model
 def test_the_default_server_answers_option_questions_through_its_bundled_heads():
     """The default factory on SmolLM2 answers a PubMedQA and a Dental question through the bundled heads
-    (the same logits as the quality report's head, from the same forward pass); a Chinese question,
+    (the quality report's head logits, up to float rounding: the batch shares its passes); a Chinese question,
     which no bundled head reads, by the model's own option likelihoods."""
     from medmoe.data import load_dataset
     from medmoe.heads.answerer import head_logits
@@ -262,4 +262,8 @@ def test_the_default_server_answers_option_questions_through_its_bundled_heads()
         head, config = heads.for_record(record)
         logits, _, _ = head_logits(answerer.model, answerer.tokenizer, head, config, build_prompt(record, answerer.tokenizer),
                                    len(record.options))
-        assert list(answer.label_scores.values()) == pytest.approx(torch.softmax(logits, 0).tolist(), abs=1e-5)
+        # the batch shares the chat template's prefix (one KV cache): float32 sums in another order, and
+        # where a pooled value sits on a float16 rounding boundary it rounds one step over (~1e-3 in a logit)
+        probs = torch.softmax(logits, 0).tolist()
+        assert list(answer.label_scores.values()) == pytest.approx(probs, abs=1e-3)
+        assert answer.answer == record.letters[max(range(len(probs)), key=probs.__getitem__)]

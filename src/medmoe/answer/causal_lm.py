@@ -1,5 +1,5 @@
-"""One causal LM as an `Answerer` (medmoe.answer.types): option questions by option log-likelihood,
-open ones by batched generation (greedy, or sampled per row: `Generation`), streamed to a request's sink when it has one
+"""One causal LM as an `Answerer` (medmoe.answer.types): option questions through their format's option
+head (docs/heads.md) or by option log-likelihood, open ones by batched generation (greedy, or sampled per row: `Generation`), streamed to a request's sink when it has one
 (medmoe.answer.streaming). The server's default answerer (medmoe.serve.answerers) and the routed
 MambaFormer system (medmoe.mambaformer.answerer, over its chosen expert) both answer with it.
 
@@ -28,8 +28,9 @@ from medmoe.eval.batch_scoring import score_options_batch
 from medmoe.eval.prompts import LABELS, build_prompt, language_of, question_block, uses_chat
 from medmoe.eval.scoring import bos_ids
 from medmoe.eval.window import cut_context
-from medmoe.heads.answerer import head_logits
+from medmoe.heads.answerer import head_logits_batch
 from medmoe.heads.bundled import HeadSet
+from medmoe.models.head import HeadConfig, OptionHead
 
 
 def open_prompt(record: Record, tokenizer: Any) -> str:
@@ -67,7 +68,8 @@ def chat_prompt(tokenizer: Any, text: str, system: str | None = None) -> str:
 
 class CausalLMAnswerer:
     """Answers with one causal LM: option questions by option log-likelihood, open ones by greedy (or
-    sampled, per record: medmoe.answer.types.Generation) generation. Whole batches run in one forward pass (options) or one `generate` call (open).
+    sampled, per record: medmoe.answer.types.Generation) generation. A batch's option questions share
+    padded forward passes (those a head answers, then the others), its open ones one `generate` call.
 
     name:            reported as `Answer.expert`
     max_new_tokens:  generation limit (a record may lower it with metadata["max_new_tokens"])
@@ -135,22 +137,25 @@ class CausalLMAnswerer:
         return done
 
     def _answer_options(self, records: Sequence[Record]) -> list[Answer]:
-        """Records a head answers (their format's head, docs/heads.md) one pass each; the rest in one
-        batched forward by the expert's own option likelihoods."""
+        """Records a head answers (their format's head, docs/heads.md) from shared right-padded passes
+        (heads.answerer.head_logits_batch: the hidden states of every layer their heads read and the
+        option log-probs, whatever head each row has); the rest in one batched forward by the
+        expert's own option likelihoods."""
         answers: dict[int, Answer] = {}
         plain = []
+        headed: list[tuple[int, OptionHead, HeadConfig]] = []
         for i, record in enumerate(records):
             found = self.heads.for_record(record) if self.heads is not None else None
             if found is None:
                 plain.append(i)
-                continue
-            head, config = found
-            prompt = build_prompt(record, self.tokenizer)
-            logits, _, _ = head_logits(self.model, self.tokenizer, head, config, prompt, len(record.options))
+            else:
+                headed.append((i, *found))
+        items = [(head, config, build_prompt(records[i], self.tokenizer), len(records[i].options)) for i, head, config in headed]
+        for (i, _, config), (logits, _, _) in zip(headed, head_logits_batch(self.model, self.tokenizer, items) if items else []):
             probs = torch.softmax(logits, dim=0).tolist()
             best = max(range(len(probs)), key=probs.__getitem__)
-            answers[i] = Answer(answer=record.letters[best], expert=f"{self.name}+head({config.kind})",
-                                label_scores=dict(zip(record.letters, probs)))
+            answers[i] = Answer(answer=records[i].letters[best], expert=f"{self.name}+head({config.kind})",
+                                label_scores=dict(zip(records[i].letters, probs)))
         prompts = [build_prompt(records[i], self.tokenizer) for i in plain]
         for i, scores in zip(plain, score_options_batch(self.model, self.tokenizer, prompts) if plain else []):
             probs = scores.probabilities()

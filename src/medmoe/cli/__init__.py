@@ -5,6 +5,7 @@ The tree, by method (litgpt-style); the everyday commands also sit at the top le
     medmoe run | ask                      the routed MambaFormer system (= `medmoe mambaformer run | ask`)
     medmoe finetune                       LoRA-MoE, LoRA or full fine-tuning (= `medmoe loramoe finetune`)
     medmoe eval | export-lm-eval | serve  any model, or the routed system
+    medmoe export                         an adapter in PEFT's layout with its model card; --merge a plain LoRA
     medmoe heads train                    an expert's output head or calibration for a benchmark
     medmoe data ... | models ...          datasets and the model zoo
     medmoe mambaformer run | ask | distill | distill-task | expert | profile | calibrate | gate {lexicon, train, calibrate, pareto}
@@ -43,7 +44,7 @@ app = typer.Typer(
 )
 
 # One module per area; each defines register(app), in the order of `medmoe --help`.
-COMMAND_MODULES = ["mambaformer", "finetune", "eval", "heads", "serve", "data", "models", "deprecated"]
+COMMAND_MODULES = ["mambaformer", "finetune", "eval", "export", "heads", "serve", "data", "models", "deprecated"]
 
 for _name in COMMAND_MODULES:
     importlib.import_module(f"medmoe.cli.{_name}").register(app)

@@ -15,7 +15,7 @@ DEFAULT_MODEL = "smollm2-135m"
 
 
 def eval_command(
-    model: str | None = typer.Option(None, help=f"Bundled short name, Hugging Face hub id or local path (the base model when --adapter is given; default: {DEFAULT_MODEL})."),
+    model: str | None = typer.Option(None, help=f"Bundled short name, Hugging Face hub id or local path (the base model when --adapter is given; default: the base the adapter names, else {DEFAULT_MODEL})."),
     benchmarks: str = typer.Option(
         "pubmedqa", help="Comma-separated: pubmedqa, medmcqa, dental, cmmlu-med, cmexam, cmb-clin, cmb-exam:PATH, or file paths."
     ),
@@ -23,7 +23,7 @@ def eval_command(
     rule: str = typer.Option("letter", help="Scoring rule: letter, loglik, loglik-norm or generate (docs/evaluation.md)."),
     limit: int | None = typer.Option(None, min=1, help="Fixed subsample of at most N examples per benchmark (sha256 order of ids)."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Results folder (default: runs/eval-MODEL-RULE-Kshot; with --router DIR: runs/eval-routed-PARENT-NAME of DIR)."),
-    adapter: str | None = typer.Option(None, help="A `medmoe finetune` output folder: LoRA-MoE adapter, PEFT LoRA adapter, or full model."),
+    adapter: str | None = typer.Option(None, help="A `medmoe finetune` output folder or its hub id: LoRA-MoE adapter, PEFT LoRA adapter, or full model."),
     batch_size: int = typer.Option(1, min=1, help="Examples per forward pass for single-token rules (latency is then amortized)."),
     max_new_tokens: int = typer.Option(32, min=1, help="Generation length for --rule generate."),
     shots_from: str | None = typer.Option(None, help="Few-shot pool for cmb-exam:PATH and user files (a dataset file)."),
@@ -77,6 +77,10 @@ def eval_command(
         settings = {"router": str(router.resolve()), "tau": lm.checkpoint.tau,
                     "experts": {name: e.source for name, e in lm.experts.items()}}
     else:
+        if model is None and adapter is not None:  # the base the adapter names (adapter_config.json)
+            from medmoe.models.adapters import adapter_base, resolve_adapter
+
+            model = adapter_base(resolve_adapter(adapter)) or None
         model = model or DEFAULT_MODEL
         folder = output or Path("runs") / f"eval-{Path(model).name}-{rule}-{shots}shot"
         with console.status(f"loading {model}..."):

@@ -236,8 +236,11 @@ def routing_command(
     require("matplotlib", "plots", "routing analytics (the heatmaps)")  # before minutes of model loading
     if threads > 0:
         torch.set_num_threads(threads)
-    if not (adapter / "loramoe_config.json").is_file():
-        raise ModelError(f"{adapter}: no loramoe_config.json; routing analytics need a LoRA-MoE adapter folder")
+    from medmoe.loramoe.config import adapter_layout
+
+    if adapter_layout(adapter) not in ("loramoe", "loramoe-legacy"):
+        raise ModelError(f"{adapter}: no loramoe_config.json, nor an adapter_config.json with peft_type MEDMOE_LORAMOE; "
+                         "routing analytics need a LoRA-MoE adapter folder")
     lm, tokenizer = load_causal_lm(model, adapter=adapter)
     datasets = {name.strip(): load_dataset(name.strip(), split=split) for name in data.split(",") if name.strip()}
     try:

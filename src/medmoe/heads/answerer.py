@@ -5,6 +5,8 @@ One forward pass per question gives the head its hidden state z and the expert's
 (heads/features.py), so the head costs one (K, D) product on top of the expert's prompt pass (the LM
 head runs at the last position only). The same pass also yields the expert's zero-shot answer, kept
 in each row's `route` as `lm_prediction`, so a run reports the head beside the likelihood rule.
+`head_logits_batch` answers many questions (the server's micro-batch, each row with its own head)
+from shared right-padded passes, with the same logits up to float reduction order.
 """
 
 from __future__ import annotations
@@ -18,12 +20,13 @@ import torch
 
 from medmoe.data.record import Record
 from medmoe.errors import MedmoeError
+from medmoe.eval.batch_scoring import MAX_PADDING_WASTE
 from medmoe.eval.model import Generation, HFEvalModel
-from medmoe.eval.prompts import build_prompt
+from medmoe.eval.prompts import Prompt, build_prompt
 from medmoe.eval.rules import Outcome
 from medmoe.eval.scoring import OptionScores
 from medmoe.eval.window import PromptFitter
-from medmoe.heads.features import MAX_OPTIONS, forward_prompt, pool
+from medmoe.heads.features import MAX_OPTIONS, forward_prompt, pool, pooled_prompts
 from medmoe.models.head import HeadConfig, OptionHead, lm_option_feature, load_head
 
 RULE = "letter"
@@ -34,19 +37,40 @@ def head_logits(model: Any, tokenizer: Any, head: OptionHead, config: HeadConfig
                 extra: torch.Tensor | None = None) -> tuple[torch.Tensor, list[float], int]:
     """(the head's logits (options,), the expert's own option log-probs, prompt tokens) for one
     prompt (eval.prompts.build_prompt, letter kind); extra: (1, K, F') retrieval features if the head reads them."""
-    k = head.letters
     hidden, logprobs = forward_prompt(model, tokenizer, prompt.context, prompt.continuations)
+    h = None
+    if config.layer is not None and config.pooling is not None:
+        h = pool(hidden, config.layer, config.pooling)  # (1, D)
+    return head_output(head, h, logprobs, options, extra), logprobs, int(hidden[0].shape[1])
+
+
+@torch.inference_mode()
+def head_logits_batch(model: Any, tokenizer: Any, items: Sequence[tuple[OptionHead, HeadConfig, Prompt, int]],
+                      max_waste: float = MAX_PADDING_WASTE) -> list[tuple[torch.Tensor, list[float], int]]:
+    """`head_logits` for many (head, config, prompt, options) at once: every prompt's hidden states and
+    option log-probs come from shared right-padded passes (heads.features.pooled_prompts: one per
+    length group, all of them in one with max_waste = inf), whatever layer and pooling each row's head
+    reads. Each row's pooled state is rounded as `pool` rounds it, so the logits are `head_logits`'
+    up to float reduction order. No retrieval features here (the server refuses heads that read them;
+    `head_logits` takes them)."""
+    pools = [(c.layer, c.pooling) if c.layer is not None and c.pooling is not None else None for _, c, _, _ in items]
+    rows = pooled_prompts(model, tokenizer, [prompt for _, _, prompt, _ in items], pools, max_waste)
+    return [(head_output(head, h, logprobs, options), logprobs, tokens)
+            for (head, _, _, options), (h, logprobs, tokens) in zip(items, rows)]
+
+
+def head_output(head: OptionHead, h: torch.Tensor | None, logprobs: Sequence[float], options: int,
+                extra: torch.Tensor | None = None) -> torch.Tensor:
+    """The head's logits (options,) from one prompt's pooled state h (1, D) or None and the expert's
+    option log-probs; extra: (1, K, F') retrieval features."""
+    k = head.letters
     s = torch.full((1, MAX_OPTIONS), float("-inf"))
-    s[0, : len(logprobs)] = torch.tensor(logprobs)
+    s[0, : len(logprobs)] = torch.tensor(list(logprobs))
     s = s[:, :k]
     f = lm_option_feature(s)  # (1, K, 1)
     if extra is not None:
         f = torch.cat([f, extra[:, :k].float()], dim=-1)
-    h = None
-    if config.layer is not None and config.pooling is not None:
-        h = pool(hidden, config.layer, config.pooling)  # (1, D)
-    logits = head(h, f, torch.isfinite(s))[0, :options]
-    return logits, logprobs, int(hidden[0].shape[1])
+    return head(h, f, torch.isfinite(s))[0, :options]
 
 
 class HeadAnswerer:

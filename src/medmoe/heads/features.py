@@ -22,12 +22,13 @@ edited record is computed again, and a folder made by another model or dtype is 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +36,12 @@ import torch
 
 from medmoe.data.record import Record
 from medmoe.errors import MedmoeError
+from medmoe.eval.batch_scoring import MAX_PADDING_WASTE, MIN_SHARED_PREFIX, _keeps_every_layer, length_groups
 from medmoe.eval.model import HFEvalModel
-from medmoe.eval.prompts import build_prompt
+from medmoe.eval.prompts import Prompt, build_prompt
 from medmoe.eval.scoring import accepts_logits_to_keep, bos_ids, encode_pair, is_encoder_decoder, score_options_seq2seq
 from medmoe.eval.window import PromptFitter
+from medmoe.hf_compat import output_cache, with_cache
 from medmoe.paths import atomic_write_json, medmoe_home
 
 CHUNK = 32
@@ -82,6 +85,16 @@ def record_key(record: Record) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
+def letter_plan(tokenizer: Any, context: str, continuations: Sequence[str]) -> tuple[list[int], list[int]]:
+    """(prompt ids incl. BOS, one token id per option) of a letter prompt: what a feature pass runs and
+    reads; MedmoeError when an option letter is not one token after the common prompt."""
+    pairs = [encode_pair(tokenizer, context, c) for c in continuations]
+    if any(len(c) != 1 or p != pairs[0][0] for p, c in pairs):
+        raise MedmoeError("features need single-token option letters after a common prompt "
+                          f"(got {[len(c) for _, c in pairs]} tokens)")
+    return bos_ids(tokenizer, pairs[0][0]) + pairs[0][0], [c[0] for _, c in pairs]
+
+
 def forward_prompt(model: Any, tokenizer: Any, context: str, continuations: Sequence[str]) -> tuple[tuple, list[float]]:
     """(hidden states: L+1 tensors of (1, n, D), log p(continuation_i | context)) for one prompt."""
     if is_encoder_decoder(model):
@@ -90,16 +103,12 @@ def forward_prompt(model: Any, tokenizer: Any, context: str, continuations: Sequ
         enc = model.get_encoder()(input_ids=x, output_hidden_states=True)
         scores = score_options_seq2seq(model, tokenizer, context, continuations).logprobs
         return enc.hidden_states, scores
-    pairs = [encode_pair(tokenizer, context, c) for c in continuations]
-    ctx = bos_ids(tokenizer, pairs[0][0]) + pairs[0][0]
-    if any(len(c) != 1 or p != pairs[0][0] for p, c in pairs):
-        raise MedmoeError("features need single-token option letters after a common prompt "
-                          f"(got {[len(c) for _, c in pairs]} tokens)")
+    ctx, letters = letter_plan(tokenizer, context, continuations)
     x = torch.tensor([ctx], device=next(model.parameters()).device)
     keep = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}  # the LM head at the last position only
     out = model(input_ids=x, output_hidden_states=True, use_cache=False, **keep)
     last = torch.log_softmax(out.logits[0, -1].float(), dim=-1)  # (V,)
-    return out.hidden_states, [float(last[c[0]]) for _, c in pairs]
+    return out.hidden_states, [float(last[c]) for c in letters]
 
 
 def option_scores(model: Any, tokenizer: Any, context: str, continuations: Sequence[str]) -> list[float]:
@@ -108,9 +117,158 @@ def option_scores(model: Any, tokenizer: Any, context: str, continuations: Seque
 
 def pool(hidden: Sequence[torch.Tensor], layer: int, pooling: str) -> torch.Tensor:
     """(1, D) one prompt's pooled hidden state, as the cache stores it (rounded through float16)."""
-    states = hidden[layer][0].float()  # (n, D)
+    return pool_states(hidden[layer][0], pooling)
+
+
+def pool_states(states: torch.Tensor, pooling: str) -> torch.Tensor:
+    """(1, D) on the CPU: one prompt's hidden states of one layer (n, D; its real tokens only) at the
+    last token or averaged, rounded through float16 as the cache stores them. `pool` and the batched
+    pass (`pooled_prompts`) both pool here, so a batched row is pooled as it would be alone."""
+    states = states.float()
     pooled = states[-1] if pooling == "last" else states.mean(dim=0)
-    return pooled.half().float().unsqueeze(0)
+    return pooled.half().float().unsqueeze(0).cpu()
+
+
+@torch.inference_mode()
+def pooled_prompts(model: Any, tokenizer: Any, prompts: Sequence[Prompt], pools: Sequence[tuple[int, str] | None],
+                   max_waste: float = MAX_PADDING_WASTE, share_prefix: bool = True
+                   ) -> list[tuple[torch.Tensor | None, list[float], int]]:
+    """What `forward_prompt` then `pool` give each prompt alone, for many prompts in few passes:
+    per prompt (its hidden state pooled at pools[i] = (layer, pooling), (1, D) on the CPU, or None
+    where pools[i] is None; log p(option letter | prompt); prompt tokens).
+
+    The prompts are batched as the likelihood path batches them (eval/batch_scoring.py), with one
+    change: rows are first split by their first MIN_SHARED_PREFIX tokens (a question format's
+    instruction), and each set's longest common token prefix (~38 tokens of a SmolLM2 prompt) runs
+    once, with its hidden states, as a KV cache its rows continue (where the model's cache keeps
+    every layer; share_prefix=False never). The rest of each prompt is right-padded into groups
+    sorted by length that waste at most `max_waste` on pads (inf: one pass per set; rows without a
+    prefix are padded together). Right padding keeps every row's positions k..k+n_i-1 (HF Llama,
+    Qwen2 and Gemma-3 number positions from the cache length, whatever the attention mask says, so
+    left padding would shift them) and the causal mask keeps real tokens from seeing the pads, so a
+    row's states over its real tokens, and the LM head at its last one, are an unbatched pass's up to
+    float summation order. A row is pooled by `pool_states` over its real tokens (the prefix's states,
+    then its own), so it is rounded as `pool` rounds it. Each pass keeps only the hidden-state layers
+    its rows' heads read (transformers selects them by index; a model that returns them all is read
+    the same way) and runs the LM head at the rows' last positions only where the model supports
+    `logits_to_keep`. Encoder-decoder models run one prompt at a time (`forward_prompt`)."""
+    if len(pools) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(pools)} poolings")
+    if is_encoder_decoder(model):
+        out = []
+        for prompt, want in zip(prompts, pools):
+            hidden, logprobs = forward_prompt(model, tokenizer, prompt.context, prompt.continuations)
+            out.append((None if want is None else pool(hidden, *want), logprobs, int(hidden[0].shape[1])))
+        return out
+    plans = [letter_plan(tokenizer, p.context, p.continuations) for p in prompts]
+    results: list[tuple[torch.Tensor | None, list[float], int]] = [(None, [], 0)] * len(prompts)
+
+    def run(members: list[int], prefix: _Prefix) -> None:
+        for group in length_groups([len(plans[i][0]) - prefix.k for i in members], max_waste):
+            rows = [members[j] for j in group]
+            for i, row in zip(rows, _padded_pass(model, tokenizer, [plans[i] for i in rows], [pools[i] for i in rows], prefix)):
+                results[i] = row
+
+    # rows by their first tokens (a question format's instruction): each set shares its own prefix
+    starts: dict[tuple[int, ...], list[int]] = {}
+    for i, (ctx, _) in enumerate(plans):
+        starts.setdefault(tuple(ctx[:MIN_SHARED_PREFIX]) if share_prefix else (), []).append(i)
+    rest: list[int] = []  # the rows that share no prefix: padded together
+    cacheable = share_prefix
+    for members in starts.values():
+        means = sorted({want[0] for want in (pools[i] for i in members) if want is not None and want[1] == "mean"})
+        prefix = _prefix_pass(model, [plans[i][0] for i in members], means) if cacheable else _Prefix()
+        if prefix is None:  # the model's cache cannot carry a prefix: try no other
+            cacheable, prefix = False, _Prefix()
+        if prefix.k:
+            run(members, prefix)
+        else:
+            rest.extend(members)
+    if rest:
+        run(sorted(rest), _Prefix())
+    return results
+
+
+@dataclass
+class _Prefix:
+    """The prompts' first k tokens, run once: their KV cache and hidden states (layer -> (k, D)) at
+    the layers a mean reads (the last token is always a row's own)."""
+
+    k: int = 0
+    cache: Any = None
+    hidden: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+def _hidden_states(model: Any, layers: list[int], **inputs: Any) -> tuple[Any, Sequence[Any]]:
+    """(model output, its hidden states: at least `layers`, by index) for one forward pass."""
+    out = model(**inputs, output_hidden_states=layers or False)
+    if not layers:
+        return out, ()
+    if out.hidden_states is None or any(out.hidden_states[layer] is None for layer in layers):
+        out = model(**inputs, output_hidden_states=True)  # a model that does not select layers by index: all of them
+    return out, out.hidden_states
+
+
+def _prefix_pass(model: Any, contexts: list[list[int]], layers: list[int]) -> _Prefix | None:
+    """The contexts' longest common prefix, stopping one token short of the shortest (its last
+    position always runs per row), run once when it is worth a pass (at least MIN_SHARED_PREFIX
+    tokens, else no prefix: k = 0); None when the model's cache does not keep all of it for every
+    layer (eval.batch_scoring's check: a Mamba without a recurrent cache, a sliding window shorter
+    than k)."""
+    shortest = min(len(c) for c in contexts)
+    if len(contexts) < 2 or shortest <= MIN_SHARED_PREFIX:
+        return _Prefix()
+    ids = torch.tensor([c[:shortest] for c in contexts])  # (b, n_min)
+    differs = (ids != ids[0]).any(dim=0).nonzero()
+    k = min(int(differs[0]) if len(differs) else shortest, shortest - 1)
+    if k < MIN_SHARED_PREFIX:
+        return _Prefix()
+    device = next(model.parameters()).device
+    out, hidden = _hidden_states(model, layers, input_ids=ids[:1, :k].to(device), use_cache=True)
+    cache = output_cache(out)
+    if not _keeps_every_layer(model, cache, k):
+        return None
+    return _Prefix(k, cache, {layer: hidden[layer][0] for layer in layers})
+
+
+def _padded_pass(model: Any, tokenizer: Any, plans: Sequence[tuple[list[int], list[int]]],
+                 pools: Sequence[tuple[int, str] | None], prefix: _Prefix) -> list[tuple[torch.Tensor | None, list[float], int]]:
+    """One right-padded (g, m) forward pass over the rest of each plan (`letter_plan`) after the
+    prefix, continuing its cache when there is one: `pooled_prompts` for its rows."""
+    device = next(model.parameters()).device
+    k = prefix.k
+    rows = [ctx[k:] for ctx, _ in plans]
+    lengths = [len(r) for r in rows]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.full((len(rows), max(lengths)), pad, dtype=torch.long)  # (g, m), right-padded
+    mask = torch.zeros(len(rows), k + max(lengths), dtype=torch.long)  # (g, k + m): prefix, then row
+    mask[:, :k] = 1
+    for row, r in enumerate(rows):
+        ids[row, : len(r)] = torch.tensor(r)
+        mask[row, k : k + len(r)] = 1
+    layers = sorted({want[0] for want in pools if want is not None})
+    last_index = torch.tensor(lengths, device=device) - 1  # (g,)
+    keep = torch.unique(last_index)  # (j,), sorted: the only positions whose logits are needed
+    kwargs: dict[str, Any] = {"use_cache": False}
+    if prefix.cache is not None:
+        cache = copy.deepcopy(prefix.cache)
+        cache.batch_repeat_interleave(len(rows))
+        kwargs = {**with_cache(cache), "use_cache": True}
+    if accepts_logits_to_keep(model):
+        kwargs["logits_to_keep"] = keep
+    out, hidden = _hidden_states(model, layers, input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+    column = torch.searchsorted(keep, last_index) if "logits_to_keep" in kwargs else last_index  # row's last position in `logits`
+    logprobs = torch.log_softmax(out.logits[torch.arange(len(rows), device=device), column].float(), dim=-1)  # (g, V)
+    results = []
+    for row, ((_, letters), want, n) in enumerate(zip(plans, pools, lengths)):
+        pooled = None
+        if want is not None:
+            states = hidden[want[0]][row, :n]  # (n, D): the row's own real tokens
+            if k and want[1] == "mean":
+                states = torch.cat([prefix.hidden[want[0]].to(states.dtype), states])  # (k + n, D): the whole prompt
+            pooled = pool_states(states, want[1])
+        results.append((pooled, [float(logprobs[row, c]) for c in letters], k + n))
+    return results
 
 
 @torch.inference_mode()

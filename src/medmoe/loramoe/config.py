@@ -2,6 +2,12 @@
 
 Symbols (docs/loramoe.md): E = num_experts, k = top_k, r = rank, alpha, T = temperature,
 d_q = router_dim, K = queue_size, lambda_con / lambda_bal / lambda_z = the loss weights.
+
+A saved adapter's config is `adapter_config.json`, in PEFT's layout (docs/loramoe.md, "Adapter
+files"): PEFT's keys where they mean the same (`r`, `lora_alpha`, `lora_dropout`, `target_modules`,
+`base_model_name_or_path`, `task_type`), the other settings under their own names, and
+`peft_type` MEDMOE_LORAMOE, a type stock PEFT does not know, so it refuses the folder instead of
+loading it as a plain LoRA. The layout before it (`loramoe_config.json`: asdict of the config) still loads.
 """
 
 from __future__ import annotations
@@ -12,7 +18,15 @@ from pathlib import Path
 
 from medmoe.errors import ModelError
 
-CONFIG_NAME = "loramoe_config.json"
+ADAPTER_CONFIG_NAME = "adapter_config.json"  # PEFT's name (the layout since format 1)
+LEGACY_CONFIG_NAME = "loramoe_config.json"  # the layout before it: still read, never written
+CONFIG_NAME = LEGACY_CONFIG_NAME  # the old constant's name, kept for callers
+PEFT_TYPE = "MEDMOE_LORAMOE"  # not a PEFT type: stock PEFT fails on it (KeyError) rather than load a plain LoRA
+ADAPTER_FORMAT = "medmoe-loramoe-adapter/1"
+# LoraMoeConfig field -> its adapter_config.json key, where PEFT's LoraConfig has the same setting
+PEFT_KEYS = {"rank": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "target_modules": "target_modules"}
+# adapter_config.json keys that describe the file, not the adapter's settings
+FILE_KEYS = ("peft_type", "task_type", "base_model_name_or_path", "medmoe_format", "medmoe_version", "model_class")
 
 ROUTER_KINDS = ("prototype", "linear")
 CONTRASTIVE_KINDS = ("prototype", "expert_output", "none")
@@ -114,19 +128,80 @@ class LoraMoeConfig:
             raise ModelError(f"unknown LoRA-MoE config keys {unknown}; known keys: {sorted(known)}")
         return cls(**data)
 
-    def save(self, directory: str | Path) -> Path:
-        path = Path(directory) / CONFIG_NAME
+    def to_adapter_config(self, base_model: str = "", task_type: str | None = None, model_class: str = "") -> dict:
+        """The adapter_config.json of an adapter with these settings (module docstring)."""
+        from medmoe import __version__
+
+        settings = {PEFT_KEYS.get(name, name): value for name, value in self.to_dict().items()}
+        head = {"peft_type": PEFT_TYPE, "task_type": task_type, "base_model_name_or_path": base_model,
+                "medmoe_format": ADAPTER_FORMAT, "medmoe_version": __version__, "model_class": model_class}
+        return {**head, **settings}
+
+    @classmethod
+    def from_adapter_config(cls, data: dict, path: str | Path = ADAPTER_CONFIG_NAME) -> LoraMoeConfig:
+        """The settings of an adapter_config.json written by to_adapter_config; errors name `path`."""
+        if data.get("peft_type") != PEFT_TYPE:
+            raise ModelError(f"{path}: peft_type is {data.get('peft_type')!r}, not {PEFT_TYPE!r}: not a LoRA-MoE adapter"
+                             + (" (a plain PEFT adapter: load it with load_causal_lm(base, adapter=...))" if data.get("peft_type") else ""))
+        fmt = str(data.get("medmoe_format", ""))
+        if fmt != ADAPTER_FORMAT:
+            raise ModelError(f"{path}: medmoe_format {fmt!r} is not {ADAPTER_FORMAT!r}; "
+                             f"written by another medmoe version ({data.get('medmoe_version', 'unknown')})?")
+        field_of = {key: name for name, key in PEFT_KEYS.items()}
+        settings = {field_of.get(key, key): value for key, value in data.items() if key not in FILE_KEYS}
+        try:
+            return cls.from_dict(settings)
+        except ModelError as exc:
+            raise ModelError(f"{path}: {exc}") from exc
+
+    def save(self, directory: str | Path, base_model: str = "", task_type: str | None = None, model_class: str = "") -> Path:
+        """Write adapter_config.json (the adapter's weights are LoraMoeModel.save_adapter's)."""
+        path = Path(directory) / ADAPTER_CONFIG_NAME
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.to_json() + "\n", encoding="utf-8")
+        text = json.dumps(self.to_adapter_config(base_model, task_type, model_class), indent=2) + "\n"
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
         return path
 
     @classmethod
     def load(cls, directory: str | Path) -> LoraMoeConfig:
-        path = Path(directory) / CONFIG_NAME
-        if not path.is_file():
-            raise ModelError(f"{path}: no LoRA-MoE adapter config here (expected {CONFIG_NAME})")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise ModelError(f"{path}: not valid JSON ({exc})") from exc
-        return cls.from_dict(data)
+        """The config of a saved adapter in either layout (adapter_config.json, or the older loramoe_config.json)."""
+        directory = Path(directory)
+        layout = adapter_layout(directory)
+        if layout == "loramoe":
+            path = directory / ADAPTER_CONFIG_NAME
+            return cls.from_adapter_config(read_json(path), path)
+        if layout == "loramoe-legacy":
+            return cls.from_dict(read_json(directory / LEGACY_CONFIG_NAME))
+        if layout == "peft":
+            raise ModelError(f"{directory / ADAPTER_CONFIG_NAME}: a PEFT adapter (peft_type "
+                             f"{read_json(directory / ADAPTER_CONFIG_NAME).get('peft_type')!r}), not a LoRA-MoE adapter "
+                             f"(peft_type {PEFT_TYPE})")
+        raise ModelError(f"{directory}: no LoRA-MoE adapter config here (expected {ADAPTER_CONFIG_NAME} with peft_type "
+                         f"{PEFT_TYPE}, or the older {LEGACY_CONFIG_NAME})")
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from `path`; a ModelError naming the file otherwise."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{path}: cannot read it ({exc})") from exc
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ModelError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def adapter_layout(directory: str | Path) -> str | None:
+    """What adapter `directory` holds, by its files: "loramoe" (adapter_config.json, peft_type
+    MEDMOE_LORAMOE), "loramoe-legacy" (loramoe_config.json), "peft" (any other adapter_config.json),
+    or None (no adapter config)."""
+    directory = Path(directory)
+    if (directory / ADAPTER_CONFIG_NAME).is_file():
+        return "loramoe" if read_json(directory / ADAPTER_CONFIG_NAME).get("peft_type") == PEFT_TYPE else "peft"
+    if (directory / LEGACY_CONFIG_NAME).is_file():
+        return "loramoe-legacy"
+    return None

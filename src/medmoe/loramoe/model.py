@@ -4,8 +4,12 @@
     out = wrapped(input_ids=..., attention_mask=..., labels=...)   # out.loss includes the aux losses
     with wrapped.routing(attention_mask): ...        # run part of the model (training: the body only), then
     wrapped.aux_loss()                               # ... read the aux losses of that forward
-    wrapped.save_adapter("adapter/")                 # safetensors + loramoe_config.json
-    wrapped = LoraMoeModel.from_pretrained(fresh_model, "adapter/")
+    wrapped.save_adapter("adapter/")                 # adapter_config.json + adapter_model.safetensors + README.md
+    wrapped = LoraMoeModel.from_pretrained(fresh_model, "adapter/")   # this layout or the older one
+
+Adapter files (docs/loramoe.md, "Adapter files"): PEFT's layout and file names, `peft_type` MEDMOE_LORAMOE
+(config.py); the weights are `<module name>.lora_A` (E, r, d_in), `<module name>.lora_B` (E, d_out, r) and
+`<module name>.router.<parameter>` for every wrapped linear, the module names those of the base model.
 
 The model's source is never edited: modules are swapped with setattr on their parents.
 """
@@ -21,10 +25,34 @@ import torch
 from torch import nn
 
 from medmoe.errors import ModelError
-from medmoe.loramoe.config import EXCLUDED_HEAD_NAMES, LoraMoeConfig
+from medmoe.loramoe.config import EXCLUDED_HEAD_NAMES, LoraMoeConfig, adapter_layout, read_json
 from medmoe.loramoe.layer import LoraMoeLinear, RoutingContext
 
-WEIGHTS_NAME = "loramoe_adapter.safetensors"
+WEIGHTS_NAME = "adapter_model.safetensors"  # PEFT's name
+LEGACY_WEIGHTS_NAME = "loramoe_adapter.safetensors"  # the layout before it (with loramoe_config.json)
+CARD_NAME = "README.md"
+
+
+def weights_path(directory: str | Path) -> Path:
+    """The weights file of the adapter in `directory`, in whichever layout it is saved."""
+    directory = Path(directory)
+    return directory / (LEGACY_WEIGHTS_NAME if adapter_layout(directory) == "loramoe-legacy" else WEIGHTS_NAME)
+
+
+def task_type(model: Any) -> str | None:
+    """PEFT's task_type for the model an adapter wraps (CAUSAL_LM, SEQ_2_SEQ_LM, SEQ_CLS), or None."""
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return "SEQ_2_SEQ_LM"
+    return task_type_of_class(type(model).__name__)
+
+
+def task_type_of_class(name: str) -> str | None:
+    """task_type from the model's class name alone (what the older layout recorded)."""
+    if name.endswith("ForCausalLM"):
+        return "CAUSAL_LM"
+    if name.endswith(("ForConditionalGeneration", "ForSeq2SeqLM")):
+        return "SEQ_2_SEQ_LM"
+    return "SEQ_CLS" if name.endswith("ForSequenceClassification") else None
 
 
 def find_target_linears(model: Any, target_modules: str | list[str]) -> list[str]:
@@ -159,29 +187,39 @@ class LoraMoeModel(nn.Module):
         return {name: layer.expert_load.tolist() for name, layer in self.moe_layers().items()}
 
     # --- save / load ------------------------------------------------------------------------------
-    def save_adapter(self, directory: str | Path) -> Path:
-        """Write the adapter weights (safetensors) and config (JSON) into directory."""
+    def save_adapter(self, directory: str | Path, base_model: str | None = None) -> Path:
+        """Write the adapter in PEFT's layout into directory: adapter_config.json, adapter_model.safetensors
+        (the weights of adapter_state_dict) and a README.md model card (medmoe.loramoe.card; `medmoe
+        finetune` rewrites it with the run's data and results). base_model: the name the config records
+        as base_model_name_or_path (default: the base's config._name_or_path)."""
         from safetensors.torch import save_file
+
+        from medmoe.loramoe.card import model_card
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.config.save(directory)
+        if base_model is None:
+            base_model = str(getattr(getattr(self.model, "config", None), "_name_or_path", "") or "")
+        model_class = type(self.model).__name__
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.adapter_state_dict().items()}
-        base = getattr(getattr(self.model, "config", None), "_name_or_path", "") or ""
-        meta = {"format": "pt", "base_model": str(base), "model_class": type(self.model).__name__}
+        meta = {"format": "pt", "base_model": base_model, "model_class": model_class}
         tmp = directory / (WEIGHTS_NAME + ".tmp")
         save_file(tensors, str(tmp), metadata=meta)
         tmp.replace(directory / WEIGHTS_NAME)
+        config_path = self.config.save(directory, base_model, task_type(self.model), model_class)
+        card = model_card(read_json(config_path), trainable_parameters=sum(t.numel() for t in tensors.values()))
+        (directory / CARD_NAME).write_text(card, encoding="utf-8")
         return directory
 
     save_pretrained = save_adapter  # as PEFT models do: saving a tuned model saves its adapter
 
     def load_adapter_weights(self, directory: str | Path) -> None:
+        """Copy the saved weights into this model's adapter; every tensor must be there with its shape."""
         from safetensors.torch import load_file
 
-        path = Path(directory) / WEIGHTS_NAME
+        path = weights_path(directory)
         if not path.is_file():
-            raise ModelError(f"{path}: no adapter weights here (expected {WEIGHTS_NAME})")
+            raise ModelError(f"{path}: no adapter weights here (expected {path.name})")
         try:
             loaded = load_file(str(path))
         except Exception as exc:  # safetensors' SafetensorError: "incomplete metadata, file not fully covered"
@@ -195,26 +233,53 @@ class LoraMoeModel(nn.Module):
             raise ModelError(
                 f"{path}: adapter does not fit this model ({len(missing)} missing tensors, e.g. {missing[:3]}; "
                 f"{len(unexpected)} unexpected, e.g. {unexpected[:3]}); was it trained on another architecture?"
+                f"{_base_hint(directory, self.model)}"
             )
         with torch.no_grad():
             for name, param in own.items():
                 if param.shape != loaded[name].shape:
-                    raise ModelError(f"{path}: {name} has shape {tuple(loaded[name].shape)}, model expects {tuple(param.shape)}")
+                    raise ModelError(f"{path}: {name} has shape {tuple(loaded[name].shape)}, model expects "
+                                     f"{tuple(param.shape)}: the adapter was trained on another base{_base_hint(directory, self.model)}")
                 param.copy_(loaded[name].to(param.dtype))
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, directory: str | Path) -> LoraMoeModel:
-        """Wrap a fresh base model with the adapter saved in directory."""
+        """Wrap a fresh base model with the adapter saved in directory (either layout)."""
         wrapped = cls(model, LoraMoeConfig.load(directory))
         wrapped.load_adapter_weights(directory)
         return wrapped
 
 
+def saved_base(directory: str | Path) -> str:
+    """The base model a saved adapter names: adapter_config.json's base_model_name_or_path, or for the
+    older layout the weights file's `base_model` metadata ("" if neither names one)."""
+    directory = Path(directory)
+    if adapter_layout(directory) == "loramoe-legacy":
+        return str(adapter_info(directory)["metadata"].get("base_model", ""))
+    return str(read_json(directory / "adapter_config.json").get("base_model_name_or_path") or "")
+
+
+def _base_hint(directory: str | Path, model: Any) -> str:
+    try:
+        named = saved_base(directory)
+    except (ModelError, OSError, ValueError):
+        return ""
+    loaded = str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
+    return f" (the adapter names its base {named!r}; the model loaded is {loaded!r})" if named else ""
+
+
 def adapter_info(directory: str | Path) -> dict:
-    """Config and safetensors metadata of a saved adapter, without loading a model."""
+    """Config and safetensors metadata of a saved adapter (either layout), without loading a model."""
     from safetensors import safe_open
 
     config = LoraMoeConfig.load(directory)
-    with safe_open(str(Path(directory) / WEIGHTS_NAME), framework="pt") as f:
-        meta = f.metadata() or {}
+    path = weights_path(directory)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as exc:
+        from medmoe.file_checks import safetensors_problem
+
+        raise ModelError(safetensors_problem(path) or f"{path}: cannot read the adapter weights "
+                         f"({type(exc).__name__}: {exc})") from exc
     return {"config": json.loads(config.to_json()), "metadata": meta}

@@ -1,6 +1,7 @@
 """The one loader: every model artifact medmoe reads, told apart by its files.
 
     load_causal_lm(source, adapter=None, dtype=None, device="cpu", tokenizer=None) -> (model, tokenizer)
+    load_causal_lm(adapter=ADAPTER)          the base the adapter names (adapter_config.json)
 
 source                                   loads as
   bundled short name (smollm2-135m)      the zoo's cached safetensors (GGUF dequantized once)
@@ -11,10 +12,13 @@ source                                   loads as
   `medmoe finetune` model/ folder        any of the above; its provenance: `training_provenance`
   `medmoe heads train` folder            refused with a pointer to `medmoe eval --head`: a head is read
                                          by models/head.py's `load_head` (it names its expert)
-adapter (applied on top of source)
-  LoRA-MoE adapter folder                LoraMoeModel (loramoe_config.json + safetensors)
+adapter (applied on top of source; a local folder, or a hub id downloaded when no such path exists)
+  LoRA-MoE adapter folder                LoraMoeModel (adapter_config.json with peft_type MEDMOE_LORAMOE +
+                                         adapter_model.safetensors; or the older loramoe_config.json +
+                                         loramoe_adapter.safetensors, with a notice to re-export it)
   PEFT LoRA adapter folder               PeftModel (adapter_config.json + adapter_model.safetensors)
   a full fine-tune's model/ folder       that model instead of the base
+  (models/adapters.py: the layouts, model cards, `medmoe export`)
 
 Every failure is a ModelError that names the file and what is wrong with it.
 """
@@ -22,23 +26,25 @@ Every failure is a ModelError that names the file and what is wrong with it.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
 from medmoe.errors import ModelError
+from medmoe.models.adapters import TRAINING_FILE, adapter_base, adapter_kind, legacy_notice, resolve_adapter
 from medmoe.models.head import is_head_folder
 from medmoe.models.zoo import load_hf_model, load_tokenizer, resolve
 
-TRAINING_FILE = "medmoe_training.json"  # next to a fine-tuned model: its data, and what was left out
 
-
-def load_causal_lm(name_or_path: str, dtype: Any = None, device: str = "cpu", tokenizer: str | None = None,
+def load_causal_lm(name_or_path: str | None = None, dtype: Any = None, device: str = "cpu", tokenizer: str | None = None,
                    adapter: str | Path | None = None) -> tuple[Any, Any]:
     """(model in eval mode, tokenizer) for any source above, with `adapter` applied when given;
     `tokenizer` names another tokenizer source (default: the model's own, for a hybrid saved
-    without one its teacher's)."""
+    without one its teacher's). name_or_path may be left out when the adapter names its base."""
     if adapter is not None:
-        return _with_adapter(name_or_path, Path(adapter), dtype, device, tokenizer)
+        return _with_adapter(name_or_path, adapter, dtype, device, tokenizer)
+    if name_or_path is None:
+        raise ModelError("no model given: name a model, or an adapter that names its base")
     source = resolve(name_or_path)
     if is_head_folder(source):
         raise ModelError(f"{source} is an option head (medmoe_head.json), not a model: evaluate it with "
@@ -84,21 +90,25 @@ def _load_hybrid(folder: Path, dtype: Any, device: str, tokenizer_source: str | 
     return model.to(device).eval(), tokenizer
 
 
-def _with_adapter(base: str, folder: Path, dtype: Any, device: str, tokenizer: str | None) -> tuple[Any, Any]:
-    """The base with the adapter in `folder` applied, its kind read from the folder's files."""
-    if not folder.exists():
-        raise ModelError(f"adapter '{folder}' does not exist")
-    if (folder / "loramoe_config.json").is_file():
+def _with_adapter(base: str | None, adapter: str | Path, dtype: Any, device: str, tokenizer: str | None) -> tuple[Any, Any]:
+    """The base with the adapter applied, its kind read from the adapter folder's files."""
+    folder = resolve_adapter(adapter)
+    kind = adapter_kind(folder)
+    if kind == "model":
+        return load_causal_lm(str(folder), dtype, device, tokenizer)
+    if base is None:
+        base = adapter_base(folder)
+        if not base:
+            raise ModelError(f"{folder}: the adapter names no base model; give it (`--model BASE`, "
+                             "or load_causal_lm(BASE, adapter=...))")
+    if kind in ("loramoe", "loramoe-legacy"):
         from medmoe.loramoe import LoraMoeModel
 
+        if kind == "loramoe-legacy":
+            legacy_notice(folder)
         model, tok = load_causal_lm(base, dtype, device, tokenizer)
         return LoraMoeModel.from_pretrained(model, folder).eval(), tok
-    if (folder / "adapter_config.json").is_file():
-        return _with_peft(base, folder, dtype, device, tokenizer)
-    if (folder / "config.json").is_file():  # --method full saved the whole model
-        return load_causal_lm(str(folder), dtype, device, tokenizer)
-    raise ModelError(f"{folder}: no loramoe_config.json, adapter_config.json or config.json; "
-                     "is this a finetune output's adapter/ or model/ folder?")
+    return _with_peft(base, folder, dtype, device, tokenizer)
 
 
 def _with_peft(base: str, folder: Path, dtype: Any, device: str, tokenizer: str | None) -> tuple[Any, Any]:
@@ -112,6 +122,14 @@ def _with_peft(base: str, folder: Path, dtype: Any, device: str, tokenizer: str 
         raise ModelError(problem)
     model, tok = load_causal_lm(base, dtype, device, tokenizer)
     try:
-        return PeftModel.from_pretrained(model, folder).eval(), tok
+        with warnings.catch_warnings(record=True) as caught:  # PEFT only warns about an adapter missing tensors
+            warnings.simplefilter("always")
+            peft_model = PeftModel.from_pretrained(model, folder).eval()
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise ModelError(f"{folder}: cannot load this PEFT adapter onto {base}: {type(exc).__name__}: {exc}") from exc
+    for warning in caught:
+        if "missing adapter keys" in str(warning.message):
+            raise ModelError(f"{weights}: the adapter lacks tensors of its own config ({warning.message}); "
+                             "the file is incomplete or of another adapter")
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    return peft_model, tok

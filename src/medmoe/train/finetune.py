@@ -198,22 +198,31 @@ def evaluate_loss(model: nn.Module, features: list[dict], batch_size: int, pad_i
 
 
 def save_final(model: Any, tokenizer, cfg: FinetuneConfig) -> Path:
-    """The trained result: LoRA-MoE adapter, PEFT adapter, or the whole model (full)."""
+    """The trained result: LoRA-MoE adapter, PEFT adapter, or the whole model (full). Adapters are in
+    PEFT's layout (adapter_config.json naming the base as given, adapter_model.safetensors) with a
+    README.md model card of this run's settings and measured losses (models/adapters.py)."""
+    from medmoe.models.adapters import write_model_card
+
     out = result_folder(cfg)
     hybrid_spec = getattr(model, "hybrid_spec", None)
     if cfg.method == "loramoe":
-        model.save_adapter(out)
+        model.save_adapter(out, base_model=cfg.base or None)
     elif hybrid_spec is not None:  # a Mamba hybrid stays loadable as one (config + spec + weights)
         from medmoe.mamba.transfer import save_hybrid
 
         save_hybrid(model, hybrid_spec, out, tokenizer)
     else:
+        if cfg.method == "lora" and cfg.base:  # the base as given (a zoo name), not the zoo's cache folder
+            for peft_config in getattr(model, "peft_config", {}).values():
+                peft_config.base_model_name_or_path = cfg.base
         model.save_pretrained(out)
     if hasattr(tokenizer, "save_pretrained"):
         tokenizer.save_pretrained(out)
     provenance = {"method": cfg.method, "data": cfg.data, "skip_first": cfg.skip_first, "limit": cfg.limit,
                   "top_layers": cfg.top_layers, "freeze_mixers": cfg.freeze_mixers, "with_explanation": cfg.with_explanation,
                   **({"top_blocks": cfg.top_blocks} if cfg.top_blocks else {})}
+    if cfg.method in ("loramoe", "lora") and (out / "adapter_config.json").is_file():
+        write_model_card(out, run_folder=Path(cfg.output), provenance=provenance)
     atomic_write_text(out / TRAINING_FILE, json.dumps(provenance, indent=2) + "\n")  # last: marks the result complete
     return out
 
