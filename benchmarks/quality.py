@@ -191,10 +191,13 @@ def report(args: argparse.Namespace) -> None:
             for system, row in benchmarks["cmexam-single"]["systems"].items():
                 row |= {"expert": run_info["systems"][system]["expert"], "family": run_info["systems"][system]["family"]}
             details["cmexam-single"] = {**run_info, "subset": "the single-answer questions"}
-    lines = ["`deployed`: what `medmoe serve` answers with by default (its model is smollm2-135m, whose bundled "
-             "heads answer English yes/no/maybe and 4-option questions); the Qwen rows' `head` folders are "
-             "bundled too and answer by default under `medmoe serve --model qwen2.5-coder-1.5b`. The main job and "
-             "`medmoe ask` (the routed MambaFormer system) still answer with the experts' own scores.", "",
+    lines = ["`deployed`: what `medmoe serve` answers option questions with by default on a fresh install (its "
+             "model is smollm2-135m, whose bundled heads answer English yes/no/maybe and 4-option questions; once "
+             "the main job has written its router, plain `medmoe serve` serves the routed MambaFormer system "
+             "instead). Every Qwen row's deployed family is bundled too and answers by default under "
+             "`medmoe serve --model qwen2.5-coder-1.5b` (a 7.1 GB on-demand model, not in the default setup). "
+             "The main job and `medmoe ask` (the routed MambaFormer system) still answer with the experts' own "
+             "scores.", "",
              "Every system answers from one forward pass of its expert over the zero-shot prompt; heads and "
              "calibrations are chosen by 5-fold cross-validation on the training pool only (no test question "
              "is seen). `diff vs constant` is the paired-bootstrap 95% interval of accuracy minus the best "
