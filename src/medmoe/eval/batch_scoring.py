@@ -124,10 +124,10 @@ def _shared_prefix(model: Any, contexts: list[list[int]], device: Any) -> tuple[
     if k < MIN_SHARED_PREFIX:
         return 0, None
     cache = output_cache(model(input_ids=ids[:1, :k].to(device), use_cache=True))
-    return (k, cache) if _keeps_every_layer(model, cache, k) else (0, None)
+    return (k, cache) if keeps_every_layer(model, cache, k) else (0, None)
 
 
-def _keeps_every_layer(model: Any, cache: Any, k: int) -> bool:
+def keeps_every_layer(model: Any, cache: Any, k: int) -> bool:
     """Whether the cache holds keys/values of all k positions for every layer and can be repeated
     per row: false for layers that ignore the cache (a Mamba mixer without a recurrent state) or
     drop positions (a sliding window shorter than k), which would make the rows' logits wrong."""
@@ -138,9 +138,9 @@ def _keeps_every_layer(model: Any, cache: Any, k: int) -> bool:
     return all(getattr(layer, "keys", None) is not None and layer.keys.shape[-2] == k for layer in layers)
 
 
-def _padded_forward(model: Any, tokenizer: Any, rows: list[list[int]], prefix: Any, k: int, device: Any) -> torch.Tensor:
-    """Next-token log-probs (g, V) after each row, the rows right-padded into one (g, m) batch that
-    continues the prefix cache (k positions, shared by every row) when there is one."""
+def right_padded(rows: list[list[int]], k: int, tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """(ids (g, m) right-padded with the pad id, attention mask (g, k + m) covering a k-token shared
+    prefix and each row's own tokens, each row's length) for g token rows continuing one prefix."""
     lengths = [len(r) for r in rows]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids = torch.full((len(rows), max(lengths)), pad, dtype=torch.long)  # (g, m), right-padded
@@ -149,6 +149,13 @@ def _padded_forward(model: Any, tokenizer: Any, rows: list[list[int]], prefix: A
     for row, r in enumerate(rows):
         ids[row, : len(r)] = torch.tensor(r)
         mask[row, k : k + len(r)] = 1
+    return ids, mask, lengths
+
+
+def _padded_forward(model: Any, tokenizer: Any, rows: list[list[int]], prefix: Any, k: int, device: Any) -> torch.Tensor:
+    """Next-token log-probs (g, V) after each row, the rows right-padded into one (g, m) batch that
+    continues the prefix cache (k positions, shared by every row) when there is one."""
+    ids, mask, lengths = right_padded(rows, k, tokenizer)
     kwargs: dict[str, Any] = {"use_cache": False}
     if prefix is not None:
         cache = copy.deepcopy(prefix)

@@ -36,7 +36,7 @@ import torch
 
 from medmoe.data.record import Record
 from medmoe.errors import MedmoeError
-from medmoe.eval.batch_scoring import MAX_PADDING_WASTE, MIN_SHARED_PREFIX, _keeps_every_layer, length_groups
+from medmoe.eval.batch_scoring import MAX_PADDING_WASTE, MIN_SHARED_PREFIX, keeps_every_layer, length_groups, right_padded
 from medmoe.eval.model import HFEvalModel
 from medmoe.eval.prompts import Prompt, build_prompt
 from medmoe.eval.scoring import accepts_logits_to_keep, bos_ids, encode_pair, is_encoder_decoder, score_options_seq2seq
@@ -226,7 +226,7 @@ def _prefix_pass(model: Any, contexts: list[list[int]], layers: list[int]) -> _P
     device = next(model.parameters()).device
     out, hidden = _hidden_states(model, layers, input_ids=ids[:1, :k].to(device), use_cache=True)
     cache = output_cache(out)
-    if not _keeps_every_layer(model, cache, k):
+    if not keeps_every_layer(model, cache, k):
         return None
     return _Prefix(k, cache, {layer: hidden[layer][0] for layer in layers})
 
@@ -238,14 +238,7 @@ def _padded_pass(model: Any, tokenizer: Any, plans: Sequence[tuple[list[int], li
     device = next(model.parameters()).device
     k = prefix.k
     rows = [ctx[k:] for ctx, _ in plans]
-    lengths = [len(r) for r in rows]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = torch.full((len(rows), max(lengths)), pad, dtype=torch.long)  # (g, m), right-padded
-    mask = torch.zeros(len(rows), k + max(lengths), dtype=torch.long)  # (g, k + m): prefix, then row
-    mask[:, :k] = 1
-    for row, r in enumerate(rows):
-        ids[row, : len(r)] = torch.tensor(r)
-        mask[row, k : k + len(r)] = 1
+    ids, mask, lengths = right_padded(rows, k, tokenizer)
     layers = sorted({want[0] for want in pools if want is not None})
     last_index = torch.tensor(lengths, device=device) - 1  # (g,)
     keep = torch.unique(last_index)  # (j,), sorted: the only positions whose logits are needed

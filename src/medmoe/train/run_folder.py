@@ -124,3 +124,28 @@ def open_run(out_dir: Path, settings: dict[str, Any], resume: bool, rank: int = 
         if not (out_dir / SETTINGS_FILE).exists():
             atomic_write_json(out_dir / SETTINGS_FILE, settings)
     return existing[-1] if existing else None
+
+
+def read_cache_manifest(path: Path, fmt: str, key: dict[str, Any], what: str, made_with: str, otherwise: str) -> dict[str, Any]:
+    """The manifest.json of a safetensors cache (`fmt`, a `key` of everything its tensors depend on, and
+    the files with their sizes), or a MedmoeError naming the file: not JSON, another format, another key
+    (each field old -> new: `what` was made with `made_with`), or a file missing or of another size."""
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MedmoeError(f"{path}: invalid JSON ({exc}); delete {path.parent} to build the {what} again") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != fmt or not isinstance(manifest.get("files"), list):
+        raise MedmoeError(f"{path}: not a {fmt} manifest; delete {path.parent} to build the {what} again")
+    old = manifest.get("key", {})
+    changed = {k: (old.get(k), key.get(k)) for k in sorted(set(old) | set(key)) if old.get(k) != key.get(k)}
+    if changed:
+        changes = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+        raise MedmoeError(f"{path}: this {what} was made with {made_with} ({changes}); "
+                          f"delete {path.parent} to build it again, or {otherwise}")
+    for f in manifest["files"]:
+        file = path.parent / f["name"]
+        size = file.stat().st_size if file.is_file() else None
+        if size != f["bytes"]:
+            raise MedmoeError(f"{file}: {'missing' if size is None else f'{size:,} bytes'}, the manifest says "
+                              f"{f['bytes']:,}; delete {path.parent} to build the {what} again")
+    return manifest

@@ -86,7 +86,7 @@ from medmoe.mamba.hybrid import HybridSpec
 from medmoe.mamba.transfer import AttentionMamba
 from medmoe.models.loader import TRAINING_FILE, hybrid_folder, training_provenance
 from medmoe.paths import atomic_write_file, atomic_write_json
-from medmoe.train.run_folder import changed_settings, read_settings, truncate_log
+from medmoe.train.run_folder import changed_settings, read_cache_manifest, read_settings, truncate_log
 
 CACHE_FORMAT = "medmoe-task-distill-cache/1"
 CACHE_MANIFEST = "manifest.json"
@@ -298,25 +298,7 @@ class TeacherCache:
 
     @staticmethod
     def _read_manifest(path: Path, key: dict[str, Any]) -> dict[str, Any]:
-        try:
-            manifest = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise MedmoeError(f"{path}: not valid JSON ({exc}); delete {path.parent} to build the teacher cache again") from None
-        if not isinstance(manifest, dict) or manifest.get("format") != CACHE_FORMAT or not isinstance(manifest.get("files"), list):
-            raise MedmoeError(f"{path}: not a {CACHE_FORMAT} manifest; delete {path.parent} to build the teacher cache again")
-        old = manifest.get("key", {})
-        changed = {k: (old.get(k), key.get(k)) for k in sorted(set(old) | set(key)) if old.get(k) != key.get(k)}
-        if changed:
-            what = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
-            raise MedmoeError(f"{path}: this teacher cache was made with another teacher, head, student layers, data or "
-                              f"settings ({what}); use another cache folder, or delete {path.parent} to build it again")
-        for f in manifest["files"]:
-            file = path.parent / f["name"]
-            size = file.stat().st_size if file.is_file() else None
-            if size != f["bytes"]:
-                raise MedmoeError(f"{file}: {'missing' if size is None else f'{size:,} bytes'}, the manifest says "
-                                  f"{f['bytes']:,}; delete {path.parent} to build the teacher cache again")
-        return manifest
+        return read_cache_manifest(path, CACHE_FORMAT, key, "teacher cache", "another teacher, head, student layers, data or settings", "use another cache folder")
 
     def entry(self, i: int, fields: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
         """Record i's tensors (class docstring), all of them or the named `fields`."""

@@ -53,6 +53,7 @@ from medmoe.errors import MedmoeError
 from medmoe.paths import atomic_write_file, atomic_write_json
 from medmoe.train.data import collate
 from medmoe.train.loss import completion_loss, hf_model
+from medmoe.train.run_folder import read_cache_manifest
 
 # Decoder-only HF model types whose forward was checked to loop over `model.layers` by list position
 # (layer_types[i]) and to take inputs_embeds as the first block's input: the ones this module supports.
@@ -279,25 +280,7 @@ class ActivationCache:
 
     @staticmethod
     def _read_manifest(path: Path, key: dict[str, Any]) -> dict[str, Any]:
-        try:
-            manifest = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise MedmoeError(f"{path}: invalid JSON ({exc.msg}); delete {path.parent} to build the cache again") from None
-        if not isinstance(manifest, dict) or manifest.get("format") != CACHE_FORMAT:
-            raise MedmoeError(f"{path}: not a {CACHE_FORMAT} manifest; delete {path.parent} to build the cache again")
-        old = manifest.get("key", {})
-        changed = {k: (old.get(k), key[k]) for k in sorted(set(old) | set(key)) if old.get(k) != key.get(k)}
-        if changed:
-            what = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
-            raise MedmoeError(f"{path}: this top-blocks cache was made with other settings, model or data ({what}); "
-                              f"delete {path.parent} to build it again, or use a new --output")
-        for f in manifest["files"]:
-            file = path.parent / f["name"]
-            size = file.stat().st_size if file.is_file() else None
-            if size != f["bytes"]:
-                raise MedmoeError(f"{file}: {'missing' if size is None else f'{size:,} bytes'}, the manifest says {f['bytes']:,}; "
-                                  f"delete {path.parent} to build the cache again")
-        return manifest
+        return read_cache_manifest(path, CACHE_FORMAT, key, "top-blocks cache", "other settings, model or data", "use a new --output")
 
     def example(self, i: int) -> torch.Tensor:
         """(T_i, D): example i's states, in the model's dtype."""
