@@ -47,18 +47,40 @@ def ensure_mamba_expert(path: Path, minutes: float, threads: int | None) -> None
     subprocess.run(cmd, check=True)
 
 
+def accuracy_cell(accuracy: float, floor: dict | None) -> str:
+    """The accuracy, marked "(≤ floor)" when it is not above the best constant answer's."""
+    below = floor is not None and accuracy <= floor["accuracy"] + 1e-9
+    return f"{accuracy:.3f}" + (" (≤ floor)" if below else "")
+
+
+def print_targets(targets: dict | None) -> None:
+    """One line per target of `report["targets"]["holds"]`: met / NOT met."""
+    from medmoe.mambaformer.experiments.targets import TARGET_TEXT
+
+    for key, met in (targets or {}).get("holds", {}).items():
+        console.print(f"target: {TARGET_TEXT.get(key, key)}: " + ("[green]met[/]" if met else "[red]NOT met[/]"))
+
+
 def print_summary(dataset: str, report: dict) -> None:
-    big = report.get("big")
+    big, floor = report.get("big"), report.get("floor")
     table = Table("router", "accuracy", "macro-F1", "p50 ms", "p95 ms", "share to E_M",
                   f"speedup vs {big['name'] if big else 'big'}",
                   title=f"MambaFormer on {dataset} test ({report['examples']['test']} examples; tau {report['tau']:.3f}, gate {report['gate_ms']:.2f} ms)")
+    cells = []
     for row in report["summary"]:
         speed = f"{row['speedup_vs_big']:.2f}x" if row["speedup_vs_big"] else "-"
-        table.add_row(row["router"], f"{row['accuracy']:.3f}", f"{row['macro_f1']:.3f}", f"{row['p50_ms']:.0f}",
-                      f"{row['p95_ms']:.0f}", f"{row['share_mamba']:.2f}", speed)
+        cells.append([row["router"], accuracy_cell(row["accuracy"], floor), f"{row['macro_f1']:.3f}", f"{row['p50_ms']:.0f}",
+                      f"{row['p95_ms']:.0f}", f"{row['share_mamba']:.2f}", speed])
     if big:
-        table.add_row(big["name"], f"{big['accuracy']:.3f}", "", f"{big['latency_ms']:.0f}", "", "", "1.00x")
+        cells.append([big["name"], accuracy_cell(big["accuracy"], floor), "", f"{big['latency_ms']:.0f}", "", "", "1.00x"])
+    if floor:
+        cells.append([f"best constant ('{floor['answer']}')", f"{floor['accuracy']:.3f}", "", "", "", "", ""])
+        if any("≤ floor" in c[1] for c in cells):
+            table.caption = f"rows marked ≤ floor answer no better than always answering '{floor['answer']}'"
+    for c in cells:
+        table.add_row(*c)
     console.print(table)
+    print_targets(report.get("targets"))
 
 
 def run(

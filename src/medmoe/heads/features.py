@@ -305,7 +305,7 @@ def extract_features(lm: HFEvalModel, records: Sequence[Record], folder: Path, s
     source: what the model is (bundled name, path, adapter), written into features.json; a folder
     made for another source, dtype or format is refused.
     """
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     from medmoe.eval.runner import progress_bar
 
@@ -338,12 +338,21 @@ def extract_features(lm: HFEvalModel, records: Sequence[Record], folder: Path, s
             Path(str(path) + f".tmp-{os.getpid()}").replace(path)
             if task is not None:
                 bar.advance(task, len(chunk))
+    return read_features(folder, records)
+
+
+def read_features(folder: Path, records: Sequence[Record]) -> Features:
+    """The cached features of `records` in `folder` (no model needed); a record without them is an error
+    that names it (extract them first: `extract_features`)."""
+    from safetensors.torch import load_file
+
     index = _read_store(folder)
     loaded: dict[Path, dict[str, torch.Tensor]] = {}
     rows = []
-    for record, key in zip(records, keys):
+    for record in records:
+        key = record_key(record)
         if key not in index:
-            raise MedmoeError(f"{folder}: the features of {record.id} are missing after extraction (a chunk deleted meanwhile?)")
+            raise MedmoeError(f"{folder}: no cached features of {record.id} (extracted meanwhile deleted, or never extracted)")
         path, row = index[key]
         if path not in loaded:
             loaded[path] = load_file(str(path))

@@ -10,7 +10,8 @@
   5. save the gate of `beta` as the router checkpoint (tau, gate cost, both experts' sources);
   6. evaluate on test against every baseline (E_T only, E_M only, random at the same mix, length
      threshold fit on dev, the oracle, and the largest offline Transformer alone), sweep tau x beta
-     for the Pareto plot, and write the table, JSON and PNG.
+     for the Pareto plot, and write the table, JSON and PNG; the report's "floor" is the best constant
+     answer on test and its "targets" the issue's targets (`targets.routing_targets`).
 
 Routed latency per query = the chosen expert's measured latency on that query + the gate's measured
 cost per query, so the table needs no second pass of the experts.
@@ -36,8 +37,9 @@ from medmoe.mambaformer.calibrate import DEFAULT_TOLERANCE
 from medmoe.mambaformer.checkpoint import RouterCheckpoint
 from medmoe.mambaformer.experiments.baselines import baseline_routers
 from medmoe.mambaformer.experiments.pareto import OperatingPoint, pareto_run, write_report
+from medmoe.mambaformer.experiments.targets import routing_targets
 from medmoe.mambaformer.experts import Expert, check_gate_records, load_expert
-from medmoe.mambaformer.features import featurizer_for_tokenizer
+from medmoe.mambaformer.features import GateFeatures, GateFeaturizer, featurizer_for_tokenizer
 from medmoe.mambaformer.fit import FittedGate, fit_gate
 from medmoe.mambaformer.gate import TokenGate
 from medmoe.mambaformer.latency import gate_cost_ms
@@ -134,14 +136,39 @@ def run_pipeline(cfg: PipelineConfig, log: Callable[[str], None] = print) -> dic
     check_gate_records(experts, cfg.dataset, len(splits["train"]))
     tables = {s: expert_table(experts, recs, out / s, f"{cfg.dataset} {s}") for s, recs in splits.items()}
 
-    t_expert = experts["transformer"]
-    lexicon = build_lexicon(splits["train"])
-    featurizer = featurizer_for_tokenizer(t_expert.tokenizer, t_expert.model.get_input_embeddings().weight.detach(),
-                                          [query_text(r) for r in splits["train"]], sorted(lexicon.terms))
-    features = {s: query_features(featurizer, t_expert.tokenizer, recs) for s, recs in splits.items()}
-    # the gate's own cost per query, as served (depends on the featurizer, not on the gate's weights)
-    gate_ms = gate_cost_ms(featurizer, TokenGate(), t_expert.tokenizer, splits["dev"])
+    featurizer, features, gate_ms = gate_inputs(experts["transformer"], splits)
+    big = big_baseline(cfg.big, splits["test"], out / "test" / "big.jsonl", cfg.dataset) if cfg.big else None
+    sources: dict[str, str | None] = {n: e.source for n, e in experts.items()}
+    return route_and_report(cfg, splits, tables, featurizer, features, gate_ms, sources,
+                            big, out / "router", log)
 
+
+def gate_inputs(expert: Expert, splits: dict[str, list[Record]]) -> tuple[GateFeaturizer, dict[str, GateFeatures], float]:
+    """(featurizer, each split's query features, the gate's measured cost per query in ms): the feature
+    tables from `expert`'s tokenizer and input embeddings and the train split's text (and lexicon)."""
+    lexicon = build_lexicon(splits["train"])
+    featurizer = featurizer_for_tokenizer(expert.tokenizer, expert.model.get_input_embeddings().weight.detach(),
+                                          [query_text(r) for r in splits["train"]], sorted(lexicon.terms))
+    features = {s: query_features(featurizer, expert.tokenizer, recs) for s, recs in splits.items()}
+    # the gate's own cost per query, as served (depends on the featurizer, not on the gate's weights)
+    return featurizer, features, gate_cost_ms(featurizer, TokenGate(), expert.tokenizer, splits["dev"])
+
+
+def big_baseline(source: str, records: Sequence[Record], rows_file: Path, dataset: str) -> OperatingPoint:
+    """The largest offline Transformer alone on the test records (zero-shot letter scores, cached rows)."""
+    big_expert = load_expert("big", source)
+    big_rows = run_records(HFEvalModel(big_expert.model, big_expert.tokenizer, source), records, rows_file, f"{dataset} test {source}")
+    return OperatingPoint(f"{source} alone", float(np.mean([r["correct"] for r in big_rows])),
+                          float(np.percentile([r["latency_ms"] for r in big_rows], 50)), kind="baseline")
+
+
+def route_and_report(cfg: PipelineConfig, splits: dict[str, list[Record]], tables: dict[str, ExpertResults],
+                     featurizer: GateFeaturizer, features: dict[str, GateFeatures], gate_ms: float,
+                     experts: dict[str, str | None], big: OperatingPoint | None, router_dir: Path | None,
+                     log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Steps 4-6 on per-example expert results, wherever they came from (the experts' own scores here,
+    option heads in benchmarks/mambaformer_heads.py): a gate per beta, tau on dev, the router checkpoint
+    of cfg.beta in `router_dir` (None: not saved), the test report with baselines, floor and targets."""
     dev, test = tables["dev"], tables["test"]
     scores: dict[float, dict[str, np.ndarray]] = {}
     fitted: dict[float, FittedGate] = {}
@@ -153,30 +180,25 @@ def run_pipeline(cfg: PipelineConfig, log: Callable[[str], None] = print) -> dic
         log(f"gate beta={beta:g}: trained on {len(tables['train'])} examples")
 
     deployed = fitted[cfg.beta]
-    info = {"config": asdict(cfg), "dataset": cfg.dataset, "loss_config": deployed.loss_config.to_dict(),
-            "calibration": deployed.calibration.to_dict(), "dev_metrics": deployed.dev_metrics}
-    checkpoint = RouterCheckpoint(deployed.gate, featurizer, deployed.tau, info=info, gate_ms=gate_ms,
-                                  experts={name: e.source for name, e in experts.items()})
-    checkpoint.save(out / "router")
+    if router_dir is not None:
+        info = {"config": asdict(cfg), "dataset": cfg.dataset, "loss_config": deployed.loss_config.to_dict(),
+                "calibration": deployed.calibration.to_dict(), "dev_metrics": deployed.dev_metrics}
+        RouterCheckpoint(deployed.gate, featurizer, deployed.tau, info=info, gate_ms=gate_ms, experts=experts).save(router_dir)
 
-    decisions = scores[cfg.beta]["test"] > checkpoint.tau
-    big = None
-    if cfg.big:
-        big_expert = load_expert("big", cfg.big)
-        big_rows = run_records(HFEvalModel(big_expert.model, big_expert.tokenizer, cfg.big), splits["test"], out / "test" / "big.jsonl", f"{cfg.dataset} test {cfg.big}")
-        big = OperatingPoint(f"{cfg.big} alone", float(np.mean([r["correct"] for r in big_rows])),
-                             float(np.percentile([r["latency_ms"] for r in big_rows], 50)), kind="baseline")
+    decisions = scores[cfg.beta]["test"] > deployed.tau
     deployed_first = {cfg.beta: scores[cfg.beta]["test"], **{b: s["test"] for b, s in scores.items()}}
     routers = baseline_routers(test, float(decisions.mean()), dev)
-    report = pareto_run(test, deployed_first, checkpoint.tau, dev, extra_points=[big] if big else [], gate_ms=gate_ms,
+    report = pareto_run(test, deployed_first, deployed.tau, dev, extra_points=[big] if big else [], gate_ms=gate_ms,
                         routers=routers)
     rows = [summary_row(r.name, test, r.route(test), 0.0, big.latency_ms if big else None) for r in routers]
     rows.append(summary_row("mambaformer (calibrated)", test, decisions, gate_ms, big.latency_ms if big else None))
     gold = [rec.answer for rec in splits["test"]]
     for row in rows:
         row["macro_f1"] = macro_f1(gold, row.pop("preds"))
-    report.update({"summary": rows, "tau": checkpoint.tau, "beta": cfg.beta, "gate_ms": gate_ms, "examples": {s: len(t) for s, t in tables.items()},
+    report.update({"summary": rows, "tau": deployed.tau, "beta": cfg.beta, "gate_ms": gate_ms, "examples": {s: len(t) for s, t in tables.items()},
                    "big": asdict(big) if big else None, "config": asdict(cfg)})
-    write_report(report, out, name="pareto", header=f"# MambaFormer on {cfg.dataset} test\n")
+    report["targets"] = routing_targets(test, gold, decisions, gate_ms, report)
+    report["floor"] = {"answer": report["targets"]["floor_answer"], "accuracy": report["targets"]["floor_accuracy"]}
+    write_report(report, Path(cfg.out) / cfg.dataset, name="pareto", header=f"# MambaFormer on {cfg.dataset} test\n")
     return report
 
