@@ -12,6 +12,7 @@ in a subprocess; its printed tables are kept in the report.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -40,7 +41,8 @@ def timed_run(home: Path, out: Path, extra: list[str]) -> tuple[float, str]:
 
 def tables(stdout: str) -> str:
     """The summary tables `medmoe run` prints (lines drawn with box characters, and their titles)."""
-    keep = [line for line in stdout.splitlines() if line.strip() and (line.lstrip()[0] in "┏┃┡│└" or "MambaFormer on" in line)]
+    keep = [line for line in stdout.splitlines() if line.strip() and (
+        line.lstrip()[0] in "┏┃┡│└" or "MambaFormer on" in line or line.lstrip().startswith(("target", "rows marked")))]
     return "\n".join(keep)
 
 
@@ -53,18 +55,23 @@ def main() -> None:
     home, out = work / "home", work / "run"
     if home.exists() or out.exists() or (work / "torch_extensions").exists():
         raise SystemExit(f"{work} is not empty: the first run needs an empty MEDMOE_HOME and run folder")
+    load = os.getloadavg()  # the machine's load when the runs started (2 cores: above ~0.5 means other work)
     first, first_out = timed_run(home, out, args.extra)
     print(f"first run: {first:.0f} s", flush=True)
     later, later_out = timed_run(home, out, args.extra)
     print(f"later run: {later:.0f} s", flush=True)
     command = " ".join(["medmoe run", *args.extra])
-    body = (f"`{command}` (the README's main job without setup.sh), 2 cores, default threads.\n\n"
+    body = (f"`{command}` (the README's main job without setup.sh), 2 cores, default threads; load average before "
+            f"the first run {load[0]:.2f} (1 min) / {load[1]:.2f} (5 min).\n\n"
             "| run | wall time | what it does |\n| --- | ---: | --- |\n"
             f"| first | {first / 60:.1f} min ({first:.0f} s) | empty MEDMOE_HOME and kernel build folder: converts the "
             "bundled models, compiles the fused Mamba kernel, distils the default Mamba expert, both experts and the big baseline score every question, gate trained and calibrated |\n"
             f"| later | {later / 60:.1f} min ({later:.0f} s) | everything cached: loads, routes, prints |\n\n"
             f"Tables printed by the first run:\n\n```\n{tables(first_out)}\n```\n")
-    path = write_report("main_job", "Main job wall time", body, {"first_s": first, "later_s": later, "args": args.extra})
+    targets = {p.parent.name: json.loads(p.read_text()).get("targets") for p in sorted(out.glob("*/pareto.json"))}
+    path = write_report("main_job", "Main job wall time", body, {
+        "first_s": first, "later_s": later, "args": args.extra, "load_before": load, "table": tables(first_out),
+        "targets": targets})
     print(f"wrote {path}")
 
 
