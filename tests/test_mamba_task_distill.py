@@ -1,4 +1,4 @@
-"""Task-level distillation (train/task_distill.py, mamba/align.py) on a tiny random Llama teacher and
+"""Task-level distillation (train/task_distill/, mamba/align.py) on a tiny random Llama teacher and
 hybrids built from it by the transfer code: the layer mapping, the losses' zeros, the teacher cache
 (reused, refused, resumed), learning, exact resume and the output folder."""
 

@@ -92,6 +92,7 @@ def finetune_command(
     freeze_mixers: FreezeMixers = False,
     top_blocks: Annotated[int, typer.Option(help="Adapters on the last N decoder blocks only, trained over cached activations of the frozen lower blocks: one forward of the lower blocks per example (stored in OUTPUT/top_blocks_cache, reused on resume, deleted when the run ends), then each step runs only the top N (0 = adapters on every block). Llama, SmolLM2, Qwen2/3, Gemma-3; not --top-layers, which trains the weights of the last N layers of --method full and runs every layer at every step.", rich_help_panel=TOP_BLOCKS)] = 0,
     top_blocks_cache_dtype: Annotated[str, typer.Option(help="With --top-blocks: the cache's dtype, model (the lower blocks' output as computed: training equals the full model's) | bfloat16 (half the disk for an fp32 model; the top blocks see the states rounded to bfloat16).", rich_help_panel=TOP_BLOCKS)] = "model",
+    report_to: Annotated[str, typer.Option("--report-to", help="Training logs besides train_log.jsonl, comma-separated: tensorboard (OUTPUT/tensorboard/; pip install 'medmoe[tensorboard]'), wandb. Default: $MEDMOE_REPORT_TO, else none.")] = "",
     config: ConfigOption = None,
 ) -> None:
     """Fine-tune a model on DATA with LoRA-MoE, plain LoRA or full fine-tuning; resumable.
@@ -121,7 +122,7 @@ def finetune_command(
                     eval_examples=eval_examples, save_every=save_every, resume=resume, skip_first=skip_first, limit=limit,
                     lora_rank=lora_rank, lora_dropout=dropout, target_modules=targets, loramoe=loramoe,
                     top_layers=top_layers, freeze_mixers=freeze_mixers, top_blocks=top_blocks,
-                    top_blocks_cache_dtype=top_blocks_cache_dtype),
+                    top_blocks_cache_dtype=top_blocks_cache_dtype, report_to=report_to or None),
     )
 
 

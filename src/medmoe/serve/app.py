@@ -4,20 +4,21 @@ GET /healthz, GET /metrics, the page.
 `create_app(answerer, config)` takes any `Answerer` (medmoe.answer); `app_from_config(config)` builds
 the configured one first. Every request goes through one `MicroBatcher`. No endpoint takes a file
 name: the page's three files are read from the package once, at start, and served from memory.
+This module keeps the routes and their wiring (validation, routing, admission, JSON answers); a
+`stream: true` completion is answered as server-sent events by sse.py, and `ApiError` (errors.py,
+re-exported here) is every endpoint's refusal.
 """
 
 # No `from __future__ import annotations` here: FastAPI must see the request model built at runtime
 # (AnswerRequest, with this server's limits) as a real annotation, not as a string.
 import asyncio
-import json
 import logging
-import re
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from importlib import resources
 from typing import Any
 
@@ -27,17 +28,18 @@ from medmoe.errors import MissingExtra
 try:
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+    from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 except ImportError as exc:
     raise MissingExtra("fastapi", "serve", "medmoe.serve (the HTTP server)") from exc
 
 from medmoe.answer import Answer
-from medmoe.answer.streaming import END, TextSink
+from medmoe.answer.streaming import TextSink
 from medmoe.answer.types import MAX_NEW_TOKENS, SEED, Generation, InvalidParameter, RequestRejected
 from medmoe.data.record import Record
 from medmoe.mambaformer.answerer import TAU_METADATA
 from medmoe.serve.batching import BatcherStopped, BatchInfo, MicroBatcher, QueueFull, RequestTimeout
 from medmoe.serve.config import ServeConfig, build_answerer
+from medmoe.serve.errors import ApiError
 from medmoe.serve.guards import BodyGuard, RequestMetrics, error_body
 from medmoe.serve.metrics import ServerMetrics
 from medmoe.serve.routing import Routing, RoutingError, RoutingPolicy
@@ -48,25 +50,16 @@ from medmoe.serve.schemas import (
     ErrorResponse,
     GenerationFields,
     Health,
-    chat_chunk,
-    chat_completion,
     make_answer_request,
-    text_chunk,
-    text_completion,
     usage,
-    usage_chunk,
 )
+from medmoe.serve.sse import CHAT, COMPLETION, Shape, Streamer, buffered_response, include_usage
 
 log = logging.getLogger(__name__)
 
 STATIC_FILES = {"/static/app.js": ("app.js", "text/javascript"), "/static/style.css": ("style.css", "text/css")}
 ENDPOINTS = {"/", "/v1/answer", "/v1/chat/completions", "/v1/completions", "/v1/models", "/healthz", "/metrics", "/openapi.json", *STATIC_FILES}
 ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 413, 422, 500, 503, 504)}
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, kind: str, message: str, param: str | None = None, headers: dict[str, str] | None = None):
-        self.status, self.kind, self.message, self.param, self.headers = status, kind, message, param, headers or {}
 
 
 def _load_static() -> dict[str, bytes]:
@@ -235,9 +228,6 @@ def create_app(answerer: Any, config: ServeConfig | None = None) -> FastAPI:
             settings = replace(settings, seed=secrets.randbits(63))
         return {MAX_NEW_TOKENS: min(limit or config.max_new_tokens, config.max_new_tokens), **settings.metadata()}
 
-    def include_usage(body: GenerationFields) -> bool:
-        return bool(body.stream and body.stream_options is not None and body.stream_options.include_usage)
-
     @app.post("/v1/chat/completions", responses=ERRORS, summary="OpenAI-compatible chat completion")
     async def chat(body: ChatRequest) -> Any:
         """System messages are the prompt's system turn; the last user message is the question, earlier
@@ -276,19 +266,17 @@ def create_app(answerer: Any, config: ServeConfig | None = None) -> FastAPI:
                 exc.param, exc.message = "prompt", exc.message.replace("question", "prompt", 1)
             raise
 
-    async def complete(record: Record, body: GenerationFields, shape: _Shape) -> Any:
+    async def complete(record: Record, body: GenerationFields, shape: Shape) -> Any:
         """Answer a chat or text completion: JSON, or server-sent events."""
         record, routing = routed(record, body.model, body.routing)
         model = body.model or expert_name
         if body.stream and batcher.streams:
-            return await stream_answer(record, model, routing, shape, include_usage(body))
+            return await streamer.stream(record, model, routing, shape, include_usage(body))
         record, result, info, dropped, start = await answer_record(record)
         extra = answer_extra(record, result, info, dropped, start, routing)
         if not body.stream:
             return shape.completion(result.answer, model, extra, result.finish_reason or "stop", usage(result.prompt_tokens, result.completion_tokens))
-        # an answerer that cannot stream: the whole answer, cut into word pieces, once it is done
-        return StreamingResponse(_sse(_words(result.answer), model, result, extra, shape, include_usage(body)),
-                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return buffered_response(result, model, extra, shape, include_usage(body))  # an answerer that cannot stream
 
     def answer_extra(record: Record, result: Answer, info: BatchInfo, dropped: int, start: float, routing: Routing | None) -> dict[str, Any]:
         extra = {"expert": result.expert, "gate_probability": result.gate_probability,
@@ -299,68 +287,7 @@ def create_app(answerer: Any, config: ServeConfig | None = None) -> FastAPI:
             extra["seed"] = record.metadata[SEED]
         return extra
 
-    async def stream_answer(record: Record, model: str, routing: Routing | None, shape: _Shape, with_usage: bool) -> StreamingResponse:
-        """Queue a streamed request; answer with its events once its first piece of text (or its
-        whole answer) is there, so that refusals and failures before that keep their HTTP status."""
-        start = time.perf_counter()
-        deadline = start + config.request_timeout_s
-        record, dropped = fitted(record)
-        sink = TextSink(asyncio.get_running_loop())
-        job = admit(record, sink)
-        job.future.add_done_callback(lambda _: sink.close())
-        try:
-            first = await sink.next(deadline)
-        except TimeoutError:
-            first = END  # settle (below) answers 504 and withdraws the job
-        except asyncio.CancelledError:
-            batcher.withdraw(job, "cancelled")
-            raise
-        done = None  # nothing streamed: an empty answer, or the request failed (-> its HTTP status)
-        if first is END:
-            done = await settle(job, max(deadline - time.perf_counter(), 0.0))
-        completion_id = f"{shape.prefix}-{uuid.uuid4().hex}"
-        first_ms = (time.perf_counter() - start) * 1000
-
-        def event(chunk: dict[str, Any]) -> bytes:
-            return _event({**chunk, "usage": None} if with_usage else chunk)
-
-        async def events() -> AsyncIterator[bytes]:
-            for chunk in shape.opening(completion_id, model):
-                yield event(chunk)
-            piece = first
-            try:
-                while piece is not END:
-                    yield event(shape.piece(completion_id, model, piece))
-                    piece = await sink.next(deadline)
-                result, info = done or await settle(job, max(deadline - time.perf_counter(), 0.0))
-            except TimeoutError:
-                batcher.withdraw(job, "timed_out")
-                metrics.rejected.inc("timeout")
-                yield _event(error_body(504, "timeout", f"not finished within {config.request_timeout_s:g} s"))
-            except ApiError as exc:
-                yield _event(error_body(exc.status, exc.kind, exc.message, exc.param))
-            else:
-                extra = answer_extra(record, result, info, dropped, start, routing)
-                extra["latency_ms"]["first_token"] = round(first_ms, 2)
-                yield event(shape.last(completion_id, model, result.finish_reason or "stop", extra))
-                if with_usage:
-                    yield _event(usage_chunk(completion_id, model, shape.chunk_object, usage(result.prompt_tokens, result.completion_tokens)))
-            yield b"data: [DONE]\n\n"
-
-        # however the response ends (done, client gone, error), the job is withdrawn: its row stops decoding
-        return _ClosingStream(events(), on_close=lambda: batcher.withdraw(job, "cancelled"),
-                              media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
-    async def _sse(pieces: list[str], model: str, result: Answer, extra: dict[str, Any], shape: _Shape,
-                   with_usage: bool) -> AsyncIterator[bytes]:
-        completion_id = f"{shape.prefix}-{uuid.uuid4().hex}"
-        chunks = [*shape.opening(completion_id, model), *(shape.piece(completion_id, model, p) for p in pieces),
-                  shape.last(completion_id, model, result.finish_reason or "stop", extra)]
-        for chunk in chunks:
-            yield _event({**chunk, "usage": None} if with_usage else chunk)
-        if with_usage:
-            yield _event(usage_chunk(completion_id, model, shape.chunk_object, usage(result.prompt_tokens, result.completion_tokens)))
-        yield b"data: [DONE]\n\n"
+    streamer = Streamer(batcher, metrics, config.request_timeout_s, fitted, admit, settle, answer_extra)
 
     @app.get("/v1/models", summary="OpenAI-compatible model list")
     async def models() -> dict[str, Any]:
@@ -390,30 +317,6 @@ def create_app(answerer: Any, config: ServeConfig | None = None) -> FastAPI:
     return app
 
 
-@dataclass(frozen=True)
-class _Shape:
-    """How one OpenAI endpoint's answers look: chat completions or (legacy) text completions."""
-
-    prefix: str  # of the completion's id
-    chunk_object: str
-    completion: Callable[..., dict[str, Any]]  # (text, model, extra, finish_reason, usage) -> the JSON answer
-    chat: bool
-
-    def opening(self, completion_id: str, model: str) -> list[dict[str, Any]]:
-        """The chunks before the text: chat's role chunk."""
-        return [chat_chunk(completion_id, model, {"role": "assistant", "content": ""})] if self.chat else []
-
-    def piece(self, completion_id: str, model: str, text: str) -> dict[str, Any]:
-        return chat_chunk(completion_id, model, {"content": text}) if self.chat else text_chunk(completion_id, model, text)
-
-    def last(self, completion_id: str, model: str, finish_reason: str, extra: dict[str, Any]) -> dict[str, Any]:
-        if self.chat:
-            return chat_chunk(completion_id, model, {}, finish_reason, extra)
-        return text_chunk(completion_id, model, "", finish_reason, extra)
-
-
-CHAT = _Shape("chatcmpl", "chat.completion.chunk", chat_completion, chat=True)
-COMPLETION = _Shape("cmpl", "text_completion", text_completion, chat=False)
 # OpenAI fields this server does not do: a request giving one of them a value other than these is a 400 naming it
 _NO_PENALTY = (0, 0.0)
 CHAT_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
@@ -434,29 +337,3 @@ def _fixed_file(content: bytes, media_type: str) -> Any:
         return Response(content, media_type=media_type, headers={"Cache-Control": "no-cache"})
 
     return serve
-
-
-class _ClosingStream(StreamingResponse):
-    """A StreamingResponse that calls `on_close` however it ends: finished, failed, or cancelled
-    because the client went away (Starlette then cancels the response, possibly before the body's
-    generator has started, so a `finally` inside the generator would not be enough)."""
-
-    def __init__(self, content: Any, on_close: Callable[[], None], **kwargs: Any):
-        super().__init__(content, **kwargs)
-        self.on_close = on_close
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self.on_close()
-
-
-def _event(data: dict[str, Any]) -> bytes:
-    """One server-sent event."""
-    return f"data: {json.dumps(data)}\n\n".encode()
-
-
-def _words(text: str) -> list[str]:
-    """Split text after each space into pieces that concatenate back to it exactly."""
-    return [piece for piece in re.split(r"(?<= )", text) if piece]

@@ -28,6 +28,7 @@ from medmoe.paths import atomic_write_text
 from medmoe.train.checkpoint import load_checkpoint, save_checkpoint
 from medmoe.train.data import Example, MicroBatches, collate, load_examples, tokenize_examples
 from medmoe.train.distributed import all_reduce_gradients, barrier
+from medmoe.train.log_sinks import MetricSinks, parse_report_to
 from medmoe.train.loss import completion_loss, hf_model
 from medmoe.train.run_folder import LOG_FILE, open_run, run_settings, truncate_log
 from medmoe.train.top_blocks import CACHE_FOLDER, ActivationCache, decoder_blocks, top_block_linears, top_blocks_loss
@@ -75,8 +76,12 @@ class FinetuneConfig:
     limit: int = 0  # ... and how many were used after those (0 = all)
     with_explanation: bool = False  # ... and whether completions went on with the records' explanations
     base: str = ""  # the base model as given (--model): a resume must name the same one
+    # where each step's record goes besides train_log.jsonl: tensorboard, wandb (log_sinks.py); a list or
+    # "jsonl,tensorboard"; None: $MEDMOE_REPORT_TO, else jsonl only. Not a training setting: a resume may change it
+    report_to: str | list[str] | None = None
 
     def __post_init__(self) -> None:
+        self.report_to = parse_report_to(self.report_to)  # a missing package fails here, before anything is loaded
         if self.method not in METHODS:
             raise MedmoeError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
@@ -143,6 +148,7 @@ def recorded_settings(cfg: FinetuneConfig) -> dict[str, Any]:
     top_blocks is 0 (they mean nothing then), so folders written before those fields existed resume
     unchanged, and a resume that adds --top-blocks is refused as a change (`(not set) -> 4`)."""
     settings = asdict(cfg)
+    settings.pop("report_to")  # where the log goes changes nothing trained (and older folders lack it)
     if not cfg.top_blocks:
         settings.pop("top_blocks")
         settings.pop("top_blocks_cache_dtype")
@@ -306,6 +312,7 @@ def finetune(
         eval_loss = cached_top_blocks_loss(model, cache, cfg.top_blocks, offset=len(train_features))
 
     losses, evals = {}, {}
+    sinks = MetricSinks(log_path, cfg.report_to, resume_step=start, config=recorded_settings(cfg)) if rank == 0 else None
     progress = _progress(range(start, cfg.steps), cfg, rank, start)
     model.train()
     for step in progress:
@@ -331,9 +338,8 @@ def finetune(
             record["aux"] = {k: float(v) for k, v in aux.items()}
         if eval_features and (done % cfg.eval_every == 0 or done == cfg.steps) and rank == 0:
             evals[done] = record["eval_loss"] = evaluate_loss(model, eval_features, cfg.batch_size, pad_id, eval_loss)
-        if rank == 0:
-            with log_path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+        if sinks is not None:  # rank 0
+            sinks.write(record)
             if hasattr(progress, "set_postfix"):
                 progress.set_postfix(loss=f"{step_loss:.4f}", **({"eval": f"{evals[done]:.4f}"} if done in evals else {}))
         if done % cfg.save_every == 0 or done == cfg.steps:  # the last one too: a finished run is never repeated
@@ -342,6 +348,8 @@ def finetune(
             barrier(world)
         if on_step is not None:
             on_step(done, step_loss)
+    if sinks is not None:
+        sinks.close()
     adapter = save_final(model, tokenizer, cfg) if rank == 0 else None
     if cfg.top_blocks and rank == 0:  # the result is complete: the cache (GBs) is never read again
         shutil.rmtree(out_dir / CACHE_FOLDER, ignore_errors=True)

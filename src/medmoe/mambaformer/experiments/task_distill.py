@@ -1,4 +1,4 @@
-"""E_T as task-level distillation reads it (train/task_distill.py): the Transformer expert answering
+"""E_T as task-level distillation reads it (train/task_distill/): the Transformer expert answering
 with its own option log-probs, or through an option head from `medmoe heads train`, whose
 probabilities are then the "calibrated answer distribution" p_T the Mamba expert learns.
 
