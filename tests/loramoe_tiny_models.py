@@ -68,3 +68,30 @@ def arithmetic_examples(n: int = 40) -> list:
     from medmoe.train.data import format_record
 
     return [format_record(f"{i % 7} plus {i % 5}?", str(i % 7 + i % 5)) for i in range(n)]
+
+
+class Killed(Exception):
+    """Raised from a finetune step callback to stand for a killed run."""
+
+
+def run_tiny_finetune(cfg, on_step=None, examples=None):
+    """`finetune(cfg)` on a tiny random Llama over arithmetic examples (16 unless `examples`)."""
+    from medmoe.train.finetune import finetune
+
+    model, _ = tiny_model("llama")
+    return finetune(cfg, model, CharTokenizer(), train_examples=examples or arithmetic_examples(16), on_step=on_step)
+
+
+def kill_at(step: int):
+    """A finetune on_step callback that raises Killed once `step` optimizer steps are done."""
+    def on_step(done, loss):
+        if done == step:
+            raise Killed()
+    return on_step
+
+
+def train_log(folder) -> list:
+    """The rows of a run folder's train_log.jsonl."""
+    import json
+
+    return [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()]

@@ -9,15 +9,12 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from loramoe_tiny_models import CharTokenizer, arithmetic_examples, tiny_model
+from loramoe_tiny_models import Killed, arithmetic_examples, kill_at, run_tiny_finetune, train_log
 from medmoe.errors import MedmoeError
-from medmoe.train.finetune import FinetuneConfig, finetune
+from medmoe.train.finetune import FinetuneConfig
 
 MOE = {"num_experts": 4, "top_k": 2, "rank": 2, "router_dim": 4, "dropout": 0.1, "contrastive_tokens": 8, "queue_size": 16}
 
-
-class Killed(Exception):
-    pass
 
 
 def _cfg(tmp_path, name="run", **kw):
@@ -26,20 +23,7 @@ def _cfg(tmp_path, name="run", **kw):
     return FinetuneConfig(**{**base, **kw})
 
 
-def _run(cfg, on_step=None, examples=None):
-    model, _ = tiny_model("llama")
-    return finetune(cfg, model, CharTokenizer(), train_examples=examples or arithmetic_examples(16), on_step=on_step)
 
-
-def _kill_at(step):
-    def on_step(done, loss):
-        if done == step:
-            raise Killed()
-    return on_step
-
-
-def _log(folder):
-    return [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()]
 
 
 def _snapshot(folder):
@@ -50,7 +34,7 @@ def _snapshot(folder):
 def finished(tmp_path_factory):
     """A finished 4-step run, and a copy of its folder's files (to check that nothing is touched)."""
     tmp = tmp_path_factory.mktemp("finished")
-    result = _run(_cfg(tmp))
+    result = run_tiny_finetune(_cfg(tmp))
     return tmp, result, _snapshot(tmp / "run")
 
 
@@ -66,10 +50,10 @@ def test_rerunning_a_finished_run_trains_nothing_and_changes_nothing(tmp_path, f
     folder = _fresh_copy(finished, tmp_path)
     before = _snapshot(folder)
     steps_run = []
-    result = _run(_cfg(tmp_path), on_step=lambda step, loss: steps_run.append(step))
+    result = run_tiny_finetune(_cfg(tmp_path), on_step=lambda step, loss: steps_run.append(step))
     assert steps_run == [] and result["losses"] == {} and result["already_finished"] and result["start_step"] == 4
     assert _snapshot(folder) == before
-    assert [r["step"] for r in _log(folder)] == [1, 2, 3, 4]
+    assert [r["step"] for r in train_log(folder)] == [1, 2, 3, 4]
 
 
 @pytest.mark.parametrize("change, message", [
@@ -82,7 +66,7 @@ def test_a_changed_setting_is_refused_and_the_folder_is_left_as_it_was(tmp_path,
     folder = _fresh_copy(finished, tmp_path)
     before = _snapshot(folder)
     with pytest.raises(MedmoeError, match="finetune_config.json: this folder holds a run with other settings") as caught:
-        _run(_cfg(tmp_path, **change))
+        run_tiny_finetune(_cfg(tmp_path, **change))
     assert message in str(caught.value) and "new --output" in str(caught.value)
     assert _snapshot(folder) == before  # config, log, checkpoints and adapter untouched
 
@@ -90,40 +74,40 @@ def test_a_changed_setting_is_refused_and_the_folder_is_left_as_it_was(tmp_path,
 def test_changed_training_data_is_refused(tmp_path, finished):
     _fresh_copy(finished, tmp_path)
     with pytest.raises(MedmoeError, match=r"examples\.count: 16 -> 15; examples\.sha256"):
-        _run(_cfg(tmp_path), examples=arithmetic_examples(15))
+        run_tiny_finetune(_cfg(tmp_path), examples=arithmetic_examples(15))
 
 
 def test_an_interrupted_run_resumed_logs_each_step_once_and_matches_an_uninterrupted_one(tmp_path, finished):
     _, straight, _ = finished
     with pytest.raises(Killed):
-        _run(_cfg(tmp_path), on_step=_kill_at(3))  # checkpoint at 2, step 3 logged, then killed
-    assert [r["step"] for r in _log(tmp_path / "run")] == [1, 2, 3]
+        run_tiny_finetune(_cfg(tmp_path), on_step=kill_at(3))  # checkpoint at 2, step 3 logged, then killed
+    assert [r["step"] for r in train_log(tmp_path / "run")] == [1, 2, 3]
     # save and eval frequency may change on resume: neither changes what is trained
-    resumed = _run(_cfg(tmp_path, save_every=1, eval_every=4, progress=True))
+    resumed = run_tiny_finetune(_cfg(tmp_path, save_every=1, eval_every=4, progress=True))
     assert resumed["start_step"] == 2 and sorted(resumed["losses"]) == [3, 4]
-    log = _log(tmp_path / "run")
+    log = train_log(tmp_path / "run")
     assert [r["step"] for r in log] == [1, 2, 3, 4]
-    straight_log = _log(finished[0] / "run")
+    straight_log = train_log(finished[0] / "run")
     assert [(r["loss"], r["lr"]) for r in log] == [(r["loss"], r["lr"]) for r in straight_log]
     assert resumed["eval"][4] == straight["eval"][4]
 
 
 def test_a_kill_after_the_last_checkpoint_only_writes_the_result(tmp_path):
     with pytest.raises(Killed):
-        _run(_cfg(tmp_path), on_step=_kill_at(4))  # the step-4 checkpoint is written, the adapter is not
+        run_tiny_finetune(_cfg(tmp_path), on_step=kill_at(4))  # the step-4 checkpoint is written, the adapter is not
     assert not (tmp_path / "run" / "adapter").exists()
     steps_run = []
-    result = _run(_cfg(tmp_path), on_step=lambda step, loss: steps_run.append(step))
+    result = run_tiny_finetune(_cfg(tmp_path), on_step=lambda step, loss: steps_run.append(step))
     assert steps_run == [] and not result["already_finished"]
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
-    assert [r["step"] for r in _log(tmp_path / "run")] == [1, 2, 3, 4]
+    assert [r["step"] for r in train_log(tmp_path / "run")] == [1, 2, 3, 4]
 
 
 def test_no_resume_never_deletes_a_previous_run(tmp_path, finished):
     folder = _fresh_copy(finished, tmp_path)
     before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
     with pytest.raises(MedmoeError, match="does not delete it"):
-        _run(_cfg(tmp_path, resume=False, lr=1e-3, steps=3, save_every=5))
+        run_tiny_finetune(_cfg(tmp_path, resume=False, lr=1e-3, steps=3, save_every=5))
     assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
 
 

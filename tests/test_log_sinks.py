@@ -11,16 +11,13 @@ import types
 
 import pytest
 
-from loramoe_tiny_models import CharTokenizer, arithmetic_examples, tiny_model
+from loramoe_tiny_models import Killed, kill_at, run_tiny_finetune, tiny_model, train_log
 from medmoe.errors import MedmoeError
-from medmoe.train.finetune import FinetuneConfig, finetune
+from medmoe.train.finetune import FinetuneConfig
 from medmoe.train.log_sinks import WANDB_ID_FILE, MetricSinks, parse_report_to, scalars
 
 MOE = {"num_experts": 4, "top_k": 2, "rank": 2, "router_dim": 4, "dropout": 0.1, "contrastive_tokens": 8, "queue_size": 16}
 
-
-class Killed(Exception):
-    pass
 
 
 def _cfg(tmp_path, **kw):
@@ -29,20 +26,7 @@ def _cfg(tmp_path, **kw):
     return FinetuneConfig(**{**base, **kw})
 
 
-def _run(cfg, on_step=None):
-    model, _ = tiny_model("llama")
-    return finetune(cfg, model, CharTokenizer(), train_examples=arithmetic_examples(16), on_step=on_step)
 
-
-def _kill_at(step):
-    def on_step(done, loss):
-        if done == step:
-            raise Killed()
-    return on_step
-
-
-def _log(folder):
-    return [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()]
 
 
 def _tensorboard_scalars(folder):
@@ -72,8 +56,8 @@ def _assert_same(tb, expected):
 
 def test_tensorboard_scalars_equal_the_jsonl_log(tmp_path):
     pytest.importorskip("tensorboard")
-    _run(_cfg(tmp_path, report_to="tensorboard"))
-    log, tb = _log(tmp_path / "run"), _tensorboard_scalars(tmp_path / "run")
+    run_tiny_finetune(_cfg(tmp_path, report_to="tensorboard"))
+    log, tb = train_log(tmp_path / "run"), _tensorboard_scalars(tmp_path / "run")
     assert [r["step"] for r in log] == [1, 2, 3, 4]
     assert [v for _, v in tb["train/loss"]] == pytest.approx([r["loss"] for r in log], rel=1e-6)
     assert tb["eval/loss"] == [(2, pytest.approx(log[1]["eval_loss"], rel=1e-6)), (4, pytest.approx(log[3]["eval_loss"], rel=1e-6))]
@@ -86,10 +70,10 @@ def test_tensorboard_scalars_equal_the_jsonl_log(tmp_path):
 def test_a_resumed_run_shows_each_step_once_in_tensorboard(tmp_path):
     pytest.importorskip("tensorboard")
     with pytest.raises(Killed):
-        _run(_cfg(tmp_path, report_to=["tensorboard"]), on_step=_kill_at(3))  # checkpoint at 2, step 3 logged
+        run_tiny_finetune(_cfg(tmp_path, report_to=["tensorboard"]), on_step=kill_at(3))  # checkpoint at 2, step 3 logged
     assert [s for s, _ in _tensorboard_scalars(tmp_path / "run")["train/loss"]] == [1, 2, 3]
-    _run(_cfg(tmp_path, report_to="jsonl, tensorboard"))  # another spelling of the sinks resumes the same run
-    log = _log(tmp_path / "run")
+    run_tiny_finetune(_cfg(tmp_path, report_to="jsonl, tensorboard"))  # another spelling of the sinks resumes the same run
+    log = train_log(tmp_path / "run")
     assert [r["step"] for r in log] == [1, 2, 3, 4]
     _assert_same(_tensorboard_scalars(tmp_path / "run"), _expected(log))
 
@@ -115,15 +99,15 @@ def test_wandb_gets_the_jsonl_numbers_and_a_resume_continues_its_run(tmp_path, m
     monkeypatch.setitem(sys.modules, "wandb", fake)
     monkeypatch.setenv("WANDB_PROJECT", "medmoe-test")
     with pytest.raises(Killed):
-        _run(_cfg(tmp_path, report_to="wandb"), on_step=_kill_at(3))
-    _run(_cfg(tmp_path, report_to="wandb"))
+        run_tiny_finetune(_cfg(tmp_path, report_to="wandb"), on_step=kill_at(3))
+    run_tiny_finetune(_cfg(tmp_path, report_to="wandb"))
     first, second = fake.runs
     run_id = (tmp_path / "run" / WANDB_ID_FILE).read_text().strip()
     for run in (first, second):
         assert run.kwargs["id"] == run_id and run.kwargs["resume"] == "allow" and run.kwargs["project"] == "medmoe-test"
         assert "report_to" not in run.kwargs["config"] and run.kwargs["config"]["steps"] == 4
     assert not first.finished and second.finished  # the killed run never reached the end
-    log = {r["step"]: r for r in _log(tmp_path / "run")}
+    log = {r["step"]: r for r in train_log(tmp_path / "run")}
     assert [s for s, _ in first.logged] == [1, 2, 3] and [s for s, _ in second.logged] == [3, 4]
     for step, values in second.logged:
         assert values == scalars(log[step])
