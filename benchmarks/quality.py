@@ -20,6 +20,11 @@ named "<expert> <family>".
 Intervals: 95% bootstrap over test questions (1,000 resamples, seed 0); the difference to the constant
 is paired (the same resampled questions for both). Multi-answer questions (CMExam) count as wrong for
 every single-letter system, the constant included; `cmexam-single` is the single-answer subset.
+
+CMExam also lists the SparseDoctor adapters on Qwen's top 4 blocks when benchmarks/loramoe_cmexam.py has
+scored them on the whole test split (runs/loramoe_cmexam/{loramoe,lora}.jsonl; its report has their
+training budgets): systems "qwen2.5-coder-1.5b LoRA-MoE (top 4 blocks)" and "... PEFT LoRA (top 4
+blocks)", in fp32 (the dtype they were trained in), with no CV column (nothing is chosen on the pool).
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 RUNS = Path("runs/quality")
+TOP_BLOCK_RUNS = Path("runs/loramoe_cmexam")  # benchmarks/loramoe_cmexam.py: adapters scored over cached lower-block states
+TOP_BLOCK_SYSTEMS = {"loramoe": "LoRA-MoE (top 4 blocks)", "lora": "PEFT LoRA (top 4 blocks)"}  # its file -> family
 EXPERTS = {  # benchmark -> (expert, what it is)
     "pubmedqa": "smollm2-135m",
     "dental": "smollm2-135m",
@@ -77,7 +84,7 @@ def run(args: argparse.Namespace) -> None:
         systems: dict[str, list[str]] = {}
         for family, trained in heads.items():
             uses_extra = family == "head+retrieval" and extra is not None
-            f, present = option_inputs(features, trained.head.letters, extra(test) if uses_extra else None)
+            f, present = option_inputs(features, trained.head.letters, extra(test) if uses_extra and extra is not None else None)
             h = None if trained.config.layer is None else features.pooled(trained.config.layer, trained.config.pooling or "last")
             systems[family] = _letters_of(test, predict(trained.head, h, f, present).tolist())
             save_head(trained.head, trained.config, folder / "heads" / family)
@@ -171,6 +178,31 @@ def merge_runs(name: str, runs: list[tuple[dict[str, Any], list[dict[str, Any]]]
     return merged, systems, deployed, details
 
 
+def add_top_block_adapters(name: str, rows: list[dict[str, Any]], systems: list[str], details: dict[str, Any]) -> None:
+    """Add the CMExam columns of the adapters benchmarks/loramoe_cmexam.py scored (TOP_BLOCK_SYSTEMS), when
+    their rows cover exactly these test questions; in place."""
+    from medmoe.eval.runner import read_done
+
+    if name != "cmexam":
+        return
+    for stem, family in TOP_BLOCK_SYSTEMS.items():
+        path = TOP_BLOCK_RUNS / f"{stem}.jsonl"
+        if not path.is_file():
+            continue
+        scored = read_done(path)  # by id; a torn last line left out
+        if set(scored) != {r["id"] for r in rows}:
+            print(f"{path}: {len(scored)} rows, not the {len(rows)} questions of runs/quality/{name}; left out", flush=True)
+            continue
+        info = json.loads(path.with_suffix(".json").read_text(encoding="utf-8")).get("settings", {})
+        expert = info.get("model", EXPERTS[name])
+        system = f"{expert} {family}"
+        systems.append(system)
+        details["systems"][system] = {"chosen": f"adapter {info.get('adapter')} ({info.get('dtype')})", "cv_accuracy": None,
+                                      "expert": expert, "family": family}
+        for row in rows:
+            row[system] = scored[row["id"]]["prediction"]
+
+
 def report(args: argparse.Namespace) -> None:
     from common import write_report
 
@@ -181,6 +213,7 @@ def report(args: argparse.Namespace) -> None:
         if not runs:
             continue
         rows, systems, deployed, run_info = merge_runs(bench.name, runs)
+        add_top_block_adapters(bench.name, rows, systems, run_info)
         benchmarks[bench.name] = summarize(bench.name, rows, systems, deployed)
         for system, row in benchmarks[bench.name]["systems"].items():
             row |= {"expert": run_info["systems"][system]["expert"], "family": run_info["systems"][system]["family"]}
@@ -218,7 +251,8 @@ def report(args: argparse.Namespace) -> None:
         for system, s in b["systems"].items():
             chosen = info["systems"][system]
             lo, hi = s["diff_vs_constant_ci95"]
-            lines.append(f"| {system} | {chosen['chosen']} | {chosen['cv_accuracy']:.3f} | {s['accuracy']:.3f} "
+            cv = "" if chosen["cv_accuracy"] is None else f"{chosen['cv_accuracy']:.3f}"
+            lines.append(f"| {system} | {chosen['chosen']} | {cv} | {s['accuracy']:.3f} "
                          f"[{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}] | {s['macro_f1']:.3f} | "
                          f"{s['accuracy'] - c['accuracy']:+.3f} [{lo:+.3f}, {hi:+.3f}] | {'yes' if s['deployed'] else ''} |")
         lines.append("")

@@ -13,7 +13,7 @@ import torch
 import transformers as tf
 from typer.testing import CliRunner
 
-from loramoe_tiny_models import VOCAB, CharTokenizer, arithmetic_examples
+from loramoe_tiny_models import VOCAB, CharTokenizer, arithmetic_examples, train_log
 from medmoe.errors import MedmoeError
 from medmoe.loramoe import LoraMoeModel
 from medmoe.train import top_blocks
@@ -293,3 +293,50 @@ def test_the_cli_flag_reaches_the_config_and_full_is_refused(tmp_path):
     assert result.exit_code != 0 and "--top-blocks is for --method lora and loramoe" in result.output
     shown = CliRunner().invoke(app, ["finetune", "--help"], terminal_width=200)
     assert "--top-blocks" in shown.output and "--top-blocks-cache-dtype" in shown.output
+
+
+def test_runs_given_one_top_blocks_cache_share_it_and_keep_it(tmp_path):
+    """LoRA-MoE, then PEFT LoRA at the same settings with --top-blocks-cache DIR: the second computes nothing
+    (the key does not see the adapters), DIR stays after both, and neither run folder records it as a setting."""
+    shared = tmp_path / "shared"
+    first_lower, second_lower = Counting(), Counting()
+    first = _run(_cfg(tmp_path, "loramoe", name="moe", top_blocks_cache=str(shared)), lower_fn=first_lower)
+    second = _run(_cfg(tmp_path, "lora", name="lora", top_blocks_cache=str(shared)), lower_fn=second_lower)
+    assert first_lower.examples == 16 and second_lower.examples == 0
+    assert first["adapter"].is_dir() and second["adapter"].is_dir() and len(second["losses"]) == 4
+    assert json.loads((shared / "manifest.json").read_text())["complete"]  # kept for the next run
+    for name in ("moe", "lora"):
+        assert not (tmp_path / name / CACHE_FOLDER).exists()
+        assert "top_blocks_cache" not in json.loads((tmp_path / name / "finetune_config.json").read_text())
+        assert all(r["seconds"] >= 0 for r in train_log(tmp_path / name))  # each step's wall seconds
+    note = json.loads((tmp_path / "moe" / "top_blocks_cache.json").read_text())  # the one-time cost, kept
+    assert note["folder"] == str(shared) and note["examples"] == 16 and [b["computed_examples"] for b in note["builds"]] == [16]
+    assert not (tmp_path / "lora" / "top_blocks_cache.json").exists()  # computed nothing
+    with pytest.raises(MedmoeError, match=r"shared/manifest.json: this top-blocks cache was made with other settings, model "
+                                          r"or data \(.*\); delete .*shared to build it again, or give another --top-blocks-cache"):
+        _run(_cfg(tmp_path, "lora", name="other", top_blocks_cache=str(shared), max_length=8))
+    with pytest.raises(MedmoeError, match="--top-blocks-cache is for --top-blocks N"):
+        _cfg(tmp_path, top_blocks=0, top_blocks_cache=str(shared))
+
+
+def test_the_top_blocks_cache_folder_may_change_on_resume(tmp_path):
+    """Where the cache lives is not a run setting: a killed run resumes with another --top-blocks-cache."""
+    with pytest.raises(Killed):
+        _run(_cfg(tmp_path), on_step=_kill_at(3))
+    lower = Counting()
+    resumed = _run(_cfg(tmp_path, top_blocks_cache=str(tmp_path / "elsewhere")), lower_fn=lower)
+    assert resumed["start_step"] == 2 and lower.examples == 16  # a new folder: built there
+    assert (tmp_path / "elsewhere" / "manifest.json").is_file()
+
+
+def test_the_cli_passes_the_cache_folder(tmp_path, monkeypatch):
+    from medmoe.cli import app, finetune as cli_finetune
+
+    seen = {}
+    monkeypatch.setattr(cli_finetune, "run_finetune", lambda model, data, *, fields, **kw: seen.update(fields))
+    result = CliRunner().invoke(app, ["finetune", "--data", "cmexam", "--top-blocks", "2", "--top-blocks-cache",
+                                      str(tmp_path / "c"), "-o", str(tmp_path / "o")], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert seen["top_blocks_cache"] == str(tmp_path / "c") and seen["top_blocks"] == 2
+    shown = CliRunner().invoke(app, ["finetune", "--help"], env={"COLUMNS": "400"})  # rich reads the width from COLUMNS
+    assert "--top-blocks-cache " in shown.output and "pip install 'medmoe[tensorboard]'" in shown.output

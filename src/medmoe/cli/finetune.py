@@ -90,9 +90,10 @@ def finetune_command(
     target_modules: Annotated[str, typer.Option(help="Comma-separated module names, or all-linear (LoRA and LoRA-MoE).")] = "all-linear",
     top_layers: TopLayers = 0,
     freeze_mixers: FreezeMixers = False,
-    top_blocks: Annotated[int, typer.Option(help="Adapters on the last N decoder blocks only, trained over cached activations of the frozen lower blocks: one forward of the lower blocks per example (stored in OUTPUT/top_blocks_cache, reused on resume, deleted when the run ends), then each step runs only the top N (0 = adapters on every block). Llama, SmolLM2, Qwen2/3, Gemma-3; not --top-layers, which trains the weights of the last N layers of --method full and runs every layer at every step.", rich_help_panel=TOP_BLOCKS)] = 0,
+    top_blocks: Annotated[int, typer.Option(help="Adapters on the last N decoder blocks only, trained over cached activations of the frozen lower blocks: one forward of the lower blocks per example (stored in OUTPUT/top_blocks_cache, reused on resume, deleted when the run ends; --top-blocks-cache DIR keeps it elsewhere), then each step runs only the top N (0 = adapters on every block). Llama, SmolLM2, Qwen2/3, Gemma-3; not --top-layers, which trains the weights of the last N layers of --method full and runs every layer at every step.", rich_help_panel=TOP_BLOCKS)] = 0,
     top_blocks_cache_dtype: Annotated[str, typer.Option(help="With --top-blocks: the cache's dtype, model (the lower blocks' output as computed: training equals the full model's) | bfloat16 (half the disk for an fp32 model; the top blocks see the states rounded to bfloat16).", rich_help_panel=TOP_BLOCKS)] = "model",
-    report_to: Annotated[str, typer.Option("--report-to", help="Training logs besides train_log.jsonl, comma-separated: tensorboard (OUTPUT/tensorboard/; pip install 'medmoe[tensorboard]'), wandb. Default: $MEDMOE_REPORT_TO, else none.")] = "",
+    top_blocks_cache: Annotated[Path | None, typer.Option("--top-blocks-cache", help="With --top-blocks: the cache's folder (default OUTPUT/top_blocks_cache, deleted when the run ends). A folder given here is kept after the run, so runs at the same settings share one cache: e.g. --method loramoe, then --method lora with the same model, data, --max-length, --limit, --eval-examples, --seed and --top-blocks computes nothing (the cache's key, which checks it holds this run's states, does not depend on the adapters). A cache made otherwise is refused.", rich_help_panel=TOP_BLOCKS)] = None,
+    report_to: Annotated[str, typer.Option("--report-to", help="Training logs besides train_log.jsonl, comma-separated: tensorboard (OUTPUT/tensorboard/; pip install 'medmoe\\[tensorboard]'), wandb. Default: $MEDMOE_REPORT_TO, else none.")] = "",
     config: ConfigOption = None,
 ) -> None:
     """Fine-tune a model on DATA with LoRA-MoE, plain LoRA or full fine-tuning; resumable.
@@ -122,7 +123,8 @@ def finetune_command(
                     eval_examples=eval_examples, save_every=save_every, resume=resume, skip_first=skip_first, limit=limit,
                     lora_rank=lora_rank, lora_dropout=dropout, target_modules=targets, loramoe=loramoe,
                     top_layers=top_layers, freeze_mixers=freeze_mixers, top_blocks=top_blocks,
-                    top_blocks_cache_dtype=top_blocks_cache_dtype, report_to=report_to or None),
+                    top_blocks_cache_dtype=top_blocks_cache_dtype, top_blocks_cache=str(top_blocks_cache or ""),
+                    report_to=report_to or None),
     )
 
 

@@ -12,6 +12,7 @@ import json
 import math
 import random
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ from torch import nn
 from medmoe.errors import MedmoeError
 from medmoe.eval.scoring import is_encoder_decoder
 from medmoe.models.loader import TRAINING_FILE
-from medmoe.paths import atomic_write_text
+from medmoe.paths import atomic_write_json, atomic_write_text
 from medmoe.train.checkpoint import load_checkpoint, save_checkpoint
 from medmoe.train.data import Example, MicroBatches, collate, load_examples, tokenize_examples
 from medmoe.train.distributed import all_reduce_gradients, barrier
@@ -34,6 +35,7 @@ from medmoe.train.run_folder import LOG_FILE, open_run, run_settings, truncate_l
 from medmoe.train.top_blocks import CACHE_FOLDER, ActivationCache, decoder_blocks, top_block_linears, top_blocks_loss
 
 METHODS = ("loramoe", "lora", "full")
+CACHE_NOTE = "top_blocks_cache.json"  # in the run folder: the cache builds of a --top-blocks run (kept)
 
 
 @dataclass
@@ -71,6 +73,10 @@ class FinetuneConfig:
     # the weights of the last N layers (method full) and still runs the lower layers at every step.
     top_blocks: int = 0
     top_blocks_cache_dtype: str = "model"  # with top_blocks: the cache's dtype, "model" (exact) or "bfloat16" (half the disk)
+    # with top_blocks: where the cache lives. "" = OUTPUT/top_blocks_cache, deleted when the run ends; a folder given
+    # here is kept, so runs at the same settings share it (LoRA and LoRA-MoE: the key does not see the adapters).
+    # Not a training setting (the key checks the cache is this run's): a resume may change it.
+    top_blocks_cache: str = ""
     data: str = ""  # provenance, written next to the result (TRAINING_FILE): which data ...
     skip_first: int = 0  # ... which of its training examples were left out (the first N) ...
     limit: int = 0  # ... and how many were used after those (0 = all)
@@ -91,6 +97,8 @@ class FinetuneConfig:
         if self.top_blocks and self.method == "full":
             raise MedmoeError("--top-blocks is for --method lora and loramoe (adapters on the last N blocks); for --method "
                               "full, --top-layers N trains the last N layers' weights (the lower layers still run every step)")
+        if self.top_blocks_cache and not self.top_blocks:
+            raise MedmoeError("--top-blocks-cache is for --top-blocks N (the cache of the lower blocks' states)")
         if self.top_blocks_cache_dtype not in ("model", "bfloat16"):
             raise MedmoeError(f"--top-blocks-cache-dtype must be model or bfloat16, got {self.top_blocks_cache_dtype!r}")
 
@@ -149,6 +157,7 @@ def recorded_settings(cfg: FinetuneConfig) -> dict[str, Any]:
     unchanged, and a resume that adds --top-blocks is refused as a change (`(not set) -> 4`)."""
     settings = asdict(cfg)
     settings.pop("report_to")  # where the log goes changes nothing trained (and older folders lack it)
+    settings.pop("top_blocks_cache")  # nor where the cache lives (its key checks it holds this run's states)
     if not cfg.top_blocks:
         settings.pop("top_blocks")
         settings.pop("top_blocks_cache_dtype")
@@ -259,12 +268,16 @@ def finetune(
     """Train; returns {"model", "losses": {step: loss}, "eval": {step: loss}, "adapter", "start_step",
     "already_finished"}. A run whose last checkpoint is at cfg.steps trains nothing: its model is the
     checkpoint's, and its result is written only if a kill had stopped that (already_finished False).
+    Each train_log.jsonl record holds the step's wall seconds (`seconds`: its micro-batches and
+    optimizer step, plus its held-out evaluation when it has one; not its checkpoint).
 
     on_step(step, loss) is called after every optimizer step (tests use it to simulate a kill).
     cfg.top_blocks: the lower blocks' states of every example (training and held out) are computed
     once into the run folder's top_blocks_cache/ (or read from it, on resume; lower_fn replaces
     top_blocks.lower_activations there, for tests), each step runs only the top blocks, and the cache is
-    deleted once the result is written (a finished run never trains again).
+    deleted once the result is written (a finished run never trains again). With cfg.top_blocks_cache
+    the cache is in that folder instead and kept: another run at the same settings reads it. A build
+    that computed anything is noted in OUTPUT/top_blocks_cache.json (examples computed, wall seconds).
     """
     if train_examples is None:
         if data is None:
@@ -305,9 +318,12 @@ def finetune(
     train_loss, eval_loss = whole_model_loss(model), whole_model_loss(model)
     if cfg.top_blocks:
         with torch.random.fork_rng(devices=[]):  # eval-mode forwards draw nothing; the RNG streams stay the run's
-            cache = ActivationCache.build_or_open(out_dir / CACHE_FOLDER, model, train_features + eval_features, cfg.top_blocks,
+            cache = ActivationCache.build_or_open(cache_folder(cfg), model, train_features + eval_features, cfg.top_blocks,
                                                   pad_id, storage=cfg.top_blocks_cache_dtype, batch_size=cfg.batch_size,
-                                                  progress=cfg.progress and rank == 0, lower=lower_fn)
+                                                  progress=cfg.progress and rank == 0, lower=lower_fn,
+                                                  otherwise="give another --top-blocks-cache" if cfg.top_blocks_cache
+                                                  else "use a new --output")
+        note_cache_build(out_dir, cache)
         train_loss = cached_top_blocks_loss(model, cache, cfg.top_blocks)
         eval_loss = cached_top_blocks_loss(model, cache, cfg.top_blocks, offset=len(train_features))
 
@@ -316,6 +332,7 @@ def finetune(
     progress = _progress(range(start, cfg.steps), cfg, rank, start)
     model.train()
     for step in progress:
+        step_start = time.perf_counter()
         step_loss = 0.0
         for micro in range(cfg.grad_accum):
             index = step * cfg.grad_accum + micro
@@ -338,6 +355,7 @@ def finetune(
             record["aux"] = {k: float(v) for k, v in aux.items()}
         if eval_features and (done % cfg.eval_every == 0 or done == cfg.steps) and rank == 0:
             evals[done] = record["eval_loss"] = evaluate_loss(model, eval_features, cfg.batch_size, pad_id, eval_loss)
+        record["seconds"] = round(time.perf_counter() - step_start, 3)
         if sinks is not None:  # rank 0
             sinks.write(record)
             if hasattr(progress, "set_postfix"):
@@ -351,8 +369,8 @@ def finetune(
     if sinks is not None:
         sinks.close()
     adapter = save_final(model, tokenizer, cfg) if rank == 0 else None
-    if cfg.top_blocks and rank == 0:  # the result is complete: the cache (GBs) is never read again
-        shutil.rmtree(out_dir / CACHE_FOLDER, ignore_errors=True)
+    if rank == 0:  # the result is complete: the run's own cache (GBs) is never read again
+        drop_own_cache(cfg)
     return {"model": model, "losses": losses, "eval": evals, "adapter": adapter, "start_step": start, "already_finished": False}
 
 
@@ -363,9 +381,33 @@ def _finished(model: nn.Module, tokenizer, cfg: FinetuneConfig, rank: int, step:
     adapter = None
     if rank == 0:
         adapter = result_folder(cfg) if already else save_final(model, tokenizer, cfg)
-        if cfg.top_blocks:
-            shutil.rmtree(Path(cfg.output) / CACHE_FOLDER, ignore_errors=True)
+        drop_own_cache(cfg)
     return {"model": model, "losses": {}, "eval": {}, "adapter": adapter, "start_step": step, "already_finished": already}
+
+
+def cache_folder(cfg: FinetuneConfig) -> Path:
+    """Where a --top-blocks run's cache lives: --top-blocks-cache, else OUTPUT/top_blocks_cache."""
+    return Path(cfg.top_blocks_cache) if cfg.top_blocks_cache else Path(cfg.output) / CACHE_FOLDER
+
+
+def drop_own_cache(cfg: FinetuneConfig) -> None:
+    """Delete the run's cache once its result is written, unless it lives in a folder the user named
+    (--top-blocks-cache: kept for other runs)."""
+    if cfg.top_blocks and not cfg.top_blocks_cache:
+        shutil.rmtree(Path(cfg.output) / CACHE_FOLDER, ignore_errors=True)
+
+
+def note_cache_build(out_dir: Path, cache: ActivationCache) -> None:
+    """Append this call's build (examples computed, wall seconds) to OUTPUT/top_blocks_cache.json when it
+    computed anything: the run's one-time cost, kept after the cache itself is deleted."""
+    if not cache.computed:
+        return
+    path = out_dir / CACHE_NOTE
+    note = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"builds": []}
+    note.update({"folder": str(cache.folder), "examples": cache.manifest["key"]["examples"],
+                 "tokens": cache.manifest["key"]["tokens"], "bytes": sum(int(f["bytes"]) for f in cache.manifest["files"])})
+    note["builds"].append({"computed_examples": cache.computed, "seconds": round(cache.seconds, 1)})
+    atomic_write_json(path, note)
 
 
 def _progress(steps: range, cfg: FinetuneConfig, rank: int, start: int):

@@ -24,14 +24,22 @@ nn.Embedding, and Gemma-3 multiplies by sqrt(D) inside its embedding module
 For the lower pass the final norm is replaced by nn.Identity as well, so the decoder returns the states
 entering block L - n_top.
 
-The cache (`ActivationCache`, in the run folder's `top_blocks_cache/`): per example its (T_i, D)
+Scoring (evaluation over the same cache): `last_position_logits(model, h, attention_mask, n_top)` gives the
+next-token logits (B, V) at each row's last real position, running the top blocks, the final norm and the LM
+head there only; medmoe.train.top_blocks_scoring turns them into `medmoe eval`'s option scores.
+
+The cache (`ActivationCache`, in the run folder's `top_blocks_cache/`, or a folder the caller names, which
+several runs at the same settings then share, e.g. a LoRA-MoE and a PEFT LoRA run): per example its (T_i, D)
 states without padding (T_i its own length), 64 examples per safetensors file, written atomically,
 with `manifest.json` (format, the key below, the files and their sizes) rewritten after each file, so
 a run killed while building resumes building where it stopped and a resumed run reads it instead of
 computing it again. The key is everything the states depend on: n_top, the block count, model type,
 width and dtype, the storage dtype, a fingerprint of the embedding's and lower blocks' weights
 (shape, dtype and a strided sample of each tensor) and the SHA-256 of every example's token ids;
-a cache with another key is refused. Nothing is pickled. Size: sum(T_i) x D x bytes per value.
+a cache with another key is refused. The fingerprint skips the top blocks and the final norm, so it does
+not depend on the adapters placed there: the bare base, PEFT LoRA and LoRA-MoE on the top blocks give one
+key. A process building the cache holds a lock on the folder (`.lock`); another one waits, then reads what
+the first wrote. Nothing is pickled. Size: sum(T_i) x D x bytes per value.
 Micro-batches read their rows lazily (one safetensors tensor per example) and right-pad them as
 data.collate does; padding positions repeat the row's last real state (finite values; no real position
 attends to them and LoRA-MoE's routing statistics leave them out, as with the full model).
@@ -41,8 +49,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -50,9 +59,10 @@ import torch
 from torch import nn
 
 from medmoe.errors import MedmoeError
+from medmoe.loramoe import LoraMoeModel
 from medmoe.paths import atomic_write_file, atomic_write_json
 from medmoe.train.data import collate
-from medmoe.train.loss import completion_loss, hf_model
+from medmoe.train.loss import body_and_head, completion_loss, hf_model
 from medmoe.train.run_folder import read_cache_manifest
 
 # Decoder-only HF model types whose forward was checked to loop over `model.layers` by list position
@@ -171,6 +181,32 @@ def top_blocks_loss(model: nn.Module, states: torch.Tensor, attention_mask: torc
         return completion_loss(model, None, attention_mask, labels, with_aux=with_aux, inputs_embeds=states)
 
 
+def last_position_logits(model: nn.Module, states: torch.Tensor, attention_mask: torch.Tensor, n_top: int) -> torch.Tensor:
+    """(B, V): the full model's next-token logits at each row's last real position (the logits after a
+    prompt), computed from `states` (B, T, D), the lower blocks' output (lower_activations or a cache),
+    through the top n_top blocks with whatever adapter sits on them, the final norm, and the LM head at
+    that position only (Gemma's final-logit soft-capping applied). attention_mask: (B, T), right-padded.
+    Refuses a model with adapter weights in the lower blocks (the cached states would not be its own).
+    Gradients follow torch's mode: callers that only score run it under torch.inference_mode()."""
+    _, layers = decoder_blocks(model, n_top)
+    lower = [name for i in range(len(layers) - n_top) for name, _ in layers[i].named_parameters() if "lora_" in name]
+    if lower:
+        raise MedmoeError(f"--top-blocks {n_top}: the lower blocks hold adapter weights (e.g. {lower[0]}); scoring over "
+                          "cached lower-block states needs adapters on the top blocks only")
+    split = body_and_head(model)
+    if split is None:
+        raise MedmoeError(f"--top-blocks {n_top}: {type(hf_model(model)).__name__} cannot be split into decoder and LM head")
+    body, head = split
+    rows = torch.arange(states.shape[0], device=states.device)  # (B,)
+    last = attention_mask.sum(dim=1) - 1                       # (B,): each row's last real position
+    routing = model.routing(attention_mask) if isinstance(model, LoraMoeModel) else nullcontext()
+    with only_blocks(model, range(len(layers) - n_top, len(layers))), routing:
+        hidden = body(inputs_embeds=states, attention_mask=attention_mask, use_cache=False).last_hidden_state  # (B, T, D)
+        logits = head(hidden[rows, last])                      # (B, D) -> (B, V)
+    cap = getattr(hf_model(model).config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap is not None else logits
+
+
 # ---- the cache ----------------------------------------------------------------------------------------
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -210,32 +246,83 @@ def cache_bytes(key: dict[str, Any]) -> int:
     return key["tokens"] * key["hidden_size"] * getattr(torch, key["storage_dtype"]).itemsize
 
 
+@contextmanager
+def _build_lock(folder: Path, progress: bool) -> Iterator[None]:
+    """An exclusive lock on `folder`/.lock for the block (made if missing): one process builds a cache at
+    a time; a second one waits here and then finds the files the first wrote."""
+    import fcntl
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / ".lock").open("w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if progress:
+                print(f"top-blocks cache {folder}: another process is building it; waiting", flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 class ActivationCache:
-    """The lower blocks' states of a list of examples (features of data.tokenize_examples), on disk.
+    """The lower blocks' states of a list of examples (features of data.tokenize_examples, or any dicts
+    with "input_ids" and "labels"), on disk.
 
     build_or_open(folder, model, features, n_top, pad_id) computes what is missing and returns the
-    cache; states(indices, width) -> (B, width, D) right-padded rows for feature indices `indices`."""
+    cache; open(folder, model, features, n_top) returns a complete one and computes nothing;
+    states(indices, width) -> (B, width, D) right-padded rows for feature indices `indices`.
+    After build_or_open, `computed` is the number of examples this call computed, `seconds` its wall time."""
 
     def __init__(self, folder: Path, manifest: dict[str, Any], lengths: list[int]):
         self.folder, self.manifest, self.lengths = Path(folder), manifest, lengths
         self.per_file = int(manifest["examples_per_file"])
         self.dtype = getattr(torch, manifest["key"]["model_dtype"])
+        self.computed, self.seconds = 0, 0.0
 
     @classmethod
     def build_or_open(cls, folder: str | Path, model: Any, features: list[dict], n_top: int, pad_id: int, *,
                       storage: str = "model", batch_size: int = 4, progress: bool = False,
-                      lower: Any = None) -> ActivationCache:
+                      lower: Any = None, otherwise: str = "use a new --output") -> ActivationCache:
         """Open the cache in `folder`, computing the files it lacks (none, when a previous run built it).
         batch_size: examples per no-grad forward (sorted by length within a file, so little padding).
         progress: print the size and a progress bar. lower: the function that computes the states
-        (lower_activations; tests count its calls)."""
+        (lower_activations; tests count its calls). otherwise: what to do instead of deleting a cache
+        made with another key (the refusal's last words)."""
         if storage not in STORAGE_DTYPES:
             raise MedmoeError(f"--top-blocks-cache-dtype must be one of {', '.join(STORAGE_DTYPES)}, got {storage!r}")
         folder = Path(folder)
-        lower = lower or lower_activations
         key = cache_key(model, features, n_top, storage)
+        started = time.perf_counter()
+        with _build_lock(folder, progress):  # another process building it: wait, then read what it wrote
+            cache = cls._build(folder, key, model, features, n_top, pad_id, storage, batch_size, progress,
+                               lower or lower_activations, otherwise)
+        cache.seconds = time.perf_counter() - started
+        return cache
+
+    @classmethod
+    def open(cls, folder: str | Path, model: Any, features: list[dict], n_top: int, *, storage: str = "model",
+             otherwise: str = "use a new --output") -> ActivationCache:
+        """The complete cache of these features in `folder` (its key checked against `model`: the lower
+        blocks' weights, dtype, n_top, the token ids); a MedmoeError when there is none, it is
+        incomplete, or it was made otherwise. Computes nothing."""
+        folder = Path(folder)
         path = folder / CACHE_MANIFEST
-        manifest: dict[str, Any] = cls._read_manifest(path, key) if path.exists() else \
+        if not path.is_file():
+            raise MedmoeError(f"{folder}: no top-blocks cache here (no {CACHE_MANIFEST}); build it first")
+        manifest = cls._read_manifest(path, cache_key(model, features, n_top, storage), otherwise)
+        if not manifest["complete"]:
+            have = sum(int(f["count"]) for f in manifest["files"])
+            raise MedmoeError(f"{path}: the top-blocks cache is incomplete ({have:,} of {len(features):,} examples); "
+                              "finish building it first")
+        return cls(folder, manifest, [len(f["input_ids"]) for f in features])
+
+    @classmethod
+    def _build(cls, folder: Path, key: dict[str, Any], model: Any, features: list[dict], n_top: int, pad_id: int,
+               storage: str, batch_size: int, progress: bool, lower: Any, otherwise: str) -> ActivationCache:
+        path = folder / CACHE_MANIFEST
+        manifest: dict[str, Any] = cls._read_manifest(path, key, otherwise) if path.exists() else \
             {"format": CACHE_FORMAT, "key": key, "examples_per_file": EXAMPLES_PER_FILE, "files": [], "complete": False}
         per_file = int(manifest["examples_per_file"])
         done = {int(f["first"]) for f in manifest["files"]}
@@ -252,6 +339,7 @@ class ActivationCache:
 
             steps = tqdm(todo, desc="top-blocks cache", unit="file", dynamic_ncols=True)
         store = getattr(torch, key["storage_dtype"])
+        computed = 0
         for first in steps:
             order = sorted(range(first, min(first + per_file, len(features))), key=lambda i: len(features[i]["input_ids"]))
             tensors = {}
@@ -266,11 +354,13 @@ class ActivationCache:
             manifest["files"].append({"name": name, "first": first, "count": len(order), "bytes": (folder / name).stat().st_size})
             manifest["files"].sort(key=lambda f: f["first"])
             atomic_write_json(path, manifest)  # after the file: a listed file is always whole
+            computed += len(order)
         if not manifest["complete"]:
             manifest["complete"] = True
-            folder.mkdir(parents=True, exist_ok=True)
             atomic_write_json(path, manifest)
-        return cls(folder, manifest, [len(f["input_ids"]) for f in features])
+        cache = cls(folder, manifest, [len(f["input_ids"]) for f in features])
+        cache.computed = computed
+        return cache
 
     @staticmethod
     def _write(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -279,8 +369,8 @@ class ActivationCache:
         atomic_write_file(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt", "cache": CACHE_FORMAT}))
 
     @staticmethod
-    def _read_manifest(path: Path, key: dict[str, Any]) -> dict[str, Any]:
-        return read_cache_manifest(path, CACHE_FORMAT, key, "top-blocks cache", "other settings, model or data", "use a new --output")
+    def _read_manifest(path: Path, key: dict[str, Any], otherwise: str) -> dict[str, Any]:
+        return read_cache_manifest(path, CACHE_FORMAT, key, "top-blocks cache", "other settings, model or data", otherwise)
 
     def example(self, i: int) -> torch.Tensor:
         """(T_i, D): example i's states, in the model's dtype."""
