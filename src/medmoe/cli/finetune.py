@@ -6,6 +6,8 @@ fine-tuning of a causal LM; `medmoe mambaformer expert`, the same command preset
     medmoe finetune --config recipes/finetune_loramoe_pubmedqa.yaml --steps 20     # flags override the file
     medmoe eval --model smollm2-135m --adapter runs/pubmedqa-moe/adapter --benchmarks pubmedqa
     torchrun --nproc-per-node 2 -m medmoe finetune ...      # data parallel (gloo on CPU, nccl on GPU)
+    accelerate launch --config_file recipes/accelerate/ddp.yaml -m medmoe finetune ...   # the same through accelerate
+    medmoe finetune --device cuda --dtype bf16 --gradient-checkpointing ...   # bf16 autocast, fp32 weights
     medmoe loramoe routing --adapter runs/pubmedqa-moe/adapter --data pubmedqa,dental -o reports/routing_en
     medmoe mambaformer expert --model smollm2-135m --data pubmedqa -o runs/et-pubmedqa
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -24,6 +27,7 @@ import typer
 
 from medmoe.cli.config_file import ConfigOption
 from medmoe.cli.deprecated import renamed_flags
+from medmoe.cli.placement import device_option, dtype_option
 
 # Old flag -> new flag, accepted with a notice for one release (medmoe.cli.deprecated).
 FINETUNE_FLAGS = {"--base": "--model", "--router": "--loramoe-router", "--router-dim": "--loramoe-router-dim"}
@@ -48,6 +52,13 @@ FreezeMixers = Annotated[bool, typer.Option(help="With --top-layers: train the M
 Threads = Annotated[int, typer.Option(help="torch threads (0 = torch default).")]
 Resume = Annotated[bool, typer.Option(help="Resume from the newest checkpoint in --output, if any (the same settings only); --no-resume refuses a folder that already holds a run (nothing is deleted).")]
 Seed = Annotated[int, typer.Option(help="Seed of the adapter's initialisation and the data order.")]
+TRAINING_DEVICE_HELP = ("torch device: auto (cuda when torch sees a GPU, else cpu), cpu, cuda, cuda:N or mps. Under torchrun / "
+                        "accelerate launch each process takes cuda:LOCAL_RANK (give cuda or auto). A resume may change it.")
+TRAINING_DTYPE_HELP = ("Mixed precision: the forward runs under torch.autocast in this dtype while every weight, the optimizer "
+                       "and the gradients stay float32; float16 adds a gradient scaler. auto: bfloat16 on a CUDA GPU that has "
+                       "it, float32 on CPU (bfloat16 autocast gained nothing in a CPU training step measured here, docs/loramoe.md, "
+                       "and LoRA-MoE's sparse C++ kernel computes in float32 only). A setting of the run: a resume with another "
+                       "dtype is refused.")
 
 
 def finetune_command(
@@ -94,6 +105,9 @@ def finetune_command(
     top_blocks_cache_dtype: Annotated[str, typer.Option(help="With --top-blocks: the cache's dtype, model (the lower blocks' output as computed: training equals the full model's) | bfloat16 (half the disk for an fp32 model; the top blocks see the states rounded to bfloat16).", rich_help_panel=TOP_BLOCKS)] = "model",
     top_blocks_cache: Annotated[Path | None, typer.Option("--top-blocks-cache", help="With --top-blocks: the cache's folder (default OUTPUT/top_blocks_cache, deleted when the run ends). A folder given here is kept after the run, so runs at the same settings share one cache: e.g. --method loramoe, then --method lora with the same model, data, --max-length, --limit, --eval-examples, --seed and --top-blocks computes nothing (the cache's key, which checks it holds this run's states, does not depend on the adapters). A cache made otherwise is refused.", rich_help_panel=TOP_BLOCKS)] = None,
     report_to: Annotated[str, typer.Option("--report-to", help="Training logs besides train_log.jsonl, comma-separated: tensorboard (OUTPUT/tensorboard/; pip install 'medmoe\\[tensorboard]'), wandb. Default: $MEDMOE_REPORT_TO, else none.")] = "",
+    device: str = device_option("auto", help=TRAINING_DEVICE_HELP),
+    dtype: str = dtype_option("auto", help=TRAINING_DTYPE_HELP),
+    gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Recompute each decoder block's activations in backward instead of keeping them: less memory, one more forward per step, the same loss and gradients. A resume may turn it on or off.")] = False,
     config: ConfigOption = None,
 ) -> None:
     """Fine-tune a model on DATA with LoRA-MoE, plain LoRA or full fine-tuning; resumable.
@@ -124,7 +138,7 @@ def finetune_command(
                     lora_rank=lora_rank, lora_dropout=dropout, target_modules=targets, loramoe=loramoe,
                     top_layers=top_layers, freeze_mixers=freeze_mixers, top_blocks=top_blocks,
                     top_blocks_cache_dtype=top_blocks_cache_dtype, top_blocks_cache=str(top_blocks_cache or ""),
-                    report_to=report_to or None),
+                    report_to=report_to or None, device=device, dtype=dtype, gradient_checkpointing=gradient_checkpointing),
     )
 
 
@@ -143,6 +157,8 @@ def expert_command(
     threads: Threads = 0,
     resume: Resume = True,
     seed: Seed = 0,
+    device: str = device_option("auto", help=TRAINING_DEVICE_HELP),
+    dtype: str = dtype_option("auto", help=TRAINING_DTYPE_HELP),
     config: ConfigOption = None,
 ) -> None:
     """Fine-tune one MambaFormer expert on DATA's train split minus the gate's records (`finetune --method full`, preset).
@@ -158,7 +174,7 @@ def expert_command(
         model, data, epochs=epochs, threads=threads, with_explanations=False, auto_schedule=True,
         fields=dict(method="full", output=str(output), batch_size=batch_size, grad_accum=grad_accum, lr=lr,
                     max_length=max_length, seed=seed, resume=resume, skip_first=skip_first, top_layers=top_layers,
-                    freeze_mixers=freeze_mixers),
+                    freeze_mixers=freeze_mixers, device=device, dtype=dtype),
     )
 
 
@@ -174,14 +190,21 @@ def run_finetune(model: str, data: str, *, fields: dict[str, Any], epochs: float
 
     from medmoe.models import load_causal_lm
     from medmoe.train.data import load_examples, select_examples
-    from medmoe.train.distributed import init_from_env
+    from medmoe.train.distributed import init_from_env, launcher_note
     from medmoe.train.finetune import FinetuneConfig, finetune
+    from medmoe.train.precision import training_device
 
     cfg = FinetuneConfig(base=model, data=data, with_explanation=with_explanations, **fields)  # bad settings fail before loading
     if threads > 0:
         torch.set_num_threads(threads)
-    rank_id, world = init_from_env()
-    lm, tokenizer = load_causal_lm(model)
+    rank_id, world = init_from_env(cfg.device)
+    note = launcher_note()
+    if note and rank_id == 0:
+        typer.echo(f"warning: {note}", err=True)
+    if os.environ.get("ACCELERATE_MIXED_PRECISION", "no") not in ("no", "") and rank_id == 0:
+        typer.echo(f"warning: accelerate's mixed_precision={os.environ['ACCELERATE_MIXED_PRECISION']} is not read; "
+                   f"medmoe finetune --dtype sets the precision (now {cfg.dtype})", err=True)
+    lm, tokenizer = load_causal_lm(model, device=training_device(cfg.device, world))  # float32 weights: the master copy
     examples = select_examples(load_examples(data, tokenizer, with_explanation=with_explanations), cfg.skip_first, cfg.limit)
     if auto_schedule:
         cfg = dataclasses.replace(cfg, eval_examples=min(32, len(examples) // 5))

@@ -206,10 +206,13 @@ class LoraMoeLinear(nn.Module):
 
     def _fusable(self, x_flat: torch.Tensor) -> bool:
         """The fused paths need no active dropout (the experts and the router must read the same x),
-        a plain nn.Linear base without hooks, and one dtype throughout."""
+        a plain nn.Linear base without hooks, one dtype throughout, and no autocast: their hand-written
+        backward runs outside it, in the dtype of the weights, while autocast made the forward's GEMMs
+        bfloat16 / float16 (mixed-precision training takes the unfused path, whose ops autocast handles)."""
         base = self.base_layer
         return (
             not (self.training and isinstance(self.dropout, nn.Dropout))
+            and not torch.is_autocast_enabled(x_flat.device.type)
             and type(base) is nn.Linear
             and not base._forward_hooks
             and not base._forward_pre_hooks

@@ -2,8 +2,14 @@
 
 One loop for the three methods: gradient accumulation, linear warm-up + cosine decay, gradient
 clipping, periodic evaluation (held-out loss), atomic checkpoints and exact resume (same seed, same
-data order, same RNG streams), and data parallelism over torch.distributed ranks. A run folder holds
-one run (run_folder.py): a resume with other settings is refused, and a finished run is not repeated.
+data order, same RNG streams, per rank), and data parallelism over torch.distributed ranks. A run
+folder holds one run (run_folder.py): a resume with other settings is refused, and a finished run is
+not repeated.
+
+Device and precision (precision.py): the model is moved to cfg.device (each rank its own GPU), every
+weight stays float32, and with cfg.dtype bfloat16 / float16 each forward runs under torch.autocast
+(float16 with a GradScaler). cfg.gradient_checkpointing recomputes each block in backward
+(activation_checkpointing.py).
 """
 
 from __future__ import annotations
@@ -13,8 +19,9 @@ import math
 import random
 import shutil
 import time
+import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +32,24 @@ from torch import nn
 from medmoe.errors import MedmoeError
 from medmoe.eval.scoring import is_encoder_decoder
 from medmoe.models.loader import TRAINING_FILE
+from medmoe.models.placement import parse_device, parse_dtype
 from medmoe.paths import atomic_write_json, atomic_write_text
+from medmoe.train.activation_checkpointing import enable_activation_checkpointing
 from medmoe.train.checkpoint import load_checkpoint, save_checkpoint
 from medmoe.train.data import Example, MicroBatches, collate, load_examples, tokenize_examples
 from medmoe.train.distributed import all_reduce_gradients, barrier
 from medmoe.train.log_sinks import MetricSinks, parse_report_to
 from medmoe.train.loss import completion_loss, hf_model
+from medmoe.train.precision import Precision, to_device, training_device, training_dtype
 from medmoe.train.run_folder import LOG_FILE, open_run, run_settings, truncate_log
-from medmoe.train.top_blocks import CACHE_FOLDER, ActivationCache, decoder_blocks, top_block_linears, top_blocks_loss
+from medmoe.train.top_blocks import (
+    CACHE_FOLDER,
+    ActivationCache,
+    decoder_blocks,
+    lower_activations,
+    top_block_linears,
+    top_blocks_loss,
+)
 
 METHODS = ("loramoe", "lora", "full")
 CACHE_NOTE = "top_blocks_cache.json"  # in the run folder: the cache builds of a --top-blocks run (kept)
@@ -85,9 +102,19 @@ class FinetuneConfig:
     # where each step's record goes besides train_log.jsonl: tensorboard, wandb (log_sinks.py); a list or
     # "jsonl,tensorboard"; None: $MEDMOE_REPORT_TO, else jsonl only. Not a training setting: a resume may change it
     report_to: str | list[str] | None = None
+    # where the run computes (precision.py): auto | cpu | cuda | cuda:N | mps; each rank of a multi-process run
+    # takes cuda:LOCAL_RANK. Not a training setting: a run may resume on another machine
+    device: str = "auto"
+    # the forward's autocast dtype (weights stay float32): auto | float32 | bfloat16 | float16; auto = bfloat16 on a
+    # CUDA GPU that has it, else float32. Resolved by finetune() and a training setting (recorded unless float32)
+    dtype: str = "auto"
+    # recompute each decoder block in backward instead of keeping its activations (activation_checkpointing.py):
+    # the same loss and gradients, less memory, one more forward per step. Not a training setting
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         self.report_to = parse_report_to(self.report_to)  # a missing package fails here, before anything is loaded
+        self.device, self.dtype = parse_device(self.device), parse_dtype(self.dtype)
         if self.method not in METHODS:
             raise MedmoeError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
@@ -154,10 +181,17 @@ def top_layer_parameters(model: Any, n: int, freeze_mixers: bool = False) -> lis
 def recorded_settings(cfg: FinetuneConfig) -> dict[str, Any]:
     """The config as the run folder records it: asdict(cfg), without the top-blocks fields when
     top_blocks is 0 (they mean nothing then), so folders written before those fields existed resume
-    unchanged, and a resume that adds --top-blocks is refused as a change (`(not set) -> 4`)."""
+    unchanged, and a resume that adds --top-blocks is refused as a change (`(not set) -> 4`). The same
+    for dtype: recorded when it is bfloat16 or float16 (a float32 run is what older folders hold)."""
+    if cfg.dtype == "auto":
+        raise MedmoeError("recorded_settings: resolve the config's dtype first (precision.training_dtype)")
     settings = asdict(cfg)
     settings.pop("report_to")  # where the log goes changes nothing trained (and older folders lack it)
     settings.pop("top_blocks_cache")  # nor where the cache lives (its key checks it holds this run's states)
+    settings.pop("device")  # nor the machine (checkpoints hold CPU tensors)
+    settings.pop("gradient_checkpointing")  # nor recomputing the activations (the same gradients)
+    if cfg.dtype == "float32":
+        settings.pop("dtype")
     if not cfg.top_blocks:
         settings.pop("top_blocks")
         settings.pop("top_blocks_cache_dtype")
@@ -187,25 +221,43 @@ def whole_model_loss(model: nn.Module) -> LossFn:
 
 
 def cached_top_blocks_loss(model: nn.Module, cache: ActivationCache, n_top: int, offset: int = 0) -> LossFn:
-    """The same loss from the cached lower-block states of features offset + indices (top_blocks.py)."""
+    """The same loss from the cached lower-block states of features offset + indices (top_blocks.py),
+    moved to the batch's device."""
     def loss_of(batch: dict, indices: list[int], with_aux: bool = True) -> tuple[torch.Tensor, int]:
-        states = cache.states([offset + i for i in indices], batch["input_ids"].shape[1])  # (B, T, D)
-        return top_blocks_loss(model, states, batch["attention_mask"], batch["labels"], n_top, with_aux=with_aux)
+        mask = batch["attention_mask"]
+        states = cache.states([offset + i for i in indices], batch["input_ids"].shape[1]).to(mask.device)  # (B, T, D)
+        return top_blocks_loss(model, states, mask, batch["labels"], n_top, with_aux=with_aux)
     return loss_of
 
 
+def on_device_lower(lower: Callable | None, device: str) -> Callable | None:
+    """The cache's lower-block forward (top_blocks.lower_activations, or a test's) on the model's
+    device: the collated batch goes there, the states come back to the CPU (where the cache is written)."""
+    if device == "cpu":
+        return lower
+    run_lower = lower or lower_activations
+
+    def on_device(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_top: int) -> torch.Tensor:
+        return run_lower(model, input_ids.to(device), attention_mask.to(device), n_top).cpu()
+    return on_device
+
+
 @torch.no_grad()
-def evaluate_loss(model: nn.Module, features: list[dict], batch_size: int, pad_id: int, loss_of: LossFn | None = None) -> float:
+def evaluate_loss(model: nn.Module, features: list[dict], batch_size: int, pad_id: int, loss_of: LossFn | None = None,
+                  precision: Precision | None = None) -> float:
     """Mean completion-token cross-entropy over the held-out features; loss_of(batch, indices into
-    features, with_aux=) computes a batch's loss (default: the whole model's completion_loss)."""
+    features, with_aux=) computes a batch's loss (default: the whole model's completion_loss).
+    precision: the run's device and autocast (default: CPU, float32), as in training."""
     loss_of = loss_of or whole_model_loss(model)
+    precision = precision or Precision()
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for start in range(0, len(features), batch_size):
-        batch = collate(features[start : start + batch_size], pad_id)
+        batch = to_device(collate(features[start : start + batch_size], pad_id), precision.device)
         indices = list(range(start, min(start + batch_size, len(features))))
-        loss, n_tokens = loss_of(batch, indices, with_aux=False)
+        with precision.autocast():
+            loss, n_tokens = loss_of(batch, indices, with_aux=False)
         total += float(loss) * n_tokens
         count += n_tokens
     model.train(was_training)
@@ -266,23 +318,30 @@ def finetune(
     lower_fn: Callable | None = None,
 ) -> dict:
     """Train; returns {"model", "losses": {step: loss}, "eval": {step: loss}, "adapter", "start_step",
-    "already_finished"}. A run whose last checkpoint is at cfg.steps trains nothing: its model is the
+    "already_finished", "precision"}. A run whose last checkpoint is at cfg.steps trains nothing: its model is the
     checkpoint's, and its result is written only if a kill had stopped that (already_finished False).
     Each train_log.jsonl record holds the step's wall seconds (`seconds`: its micro-batches and
     optimizer step, plus its held-out evaluation when it has one; not its checkpoint).
 
     on_step(step, loss) is called after every optimizer step (tests use it to simulate a kill).
+    The model is moved to cfg.device (precision.training_device: cuda:LOCAL_RANK for rank r of a
+    multi-process run) and each forward runs under cfg.dtype's autocast (precision.py); every rank
+    checkpoints its own RNG streams and LoRA-MoE queues (checkpoint.py).
     cfg.top_blocks: the lower blocks' states of every example (training and held out) are computed
     once into the run folder's top_blocks_cache/ (or read from it, on resume; lower_fn replaces
     top_blocks.lower_activations there, for tests), each step runs only the top blocks, and the cache is
     deleted once the result is written (a finished run never trains again). With cfg.top_blocks_cache
     the cache is in that folder instead and kept: another run at the same settings reads it. A build
     that computed anything is noted in OUTPUT/top_blocks_cache.json (examples computed, wall seconds).
+    The cache is built in float32 without autocast whatever cfg.dtype (its key records the model's dtype).
     """
     if train_examples is None:
         if data is None:
             raise MedmoeError("give --data (a bundled dataset name or a JSONL file)")
         train_examples = load_examples(data, tokenizer, with_explanation=cfg.with_explanation)
+    device = training_device(cfg.device, world)
+    precision = Precision(device, training_dtype(cfg.dtype, device))
+    cfg = replace(cfg, dtype=precision.dtype)  # a resolved dtype is what the run folder records
     out_dir, ckpt_dir = Path(cfg.output), Path(cfg.output) / "checkpoints"
     if cfg.top_blocks:  # refused before the run folder is touched
         decoder_blocks(model, cfg.top_blocks)
@@ -297,14 +356,21 @@ def finetune(
     eval_features = tokenize_examples(eval_examples, tokenizer, cfg.max_length, seq2seq)
     batches = MicroBatches(train_features, cfg.batch_size, cfg.seed, pad_id, rank, world)
 
-    model = prepare_model(model, cfg)
+    precision.use()
+    model = prepare_model(model.to(device), cfg)  # adapters are made on the base's device
+    if cfg.gradient_checkpointing:
+        enable_activation_checkpointing(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = _scheduler(optimizer, cfg)
+    scaler = precision.grad_scaler()
 
     start = 0
     if resume_from is not None:
-        start = load_checkpoint(resume_from, model, optimizer, scheduler)["step"]
+        resumed = load_checkpoint(resume_from, model, optimizer, scheduler, rank=rank)
+        start = resumed["step"]
+        if scaler is not None and "grad_scaler" in resumed["extra"]:
+            scaler.load_state_dict(resumed["extra"]["grad_scaler"])
     else:
         torch.manual_seed(cfg.seed + rank)
         random.seed(cfg.seed + rank)
@@ -313,14 +379,14 @@ def finetune(
     if rank == 0:
         truncate_log(log_path, start)
     if start >= cfg.steps:
-        return _finished(model, tokenizer, cfg, rank, start)
+        return {**_finished(model, tokenizer, cfg, rank, start), "precision": precision}
 
     train_loss, eval_loss = whole_model_loss(model), whole_model_loss(model)
     if cfg.top_blocks:
         with torch.random.fork_rng(devices=[]):  # eval-mode forwards draw nothing; the RNG streams stay the run's
             cache = ActivationCache.build_or_open(cache_folder(cfg), model, train_features + eval_features, cfg.top_blocks,
                                                   pad_id, storage=cfg.top_blocks_cache_dtype, batch_size=cfg.batch_size,
-                                                  progress=cfg.progress and rank == 0, lower=lower_fn,
+                                                  progress=cfg.progress and rank == 0, lower=on_device_lower(lower_fn, device),
                                                   otherwise="give another --top-blocks-cache" if cfg.top_blocks_cache
                                                   else "use a new --output")
         note_cache_build(out_dir, cache)
@@ -336,33 +402,38 @@ def finetune(
         step_loss = 0.0
         for micro in range(cfg.grad_accum):
             index = step * cfg.grad_accum + micro
-            batch = batches.batch(index)
-            loss, _ = train_loss(batch, batches.indices(index))  # the LM head at completion tokens only
+            batch = to_device(batches.batch(index), device)
+            with precision.autocast():
+                loss, _ = train_loss(batch, batches.indices(index))  # the LM head at completion tokens only
             loss = loss / cfg.grad_accum
-            loss.backward()
+            (scaler.scale(loss) if scaler is not None else loss).backward()
             step_loss += float(loss.detach())
         all_reduce_gradients(params, world)
-        if cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
+        applied = optimizer_step(optimizer, params, cfg.max_grad_norm, scaler)
+        with warnings.catch_warnings():  # a float16 step skipped by the scaler still moves the schedule: lr is a function of the step
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
+            scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
         losses[done] = step_loss
         record = {"step": done, "loss": step_loss, "lr": scheduler.get_last_lr()[0], "epoch": round(batches.epoch_of(done * cfg.grad_accum - 1), 3)}
+        if scaler is not None:  # float16: the loss scale, and a step skipped for inf / NaN gradients
+            record["grad_scale"] = scaler.get_scale()
+            if not applied:
+                record["skipped"] = True
         aux = getattr(model, "last_aux_losses", None)
         if aux:
             record["aux"] = {k: float(v) for k, v in aux.items()}
         if eval_features and (done % cfg.eval_every == 0 or done == cfg.steps) and rank == 0:
-            evals[done] = record["eval_loss"] = evaluate_loss(model, eval_features, cfg.batch_size, pad_id, eval_loss)
+            evals[done] = record["eval_loss"] = evaluate_loss(model, eval_features, cfg.batch_size, pad_id, eval_loss, precision)
         record["seconds"] = round(time.perf_counter() - step_start, 3)
         if sinks is not None:  # rank 0
             sinks.write(record)
             if hasattr(progress, "set_postfix"):
                 progress.set_postfix(loss=f"{step_loss:.4f}", **({"eval": f"{evals[done]:.4f}"} if done in evals else {}))
         if done % cfg.save_every == 0 or done == cfg.steps:  # the last one too: a finished run is never repeated
-            if rank == 0:
-                save_checkpoint(ckpt_dir, done, model, optimizer, scheduler, keep=cfg.keep_checkpoints)
+            extra = {"grad_scaler": scaler.state_dict()} if scaler is not None else {}
+            save_checkpoint(ckpt_dir, done, model, optimizer, scheduler, extra=extra, keep=cfg.keep_checkpoints, rank=rank, world=world)
             barrier(world)
         if on_step is not None:
             on_step(done, step_loss)
@@ -371,7 +442,25 @@ def finetune(
     adapter = save_final(model, tokenizer, cfg) if rank == 0 else None
     if rank == 0:  # the result is complete: the run's own cache (GBs) is never read again
         drop_own_cache(cfg)
-    return {"model": model, "losses": losses, "eval": evals, "adapter": adapter, "start_step": start, "already_finished": False}
+    return {"model": model, "losses": losses, "eval": evals, "adapter": adapter, "start_step": start, "already_finished": False,
+            "precision": precision}
+
+
+def optimizer_step(optimizer, params: list[nn.Parameter], max_grad_norm: float, scaler: torch.amp.GradScaler | None) -> bool:
+    """Clip (max_grad_norm > 0) and step; with a GradScaler (float16) the gradients are unscaled first,
+    and a step whose gradients hold inf or NaN is skipped (the scaler then lowers its scale).
+    Returns whether the weights were updated. Every rank decides the same: the gradients are all-reduced."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    if scaler is None:
+        optimizer.step()
+        return True
+    scale = scaler.get_scale()
+    scaler.step(optimizer)
+    scaler.update()
+    return scaler.get_scale() >= scale  # update() lowers the scale exactly when it found inf / NaN
 
 
 def _finished(model: nn.Module, tokenizer, cfg: FinetuneConfig, rank: int, step: int) -> dict:
