@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
+from medmoe.errors import DataError, MedmoeError
 from medmoe.mamba.transfer import build_hybrid, save_hybrid
 from medmoe.mambaformer.checkpoint import RouterCheckpoint
 from medmoe.mambaformer.experiments.pipeline import PipelineConfig, run_pipeline
@@ -105,3 +107,51 @@ def test_run_saves_the_calibrated_tau_once_the_gate_cost_and_the_experts(tiny_ex
     scores = [p for _, p in RoutedAnswerer.load(folder).route(records)]
     assert cal.tau == pytest.approx(calibrate_tau(np.array(scores), dev, budget, gate_ms=report["gate_ms"]).tau)
     assert cal.metrics.p50_ms <= budget and RouterCheckpoint.load(folder).tau == cal.tau
+
+
+def test_load_expert_takes_the_dtype_but_the_hybrid_stays_float32_on_cpu(tiny_experts):
+    import torch
+
+    transformer, mamba = tiny_experts
+    e_t = load_expert("transformer", transformer, dtype="bfloat16", device="cpu")
+    assert (e_t.dtype, e_t.device) == ("bfloat16", "cpu")
+    assert {p.dtype for p in e_t.model.parameters()} == {torch.bfloat16}
+    e_m = load_expert("mamba", mamba, dtype="bfloat16", device="cpu")  # its fused CPU kernels are float32-only
+    assert e_m.dtype == "float32" and {p.dtype for p in e_m.model.parameters()} == {torch.float32}
+    with pytest.raises(MedmoeError, match="dtype 'int8'"):
+        load_expert("mamba", mamba, dtype="int8")
+
+
+def test_a_changed_dtype_on_a_reused_run_folder_is_refused_naming_the_option(tiny_experts, tmp_path):
+    """Rows are cached by question id: adding bfloat16 rows to float32 ones would mix two settings, so
+    the run folder's experts.json pins each expert's dtype and device; the same settings reuse the rows."""
+    transformer, mamba = tiny_experts
+    cfg = PipelineConfig(dataset="dental", transformer=transformer, mamba=mamba, big=transformer, train_limit=8,
+                         dev_limit=6, test_limit=6, betas=(1.0,), epochs=2, out=str(tmp_path / "run"), dtype="bfloat16")
+    report = run_pipeline(cfg, log=lambda _: None)
+    folder = tmp_path / "run" / "dental"
+    assert report["placement"]["transformer"] == {"source": transformer, "dtype": "bfloat16", "device": "cpu"}
+    assert report["placement"]["mamba"]["dtype"] == "float32" and report["placement"]["big"]["dtype"] == "bfloat16"
+    assert RouterCheckpoint.load(folder / "router").info["placement"] == report["placement"]
+    assert json.loads((folder / "experts.json").read_text()) == {
+        name: {"dtype": p["dtype"], "device": "cpu"} for name, p in report["placement"].items()}
+    rows = (folder / "test" / "transformer.jsonl").read_text()
+    with pytest.raises(DataError, match=r"transformer results computed in bfloat16 on cpu, and this run loads "
+                                        r"transformer in float32 on cpu; use another --output, or --dtype bfloat16"):
+        run_pipeline(replace(cfg, dtype="float32"), log=lambda _: None)
+    assert (folder / "test" / "transformer.jsonl").read_text() == rows  # nothing added
+    run_pipeline(replace(cfg, dtype="bf16"), log=lambda _: None)  # the same setting, spelled otherwise: reused
+    assert (folder / "test" / "transformer.jsonl").read_text() == rows
+
+
+def test_rows_from_before_the_placement_file_count_as_float32_on_cpu(tiny_experts, tmp_path):
+    transformer, mamba = tiny_experts
+    cfg = PipelineConfig(dataset="dental", transformer=transformer, mamba=mamba, big=None, train_limit=8,
+                         dev_limit=6, test_limit=6, betas=(1.0,), epochs=2, out=str(tmp_path / "run"))
+    run_pipeline(cfg, log=lambda _: None)
+    placement = tmp_path / "run" / "dental" / "experts.json"
+    placement.unlink()  # a folder written by an older medmoe: rows, no experts.json
+    with pytest.raises(DataError, match="computed in float32 on cpu.*--dtype float32"):
+        run_pipeline(replace(cfg, dtype="bfloat16"), log=lambda _: None)
+    run_pipeline(cfg, log=lambda _: None)
+    assert json.loads(placement.read_text())["transformer"] == {"dtype": "float32", "device": "cpu"}

@@ -81,6 +81,8 @@ def test_run_passes_the_normalised_options_to_the_pipeline(monkeypatch, tmp_path
     result = runner.invoke(app, ["run", "--data", "dental", "--mamba", str(mamba), "--output", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output
     assert (seen[-1].dtype, seen[-1].device) == ("auto", "auto")  # resolved where the experts load
+    # the default skips the big baseline (a first run within 15 minutes) and says which flag adds it
+    assert seen[-1].big is None and "--big gemma3-270m adds" in " ".join(result.output.split())
 
 
 def test_run_help_documents_both_options():

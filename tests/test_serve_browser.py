@@ -157,3 +157,47 @@ def test_page_with_smollm2(tmp_path):
         By = ask_on_page(driver, base, question, options, context)
         assert driver.find_element(By.ID, "expert").text.startswith("smollm2-135m")
         assert driver.find_element(By.ID, "answer").text[:3] in ("A. ", "B. ", "C. ")  # an answer, right or not
+
+
+def _main_job_examples(router_dir) -> tuple[list, list]:
+    """PubMedQA test records that both of the main job's experts answered right, and ones both got wrong
+    (from the run's cached per-example rows), shortest context first: whichever expert the gate picks,
+    the served answer is then known."""
+    import json
+    from pathlib import Path
+
+    from medmoe.data import load_dataset
+
+    run = Path(router_dir).parent
+    rows = {e: {(row := json.loads(line))["id"]: row for line in (run / "test" / f"{e}.jsonl").open()}
+            for e in ("transformer", "mamba")}
+    records = sorted((r for r in load_dataset("pubmedqa", "test") if r.id in rows["transformer"] and r.id in rows["mamba"]),
+                     key=lambda r: len(r.context or ""))
+    right = [r for r in records if all(rows[e][r.id]["correct"] for e in rows)]
+    wrong = [r for r in records if not any(rows[e][r.id]["correct"] for e in rows)]
+    return right, wrong
+
+
+@pytest.mark.real_model
+@pytest.mark.skipif(not os.environ.get("MEDMOE_ROUTER"), reason="set MEDMOE_ROUTER to a router folder written by `medmoe run`")
+def test_page_with_the_routed_main_job(tmp_path):
+    """The routed MambaFormer system the main job built (MEDMOE_ROUTER=runs/mambaformer/pubmedqa/router,
+    MEDMOE_HOME where that run kept its experts) behind the page: a PubMedQA test question both experts
+    answered right in the run (the screenshot, reports/web_page_routed.png with MEDMOE_SCREENSHOT), then
+    one both got wrong; each shows the expert the gate chose, p_M, the decision and its features."""
+    from medmoe.serve.app import app_from_config
+    from medmoe.serve.config import ServeConfig
+
+    right, wrong = _main_job_examples(os.environ["MEDMOE_ROUTER"])
+    assert right and wrong, "the run has no test question both experts got right (or both wrong)"
+    with running_server(app_from_config(ServeConfig(router=os.environ["MEDMOE_ROUTER"], threads=2))) as base, \
+            headless_chromium(tmp_path / "profile") as driver:
+        for record, is_right in ((right[0], True), (wrong[0], False)):
+            By = ask_on_page(driver, base, record.question, record.options, record.context or "")
+            assert driver.find_element(By.ID, "expert").text in ("transformer", "mamba")
+            assert driver.find_element(By.ID, "gate-row").is_displayed() and driver.find_element(By.ID, "decision").text.startswith("p_M ")
+            assert 1 <= len(driver.find_elements(By.CSS_SELECTOR, "#features li")) <= 5
+            gold = f"{record.answer}. {record.options['ABC'.index(record.answer)]}"
+            assert (driver.find_element(By.ID, "answer").text == gold) is is_right, (record.id, driver.find_element(By.ID, "answer").text)
+            if is_right:
+                save_screenshot(driver, tmp_path)

@@ -21,10 +21,17 @@ from rich.table import Table
 
 from medmoe.cli.config_file import ConfigOption
 from medmoe.cli.deprecated import renamed_flags
+from medmoe.cli.placement import device_option, dtype_option
 
 console = Console()
 DEFAULT_OUT = Path("runs/mambaformer")
 RUN_FLAGS = {"--datasets": "--data", "--out": "--output"}  # old -> new (medmoe.cli.deprecated)
+RUN_DTYPE_HELP = ("Experts' dtype: auto, float32, bfloat16 or float16 (auto: bfloat16 on a CUDA GPU that has it and on "
+                  "CPUs with AVX512-BF16 or AMX, else float32; on a 2-core AVX512-BF16 CPU bfloat16 scores PubMedQA in "
+                  "0.69x SmolLM2's and 0.77x Gemma's float32 time, same answers). E_T and the big baseline take it; E_M "
+                  "(the Mamba hybrid) stays float32 on CPU, the only dtype of its fused scan kernel. The run folder keeps "
+                  "each expert's dtype and device (OUTPUT/<dataset>/experts.json) and refuses to mix in another.")
+BIG_BASELINE = "gemma3-270m"  # what --big adds: the largest Transformer available offline
 
 
 def default_mamba_expert() -> Path:
@@ -87,14 +94,18 @@ def run(
     data: str = typer.Option("pubmedqa,dental", "--data", help="Comma-separated bundled datasets with train/dev/test splits."),
     transformer: str = typer.Option("smollm2-135m", help="E_T: bundled name, hub id or local folder."),
     mamba: Path | None = typer.Option(None, help="E_M: a `medmoe mambaformer distill` run or hybrid folder (default: built once under $MEDMOE_HOME/experts)."),
-    big: str = typer.Option("gemma3-270m", help="The largest offline Transformer, evaluated alone ('' to skip)."),
-    distill_minutes: float = typer.Option(3.0, help="Distillation budget when the default Mamba expert is built."),
+    big: str = typer.Option("", help=f"A big Transformer evaluated alone, for the 'speedup vs big' column: {BIG_BASELINE} "
+                             "is the largest offline (default: none, which keeps a first run within 15 minutes; "
+                             f"--big {BIG_BASELINE} adds about 3.5 minutes to a first run, cached after)."),
+    distill_minutes: float = typer.Option(2.0, help="Distillation budget when the default Mamba expert is built (once)."),
     train_limit: int = typer.Option(100, help="Train examples for the gate (0 = all)."),
     dev_limit: int = typer.Option(50, help="Dev examples for calibration (0 = all)."),
     test_limit: int = typer.Option(200, help="Test examples (0 = the whole test split)."),
     latency_budget: float | None = typer.Option(None, "--latency-budget", help="Calibrate tau for this p50 budget (ms) instead of 'fastest within 1 point of E_T'."),
     output: Path = typer.Option(DEFAULT_OUT, "--output", "-o", help="Run folder (per-example results are cached here and reused)."),
     threads: int | None = typer.Option(None, help="torch CPU threads (default: all cores)."),
+    dtype: str = dtype_option("auto", help=RUN_DTYPE_HELP),
+    device: str = device_option("auto"),
     config: ConfigOption = None,
 ) -> None:
     """The main job: build (or load cached) experts and gate, route PubMedQA and Dental test questions.
@@ -102,7 +113,9 @@ def run(
     Prints, per dataset, accuracy, macro-F1, p50/p95 latency, share to the Mamba expert and speedup
     against the big Transformer, for the calibrated MambaFormer and every baseline; writes the
     Pareto table and plot (pareto.md/.json/.png) and the gate checkpoint under --output. The default
-    budgets are small so a first run ends in minutes; pass 0 limits for the full splits.
+    budgets are small so a first run on 2 CPU cores ends within about 15 minutes (docs/mambaformer.md,
+    "Main job budget": experts in bfloat16 where the CPU has it, 2 minutes of E_M distillation, no big
+    baseline unless --big gemma3-270m); pass 0 limits for the full splits.
 
     Example: medmoe run --data pubmedqa --mamba runs/em-pubmedqa/model --config recipes/run_default.yaml
     """
@@ -115,10 +128,13 @@ def run(
     expert = mamba or default_mamba_expert()
     if mamba is None:
         ensure_mamba_expert(expert, distill_minutes, threads)
+    if not big:
+        console.print(f"no big baseline (the default, for a short first run): --big {BIG_BASELINE} adds "
+                      f"{BIG_BASELINE} alone and the 'speedup vs big' column")
     for dataset in [d.strip() for d in data.split(",") if d.strip()]:
         cfg = PipelineConfig(dataset=dataset, transformer=transformer, mamba=str(expert), big=big or None,
                              train_limit=train_limit or None, dev_limit=dev_limit or None, test_limit=test_limit or None,
-                             latency_budget_ms=latency_budget, out=str(output))
+                             latency_budget_ms=latency_budget, out=str(output), dtype=dtype, device=device)
         report = run_pipeline(cfg, log=console.print)
         print_summary(dataset, report)
         console.print(f"Pareto table and plot: {output / dataset / 'pareto.md'}, {output / dataset / 'pareto.png'}")

@@ -22,22 +22,41 @@ class Expert:
     model: Any
     tokenizer: Any
     trained_on: dict | None = None  # a fine-tuned expert's data provenance (medmoe_training.json)
+    dtype: str = "float32"  # what it was loaded in (resolved: never "auto")
+    device: str = "cpu"
 
     @property
     def parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 
 
-def load_expert(name: str, source: str, tokenizer_source: str | None = None) -> Expert:
+def load_expert(name: str, source: str, tokenizer_source: str | None = None, dtype: str = "float32",
+                device: str = "cpu") -> Expert:
     """Load an expert from a bundled name, hub id, local folder, or a `medmoe mambaformer distill` run folder
     (through the model zoo, which knows every kind); a hybrid saved without a tokenizer takes
-    `tokenizer_source`'s, else its teacher's."""
+    `tokenizer_source`'s, else its teacher's. dtype: auto | float32 | bfloat16 | float16 and device:
+    auto | cpu | cuda | cuda:N | mps (`medmoe.models.placement`); a hybrid on CPU loads in float32."""
     from medmoe.models import hybrid_folder, load_causal_lm, training_provenance
+    from medmoe.models.placement import resolve_device, torch_dtype
 
     hybrid = hybrid_folder(Path(source))
+    device = resolve_device(device)
+    dtype = expert_dtype(dtype, device, hybrid=hybrid is not None)
     saved_tokenizer = hybrid is not None and (hybrid / "tokenizer_config.json").exists()
-    model, tokenizer = load_causal_lm(str(hybrid or source), tokenizer=None if saved_tokenizer else tokenizer_source)
-    return Expert(name, str(hybrid or source), model, tokenizer, training_provenance(hybrid or Path(source)))
+    model, tokenizer = load_causal_lm(str(hybrid or source), dtype=torch_dtype(dtype), device=device,
+                                      tokenizer=None if saved_tokenizer else tokenizer_source)
+    return Expert(name, str(hybrid or source), model, tokenizer, training_provenance(hybrid or Path(source)), dtype, device)
+
+
+def expert_dtype(dtype: str, device: str, hybrid: bool) -> str:
+    """The dtype an expert loads in on a resolved `device`: `dtype` resolved (auto -> bfloat16 or float32),
+    except a Mamba hybrid on CPU, which stays float32 (its fused kernels' only dtype)."""
+    from medmoe.models.placement import parse_dtype, resolve_dtype
+
+    if hybrid and device == "cpu":
+        parse_dtype(dtype)  # still refuse a bad name
+        return "float32"
+    return resolve_dtype(dtype, device)
 
 
 def check_gate_records(experts: dict[str, Expert], dataset: str, n_gate: int) -> None:

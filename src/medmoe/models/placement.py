@@ -10,10 +10,10 @@
 `auto` dtype: bfloat16 on a CUDA GPU that supports it and on a CPU with AVX512-BF16 or AMX-BF16
 instructions (torch.cpu.get_capabilities); float32 elsewhere (older CPUs emulate bfloat16 matmuls,
 which is slower than float32; float16 on CPU is slower still, and Gemma 3 overflows in it, so `auto`
-never picks it). Measured on this project's 2-core AVX512-BF16 CPU: SmolLM2-135M and Gemma-3-270M
-score a PubMedQA question in about half the float32 time with the same answers (docs/mambaformer.md,
-"Main job budget"). A model whose fast kernel exists in one dtype only (the Mamba hybrid's fused CPU
-scan is float32) is kept in that dtype by its loader (`medmoe.mambaformer.experts.load_expert`).
+never picks it). Measured on this project's 2-core AVX512-BF16 CPU (reports/expert_dtype.md): bfloat16
+scores 20 PubMedQA questions in 0.69x SmolLM2-135M's and 0.77x Gemma-3-270M's float32 time, with the
+same answers to all 20 (docs/mambaformer.md, "Main job budget"). A model whose fast kernel exists in
+one dtype only (the Mamba hybrid's fused CPU scan is float32) is kept in that dtype by its loader (`medmoe.mambaformer.experts.load_expert`).
 """
 
 from __future__ import annotations

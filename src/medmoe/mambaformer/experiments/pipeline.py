@@ -15,10 +15,19 @@
 
 Routed latency per query = the chosen expert's measured latency on that query + the gate's measured
 cost per query, so the table needs no second pass of the experts.
+
+Precision and device (`cfg.dtype`, `cfg.device`; `medmoe run --dtype/--device`): every expert loads
+through `experts.load_expert` (E_T and the big baseline in the dtype asked for, `auto` = bfloat16 where
+the hardware computes it natively; the Mamba hybrid in float32 on CPU, its fused kernels' dtype). The
+per-example rows are keyed by question id only, so `<out>/<dataset>/experts.json` records each expert's
+resolved dtype and device; a later run asking one of them for another is an error naming --dtype/--device
+(rows from before that file existed count as float32 on cpu, the only setting medmoe had then), as
+`medmoe eval`'s run.json refuses a resumed run with other settings.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,7 +38,7 @@ import torch
 
 from medmoe.data import load_dataset
 from medmoe.data.record import Record
-from medmoe.errors import MedmoeError
+from medmoe.errors import DataError, MedmoeError
 from medmoe.eval.metrics import macro_f1
 from medmoe.eval.model import HFEvalModel
 from medmoe.eval.runner import read_done, run_records
@@ -49,6 +58,10 @@ from medmoe.mambaformer.metrics import evaluate
 from medmoe.mambaformer.queries import query_features, query_text
 from medmoe.mambaformer.results import ExpertOutcome, ExpertResults
 from medmoe.mambaformer.train import TrainConfig, gate_scores
+from medmoe.paths import atomic_write_json
+
+PLACEMENT_FILE = "experts.json"  # <out>/<dataset>/: each expert's dtype and device its cached rows were computed in
+LEGACY_PLACEMENT = {"dtype": "float32", "device": "cpu"}  # rows written before PLACEMENT_FILE existed
 
 
 @dataclass
@@ -67,6 +80,8 @@ class PipelineConfig:
     out: str = "runs/mambaformer"
     loss: dict[str, Any] = field(default_factory=dict)  # LossConfig overrides
     epochs: int = 60
+    dtype: str = "float32"  # experts' dtype: auto | float32 | bfloat16 | float16 (the hybrid stays float32 on CPU)
+    device: str = "cpu"  # auto | cpu | cuda | cuda:N | mps
 
 
 def table_from_rows(records: Sequence[Record], rows_t: list[dict], rows_m: list[dict]) -> ExpertResults:
@@ -130,17 +145,49 @@ def run_pipeline(cfg: PipelineConfig, log: Callable[[str], None] = print) -> dic
         "dev": load_dataset(cfg.dataset, "dev")[: cfg.dev_limit],
         "test": load_dataset(cfg.dataset, "test")[: cfg.test_limit],
     }
-    log(f"loading experts: E_T = {cfg.transformer}, E_M = {cfg.mamba}")
-    experts = {"transformer": load_expert("transformer", cfg.transformer),
-               "mamba": load_expert("mamba", cfg.mamba, tokenizer_source=cfg.transformer)}
+    experts = {"transformer": load_expert("transformer", cfg.transformer, dtype=cfg.dtype, device=cfg.device),
+               "mamba": load_expert("mamba", cfg.mamba, tokenizer_source=cfg.transformer, dtype=cfg.dtype, device=cfg.device)}
+    log(f"loaded experts: E_T = {cfg.transformer} ({placement_text(experts['transformer'])}), "
+        f"E_M = {cfg.mamba} ({placement_text(experts['mamba'])})")
     check_gate_records(experts, cfg.dataset, len(splits["train"]))
+    for name, expert in experts.items():
+        check_placement(out, name, expert, [out / s / f"{name}.jsonl" for s in splits])
     tables = {s: expert_table(experts, recs, out / s, f"{cfg.dataset} {s}") for s, recs in splits.items()}
 
     featurizer, features, gate_ms = gate_inputs(experts["transformer"], splits)
-    big = big_baseline(cfg.big, splits["test"], out / "test" / "big.jsonl", cfg.dataset) if cfg.big else None
+    placements = {n: {"source": e.source, "dtype": e.dtype, "device": e.device} for n, e in experts.items()}
+    big = None
+    if cfg.big:
+        big_expert = load_expert("big", cfg.big, dtype=cfg.dtype, device=cfg.device)
+        log(f"loaded the big baseline: {cfg.big} ({placement_text(big_expert)})")
+        big = big_baseline(big_expert, splits["test"], out / "test" / "big.jsonl", cfg.dataset)
+        placements["big"] = {"source": big_expert.source, "dtype": big_expert.dtype, "device": big_expert.device}
     sources: dict[str, str | None] = {n: e.source for n, e in experts.items()}
     return route_and_report(cfg, splits, tables, featurizer, features, gate_ms, sources,
-                            big, out / "router", log)
+                            big, out / "router", log, placement=placements)
+
+
+def placement_text(expert: Expert) -> str:
+    return f"{expert.dtype}, {expert.device}"
+
+
+def check_placement(out: Path, name: str, expert: Expert, rows_files: Sequence[Path]) -> None:
+    """Record the dtype and device `expert`'s rows in `rows_files` are computed in (<out>/PLACEMENT_FILE),
+    or refuse to add to rows computed in another: their latencies and scores would mix two settings."""
+    path = out / PLACEMENT_FILE
+    recorded = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    now = {"dtype": expert.dtype, "device": expert.device}
+    before = recorded.get(name)
+    if before is None and any(f.exists() and f.stat().st_size for f in rows_files):
+        before = LEGACY_PLACEMENT
+    if before is not None and before != now:
+        flags = " ".join(f"--{key} {before.get(key)}" for key in now if before.get(key) != now[key])
+        raise DataError.single(path, f"this run folder holds {name} results computed in {before.get('dtype')} on "
+                                     f"{before.get('device')}, and this run loads {name} in {now['dtype']} on {now['device']}; "
+                                     f"use another --output, or {flags} to add to those results")
+    if name not in recorded:  # first rows of this expert here, or rows from before this file: record them
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, {**recorded, name: now})
 
 
 def gate_inputs(expert: Expert, splits: dict[str, list[Record]]) -> tuple[GateFeaturizer, dict[str, GateFeatures], float]:
@@ -154,9 +201,10 @@ def gate_inputs(expert: Expert, splits: dict[str, list[Record]]) -> tuple[GateFe
     return featurizer, features, gate_cost_ms(featurizer, TokenGate(), expert.tokenizer, splits["dev"])
 
 
-def big_baseline(source: str, records: Sequence[Record], rows_file: Path, dataset: str) -> OperatingPoint:
+def big_baseline(big_expert: Expert, records: Sequence[Record], rows_file: Path, dataset: str) -> OperatingPoint:
     """The largest offline Transformer alone on the test records (zero-shot letter scores, cached rows)."""
-    big_expert = load_expert("big", source)
+    source = big_expert.source
+    check_placement(rows_file.parent.parent, "big", big_expert, [rows_file])
     big_rows = run_records(HFEvalModel(big_expert.model, big_expert.tokenizer, source), records, rows_file, f"{dataset} test {source}")
     return OperatingPoint(f"{source} alone", float(np.mean([r["correct"] for r in big_rows])),
                           float(np.percentile([r["latency_ms"] for r in big_rows], 50)), kind="baseline")
@@ -165,10 +213,11 @@ def big_baseline(source: str, records: Sequence[Record], rows_file: Path, datase
 def route_and_report(cfg: PipelineConfig, splits: dict[str, list[Record]], tables: dict[str, ExpertResults],
                      featurizer: GateFeaturizer, features: dict[str, GateFeatures], gate_ms: float,
                      experts: dict[str, str | None], big: OperatingPoint | None, router_dir: Path | None,
-                     log: Callable[[str], None] = print) -> dict[str, Any]:
+                     log: Callable[[str], None] = print, placement: dict[str, dict] | None = None) -> dict[str, Any]:
     """Steps 4-6 on per-example expert results, wherever they came from (the experts' own scores here,
     option heads in benchmarks/mambaformer_heads.py): a gate per beta, tau on dev, the router checkpoint
-    of cfg.beta in `router_dir` (None: not saved), the test report with baselines, floor and targets."""
+    of cfg.beta in `router_dir` (None: not saved), the test report with baselines, floor and targets.
+    `placement`: each expert's source, dtype and device as loaded, kept in the report and the checkpoint."""
     dev, test = tables["dev"], tables["test"]
     scores: dict[float, dict[str, np.ndarray]] = {}
     fitted: dict[float, FittedGate] = {}
@@ -183,6 +232,8 @@ def route_and_report(cfg: PipelineConfig, splits: dict[str, list[Record]], table
     if router_dir is not None:
         info = {"config": asdict(cfg), "dataset": cfg.dataset, "loss_config": deployed.loss_config.to_dict(),
                 "calibration": deployed.calibration.to_dict(), "dev_metrics": deployed.dev_metrics}
+        if placement:
+            info["placement"] = placement
         RouterCheckpoint(deployed.gate, featurizer, deployed.tau, info=info, gate_ms=gate_ms, experts=experts).save(router_dir)
 
     decisions = scores[cfg.beta]["test"] > deployed.tau
@@ -197,6 +248,8 @@ def route_and_report(cfg: PipelineConfig, splits: dict[str, list[Record]], table
         row["macro_f1"] = macro_f1(gold, row.pop("preds"))
     report.update({"summary": rows, "tau": deployed.tau, "beta": cfg.beta, "gate_ms": gate_ms, "examples": {s: len(t) for s, t in tables.items()},
                    "big": asdict(big) if big else None, "config": asdict(cfg)})
+    if placement:
+        report["placement"] = placement
     report["targets"] = routing_targets(test, gold, decisions, gate_ms, report)
     report["floor"] = {"answer": report["targets"]["floor_answer"], "accuracy": report["targets"]["floor_accuracy"]}
     write_report(report, Path(cfg.out) / cfg.dataset, name="pareto", header=f"# MambaFormer on {cfg.dataset} test\n")
