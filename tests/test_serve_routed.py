@@ -352,3 +352,15 @@ def test_the_cli_refuses_router_with_model_and_serves_the_main_jobs_router_by_de
     assert serve_settings(yaml_file, None, None, None, None, None)[0].router is None  # a config says what it serves
     (tmp_path / MAIN_JOB_ROUTER / "gate.safetensors").unlink()  # not a whole checkpoint: not served
     assert serve_settings(None, None, None, None, None, None)[0].router is None
+
+
+def test_served_experts_take_the_dtype_the_router_was_calibrated_with():
+    """tau was chosen on each expert's latencies in the run's dtype, so the server loads that dtype; a
+    GPU-calibrated router still serves where there is no GPU (auto), and an old router.json means float32."""
+    from medmoe.mambaformer.answerer import served_placement
+
+    info = {"placement": {"transformer": {"source": "smollm2-135m", "dtype": "bfloat16", "device": "cpu"},
+                          "mamba": {"source": "em", "dtype": "float32", "device": "cuda"}}}
+    assert served_placement(info, "transformer") == {"dtype": "bfloat16", "device": "cpu"}
+    assert served_placement(info, "mamba") == {"dtype": "float32", "device": "auto"}
+    assert served_placement({}, "transformer") == {"dtype": "float32", "device": "cpu"}

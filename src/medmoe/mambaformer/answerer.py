@@ -43,6 +43,16 @@ RULE = "letter"  # how each expert scores in the pipeline (zero-shot): the outco
 TAU_METADATA = "routing_tau"  # a record's own threshold (metadata key): E_M iff p_M > it, instead of the checkpoint's tau
 
 
+def served_placement(info: Mapping, role: str) -> dict[str, str]:
+    """{dtype, device} to serve expert `role` in: the dtype the router was calibrated with (router.json
+    info.placement, written by `medmoe run`; float32 for a checkpoint without it), since tau was chosen on
+    that dtype's latencies; the recorded device when it is the CPU, else the best one here (`auto`: a
+    router calibrated on a GPU still serves on a machine without one)."""
+    recorded = (info.get("placement") or {}).get(role) or {}
+    device = recorded.get("device", "cpu")
+    return {"dtype": recorded.get("dtype", "float32"), "device": device if device == "cpu" else "auto"}
+
+
 class RoutedAnswerer:
     """checkpoint: the gate; experts: {"transformer": E_T, "mamba": E_M}.
     max_new_tokens / max_input_tokens: generation and prompt limits of open questions (the server's).
@@ -74,8 +84,9 @@ class RoutedAnswerer:
                              f"the source (RoutedAnswerer.load(..., experts={{'{missing[0]}': ...}}), the server's "
                              f"answerer_options.{missing[0]})")
         transformer = cast(str, sources["transformer"])
-        loaded = {"transformer": load_expert("transformer", transformer),
-                  "mamba": load_expert("mamba", cast(str, sources["mamba"]), tokenizer_source=transformer)}
+        where = {role: served_placement(checkpoint.info, role) for role in ROLES}
+        loaded = {"transformer": load_expert("transformer", transformer, **where["transformer"]),
+                  "mamba": load_expert("mamba", cast(str, sources["mamba"]), tokenizer_source=transformer, **where["mamba"])}
         return cls(checkpoint, loaded, name=f"mambaformer:{router_dir}", router_dir=router_dir, **limits)
 
     @property
