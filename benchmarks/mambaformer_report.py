@@ -41,22 +41,24 @@ def ci(interval: list[float]) -> str:
     return f"[{interval[0]:+.3f}, {interval[1]:+.3f}]"
 
 
-def targets(report: dict) -> str:
+def targets(report: dict, router: str = "gate", deployed: bool = True, title: str = "Targets") -> str:
     """The issue's targets (a)-(d), each met / NOT met, read off `report["targets"]`
-    (`medmoe.mambaformer.experiments.targets.routing_targets`), plus whether some gate setting beats
-    both single experts."""
+    (`medmoe.mambaformer.experiments.targets.routing_targets`), plus whether some setting of `router`
+    ("gate", or "cascade" for benchmarks/mambaformer_heads.py) beats both single experts; `deployed`:
+    whether report["tau"]'s router is the one deployed (else it is named the calibrated one)."""
     t, holds = report["targets"], report["targets"]["holds"]
     et, em, dep = t["et"], t["em"], t["deployed"]
     fastest, vs_big, apgr = t["fastest_within_1pt"], t["best_speedup_vs_big"], t["apgr"]
-    lines = ["## Targets", "",
+    which = f"The deployed {router}" if deployed else f"The calibrated {router} (not deployed)"
+    lines = [f"## {title}", "",
              f"Floor: always answering '{t['floor_answer']}' scores {t['floor_accuracy']:.3f}. E_T {et['accuracy']:.3f} "
              f"(minus floor, 95% paired CI {ci(et['diff_vs_floor_ci95'])}), E_M {em['accuracy']:.3f} "
              f"({ci(em['diff_vs_floor_ci95'])}).", ""]
     near = (f"{fastest['name']}, accuracy {fastest['accuracy']:.3f}, p50 {fastest['p50_ms']:.0f} ms = "
-            f"{fastest['speedup_vs_et']:.2f}x E_T's {et['p50_ms']:.0f} ms" if fastest else "no Pareto-optimal gate setting")
-    lines.append(f"- (a) A gate setting >= 3x faster than E_T within 1 point of E_T ({et['accuracy']:.3f}), E_T above "
+            f"{fastest['speedup_vs_et']:.2f}x E_T's {et['p50_ms']:.0f} ms" if fastest else f"no Pareto-optimal {router} setting")
+    lines.append(f"- (a) A {router} setting >= 3x faster than E_T within 1 point of E_T ({et['accuracy']:.3f}), E_T above "
                  f"the floor by a paired CI: {verdict(holds['speedup_3x_within_1pt_of_et_above_floor'])} ({near}).")
-    lines.append(f"- (b) The deployed gate (tau {report['tau']:.4f}, chosen on dev) mixes, share to E_M "
+    lines.append(f"- (b) {which} (tau {report['tau']:.4f}, chosen on dev) mixes, share to E_M "
                  f"{dep['share_to_mamba']:.2f} (target 0.2 to 0.95): {verdict(holds['deployed_mixes'])}; and beats random "
                  f"routing at that mix (expected accuracy {dep['random_same_mix_accuracy']:.3f}) by a paired CI above 0: "
                  f"{verdict(holds['deployed_beats_random_same_mix'])} (accuracy {dep['accuracy']:.3f}, CI "
@@ -66,7 +68,7 @@ def targets(report: dict) -> str:
     big = report.get("big")
     if big:
         best = (f"{vs_big['speedup_vs_big']:.2f}x ({vs_big['name']}, {vs_big['accuracy']:.3f})" if vs_big
-                else "no gate setting reaches its accuracy")
+                else f"no {router} setting reaches its accuracy")
         lines.append(f"- (d) Best speedup over {big['name']} ({big['accuracy']:.3f}, p50 {big['latency_ms']:.0f} ms) at its "
                      f"accuracy or better, faster than it: {verdict(bool(vs_big) and vs_big['speedup_vs_big'] > 1)}: {best}.")
     else:
@@ -74,7 +76,7 @@ def targets(report: dict) -> str:
     top = max(report["gate_points"], key=lambda p: p["accuracy"], default=None)
     if top:
         above = top["accuracy"] > max(et["accuracy"], em["accuracy"])
-        lines.append(f"- Most accurate gate setting: {top['name']}, {top['accuracy']:.3f}, against E_T {et['accuracy']:.3f} "
+        lines.append(f"- Most accurate {router} setting: {top['name']}, {top['accuracy']:.3f}, against E_T {et['accuracy']:.3f} "
                      f"and E_M {em['accuracy']:.3f}: {'above both' if above else 'not above both'} single experts.")
     return "\n".join(lines) + "\n\n"
 

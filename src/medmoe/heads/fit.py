@@ -10,6 +10,9 @@ Loss: cross-entropy, plain or class-balanced (weight of class c = N / (C n_c) ov
 present in y; which one is a cross-validated choice: balanced favours macro-F1, plain accuracy), plus
 lambda ||W||^2 (lambda chosen by cross-validation), minimized with L-BFGS (a convex problem: the
 optimum, not a training schedule). A calibration fits b only (W = 0, v = (1, 0, ...)).
+Distillation (optional, `fit_head(soft=q, alpha=a)`): with a teacher's probabilities q (N, K) the loss
+is (1 - a) CE(y) + a KL(q || p) + lambda ||W||^2, p the head's softmax (still convex); a = 0 is the
+plain loss (mambaformer/experiments/head_tables.py distils E_M's head from E_T's).
 
 Cross-validation: FOLDS folds by a hash of each record's id (stable across runs and machines);
 every candidate (zero-shot, per-option bias, contextual calibration, a head per layer, pooling and
@@ -50,8 +53,12 @@ def class_weights(y: torch.Tensor, letters: int) -> torch.Tensor:
 
 
 def fit_head(h: torch.Tensor | None, f: torch.Tensor, present: torch.Tensor, y: torch.Tensor,
-             l2: float = 1e-2, bias_only: bool = False, steps: int = 100, balanced: bool = True) -> OptionHead:
-    """The head minimizing the (class-balanced, or plain) loss on (h, f, present, y) (module docstring)."""
+             l2: float = 1e-2, bias_only: bool = False, steps: int = 100, balanced: bool = True,
+             soft: torch.Tensor | None = None, alpha: float = 0.0) -> OptionHead:
+    """The head minimizing the (class-balanced, or plain) loss on (h, f, present, y) (module docstring);
+    with `soft` (N, K) teacher probabilities and alpha in (0, 1], distilled towards them."""
+    if not 0.0 <= alpha <= 1.0 or (alpha > 0 and soft is None):
+        raise ValueError(f"distillation needs teacher probabilities and alpha in [0, 1], got alpha={alpha}")
     letters = present.shape[1]
     width = 0 if h is None or bias_only else h.shape[1]
     head = OptionHead(letters, width, f.shape[2])
@@ -75,7 +82,11 @@ def fit_head(h: torch.Tensor | None, f: torch.Tensor, present: torch.Tensor, y: 
         if z is not None:
             logits = logits + z @ head.W.T
         logits = logits.masked_fill(absent, float("-inf"))
-        loss = F.cross_entropy(logits, y, weight=weights) + l2 * head.W.pow(2).sum()
+        loss = F.cross_entropy(logits, y, weight=weights)
+        if soft is not None and alpha > 0:  # (1 - a) CE + a KL(q || p); absent options: q = 0, log p := 0 (no nan)
+            log_p = F.log_softmax(logits, dim=-1).masked_fill(absent, 0.0)
+            loss = (1 - alpha) * loss + alpha * F.kl_div(log_p, soft, reduction="batchmean")
+        loss = loss + l2 * head.W.pow(2).sum()
         loss.backward()
         return loss
 

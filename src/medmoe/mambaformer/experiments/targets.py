@@ -20,6 +20,10 @@ correctness on example i is r_i = s c_M,i + (1 - s) c_T,i (c_e,i in {0, 1}). The
 compared with that expectation, mean_i(g_i - r_i) with g_i its correctness, rather than with one
 seeded random draw: the routing randomness is integrated out exactly, and the bootstrap over
 examples is the only noise left.
+
+`costs` (N, 2), optional: the latency of each decision when it is not the chosen expert's own (a
+cascade, `experiments.cascade`: E_M always runs, so escalating costs t_M + t_T); it applies to the
+deployed router only, each expert alone keeps its own latency.
 """
 
 from __future__ import annotations
@@ -65,8 +69,9 @@ def random_same_mix(table: ExpertResults, share: float) -> np.ndarray:
     return share * c[:, 1] + (1.0 - share) * c[:, 0]
 
 
-def _deployed(table: ExpertResults, decisions: np.ndarray, gate_ms: float, et: dict[str, Any]) -> dict[str, Any]:
-    m = evaluate(table, decisions, gate_ms=gate_ms)
+def _deployed(table: ExpertResults, decisions: np.ndarray, gate_ms: float, et: dict[str, Any],
+              costs: np.ndarray | None = None) -> dict[str, Any]:
+    m = evaluate(table, decisions, costs, gate_ms)
     correct = routed(table.stacked("correct").astype(np.float64), decisions)        # (N,) g_i
     random = random_same_mix(table, m.share_mamba)
     return {"accuracy": m.accuracy, "p50_ms": m.p50_ms, "share_to_mamba": m.share_mamba,
@@ -98,15 +103,16 @@ def _holds(et: dict, deployed: dict, fastest: dict | None, apgr: float | None) -
 
 
 def routing_targets(test: ExpertResults, gold: Sequence[str], deployed: np.ndarray, gate_ms: float,
-                    report: dict) -> dict[str, Any]:
+                    report: dict, costs: np.ndarray | None = None) -> dict[str, Any]:
     """The targets object of the module docstring for the deployed decisions ((N,) bool, True = E_M) on
-    `test`, its gold answers, the gate's cost per query and the Pareto report (`pareto_run`, with "big")."""
+    `test`, its gold answers, the gate's cost per query and the Pareto report (`pareto_run`, with "big");
+    `costs`: the deployed router's (N, 2) latencies when not the experts' own (module docstring)."""
     if len(gold) != len(test):
         raise MedmoeError(f"routing targets: {len(gold)} gold answers for {len(test)} test examples")
     answer, floor = best_constant(gold)
     floor_correct = np.array([g == answer for g in gold], dtype=np.float64)
     et, em = _expert(test, False, floor_correct), _expert(test, True, floor_correct)
-    chosen = _deployed(test, np.asarray(deployed, dtype=bool), gate_ms, et)
+    chosen = _deployed(test, np.asarray(deployed, dtype=bool), gate_ms, et, costs)
     front = [p for p in report["gate_points"] if p["pareto"]]
     fastest = _fastest_at_least(front, et["accuracy"] - THRESHOLDS["within_of_et"], et["p50_ms"], "speedup_vs_et")
     big = report.get("big")
