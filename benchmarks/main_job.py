@@ -65,7 +65,7 @@ def main() -> None:
             f"the first run {load[0]:.2f} (1 min) / {load[1]:.2f} (5 min).\n\n"
             "| run | wall time | what it does |\n| --- | ---: | --- |\n"
             f"| first | {first / 60:.1f} min ({first:.0f} s) | empty MEDMOE_HOME and kernel build folder: converts the "
-            "bundled models, compiles the fused Mamba kernel, distils the default Mamba expert, both experts and the big baseline score every question, gate trained and calibrated |\n"
+            "bundled models, compiles the fused Mamba kernel, distils the default Mamba expert, both experts (and the big baseline, when --big is given) score every question, gate trained and calibrated |\n"
             f"| later | {later / 60:.1f} min ({later:.0f} s) | everything cached: loads, routes, prints |\n\n"
             f"Tables printed by the first run:\n\n```\n{tables(first_out)}\n```\n")
     targets = {p.parent.name: json.loads(p.read_text()).get("targets") for p in sorted(out.glob("*/pareto.json"))}
