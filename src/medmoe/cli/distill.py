@@ -9,10 +9,16 @@ import typer
 from rich.console import Console
 
 from medmoe.cli.config_file import ConfigOption
+from medmoe.cli.placement import device_option, dtype_option
 
 console = Console()
 DISTILL_FLAGS = {"--teacher": "--model", "--out": "--output"}  # old -> new (medmoe.cli.deprecated)
 
+DISTILL_DTYPE_HELP = ("Autocast of the teacher's forward: float32 (the default: none), bfloat16, float16 or auto "
+                      "(bfloat16 on a CUDA GPU that has it and on CPUs with AVX512-BF16 or AMX, else float32). The student "
+                      "always trains in float32: on CPU the Mamba hybrid's fused scan kernel is float32-only.")
+DISTILL_DEVICE_HELP = ("torch device of teacher and student: auto (the default: cuda when torch sees a GPU, else cpu), "
+                       "cpu, cuda, cuda:N or mps.")
 SIZES = {"full": None, "shallow": 3}  # keep every layer, or every third (evenly spaced, first and last kept)
 
 
@@ -44,6 +50,8 @@ def distill_command(
     resume: bool = typer.Option(True, help="Continue from the last checkpoint in --output when there is one."),
     threads: int = typer.Option(0, help="torch intra-op threads (0: torch's default)."),
     seed: int = typer.Option(0, help="Seed for the block order."),
+    dtype: str = dtype_option("float32", help=DISTILL_DTYPE_HELP),
+    device: str = device_option("auto", help=DISTILL_DEVICE_HELP),
     config: ConfigOption = None,
 ) -> None:
     """Distil a Mamba hybrid from a Transformer (KL on logits) on training splits of the bundled medical text.
@@ -61,9 +69,12 @@ def distill_command(
     from medmoe.mamba.distill import DistillConfig, distill, latest_checkpoint, medical_corpus, tokenize_blocks
     from medmoe.mamba.transfer import build_hybrid, evenly_spaced
     from medmoe.models import load_causal_lm
+    from medmoe.models.placement import resolve_device, resolve_dtype
 
     if size not in SIZES:
         raise MedmoeError(f"--size must be one of {', '.join(SIZES)}, got {size!r}")
+    device = resolve_device(device)  # before the teacher loads: a missing GPU fails now
+    dtype = resolve_dtype(dtype, device)
     if threads:
         torch.set_num_threads(threads)
     with console.status(f"loading teacher {model}..."):
@@ -79,10 +90,11 @@ def distill_command(
     with console.status("tokenizing the training corpus (PubMedQA train contexts, Dental train explanations)..."):
         blocks = tokenize_blocks(medical_corpus(), tokenizer, seq_len)
     cfg = DistillConfig(seq_len=seq_len, batch_size=batch_size, lr=lr, temperature=temperature, train=train,
-                        max_steps=max_steps, max_minutes=minutes, save_every=save_every, seed=seed)
+                        max_steps=max_steps, max_minutes=minutes, save_every=save_every, seed=seed,
+                        device=device, dtype=dtype)
     previous = latest_checkpoint(output) if resume else None
     console.print(f"student: {len(spec.layers)} of {n_teacher} teacher layers {spec.layers}; attention kept in "
-                  f"{spec.attention_layers or 'none'}; corpus {blocks.numel():,} tokens in {len(blocks)} blocks"
+                  f"{spec.attention_layers or 'none'}; on {device}, teacher autocast {dtype}; corpus {blocks.numel():,} tokens in {len(blocks)} blocks"
                   + (f"; resuming from {previous}" if previous else ""))
     columns = [TextColumn("[bold]distill"), BarColumn(), TextColumn("step {task.fields[step]}"),
                TextColumn("KL {task.fields[kl]:.4f}"), TextColumn("{task.fields[tps]:.0f} tok/s"),

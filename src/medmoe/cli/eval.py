@@ -9,9 +9,19 @@ from typing import Any
 import typer
 from rich.console import Console
 
+from medmoe.cli.placement import device_option, dtype_option
+
 console = Console()
 err_console = Console(stderr=True)
 DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_DTYPE = "float32"  # not auto: the scores of a folder, and of a rerun, do not change with the machine's CPU
+DEFAULT_DEVICE = "auto"
+EVAL_DTYPE_HELP = ("The model's dtype: float32 (the default, as before this flag), bfloat16, float16 or auto (bfloat16 on "
+                   "a CUDA GPU that has it and on CPUs with AVX512-BF16 or AMX, else float32); a Mamba hybrid on CPU stays "
+                   "float32. Recorded in run.json and summary.json; a resumed run must use the same. Not with --router/--head "
+                   "(they load what they were calibrated or fitted with).")
+EVAL_DEVICE_HELP = ("torch device: auto (the default: cuda when torch sees a GPU, else cpu), cpu, cuda, cuda:N or mps. "
+                    "Recorded in run.json and summary.json; a resumed run must use the same. Not with --router/--head.")
 
 
 def eval_command(
@@ -30,6 +40,8 @@ def eval_command(
     threads: int | None = typer.Option(None, min=1, help="torch CPU threads (default: all cores)."),
     router: Path | None = typer.Option(None, help="Evaluate the routed MambaFormer system instead of one model: the gate checkpoint folder written by `medmoe run` (it names its two experts). Not with --model/--adapter."),
     head: Path | None = typer.Option(None, help="Evaluate an expert through its output head or calibration: a folder written by `medmoe heads train` (it names its expert; rows also carry the expert's own zero-shot answer). Not with --model/--adapter/--router."),
+    dtype: str | None = dtype_option(None, help=EVAL_DTYPE_HELP),
+    device: str | None = device_option(None, help=EVAL_DEVICE_HELP),
 ) -> None:
     """Evaluate a model, or the routed MambaFormer system (--router), on medical benchmarks.
 
@@ -55,6 +67,8 @@ def eval_command(
     if head is not None and (router is not None or model is not None or adapter is not None or rule != "letter" or shots):
         raise typer.BadParameter("--head names its expert and answers from the zero-shot letter prompt: "
                                  "no --model/--adapter/--router, --rule letter, --shots 0", param_hint="--head")
+    if router is not None or head is not None:
+        check_placement_options(dtype, device, "--router" if router is not None else "--head")
     if threads:
         torch.set_num_threads(threads)
     names = [b.strip() for b in benchmarks.split(",") if b.strip()]
@@ -84,8 +98,8 @@ def eval_command(
         model = model or DEFAULT_MODEL
         folder = output or Path("runs") / f"eval-{Path(model).name}-{rule}-{shots}shot"
         with console.status(f"loading {model}..."):
-            lm = load_eval_model(model, adapter)
-        settings = {"adapter": adapter}
+            lm = load_eval_model(model, adapter, dtype or DEFAULT_DTYPE, device or DEFAULT_DEVICE)
+        settings = {"adapter": adapter, **lm.placement}  # the resolved dtype and device: a resumed run must match
     result = evaluate(lm, names, folder, rule, shots, limit, batch_size, max_new_tokens, shots_from, settings=settings)
     console.print((folder / "report.md").read_text(encoding="utf-8"))
     for line in truncation_warnings(result["benchmarks"]):  # also in report.md; on stderr for logs and scripts
@@ -104,6 +118,17 @@ def check_router_options(model: str | None, adapter: str | None, rule: str, shot
     if rule != RULE or shots:
         raise typer.BadParameter(f"the routed system is scored as its experts were when the gate was trained: "
                                  f"--rule {RULE}, --shots 0 (got --rule {rule}, --shots {shots})", param_hint="--router")
+
+
+def check_placement_options(dtype: str | None, device: str | None, system: str) -> None:
+    """--router and --head load their models as they were calibrated or fitted (router.json, the head's
+    dtype): a --dtype/--device there would score a system other than the one whose threshold or head was chosen."""
+    given = [flag for flag, value in (("--dtype", dtype), ("--device", device)) if value is not None]
+    if given:
+        what = ("loads each expert in the dtype its router was calibrated with (router.json)" if system == "--router"
+                else "loads its expert in the dtype its features were computed in (medmoe_head.json)")
+        raise typer.BadParameter(f"{system} {what}; {' and '.join(given)} apply to --model/--adapter only",
+                                 param_hint=given[0])
 
 
 def export_lm_eval_task(

@@ -35,11 +35,13 @@ def _checked(parse: Callable[[str], str], flag: str) -> Callable[[Any], str | No
     return callback
 
 
-def dtype_option(default: str = "auto", help: str = DTYPE_HELP) -> Any:
-    """A `--dtype` typer option, checked and normalised by `placement.parse_dtype`."""
-    return typer.Option(default, "--dtype", help=help, callback=_checked(parse_dtype, "--dtype"))
+def dtype_option(default: str | None = "auto", help: str = DTYPE_HELP, rich_help_panel: str | None = None) -> Any:
+    """A `--dtype` typer option, checked and normalised by `placement.parse_dtype` (default None: not given)."""
+    return typer.Option(default, "--dtype", help=help, callback=_checked(parse_dtype, "--dtype"),
+                        rich_help_panel=rich_help_panel)
 
 
-def device_option(default: str = "auto", help: str = DEVICE_HELP) -> Any:
-    """A `--device` typer option, checked by `placement.parse_device`."""
-    return typer.Option(default, "--device", help=help, callback=_checked(parse_device, "--device"))
+def device_option(default: str | None = "auto", help: str = DEVICE_HELP, rich_help_panel: str | None = None) -> Any:
+    """A `--device` typer option, checked by `placement.parse_device` (default None: not given)."""
+    return typer.Option(default, "--device", help=help, callback=_checked(parse_device, "--device"),
+                        rich_help_panel=rich_help_panel)

@@ -8,10 +8,18 @@ from typing import TYPE_CHECKING
 import typer
 from rich.console import Console
 
+from medmoe.cli.placement import device_option, dtype_option
+
 if TYPE_CHECKING:
     from medmoe.serve.config import ServeConfig
 
 console = Console(stderr=True)
+SERVE_DTYPE_HELP = ("The single model's dtype: float32 (the default, as before this flag), bfloat16, float16 or auto "
+                    "(bfloat16 on a CUDA GPU that has it and on CPUs with AVX512-BF16 or AMX, else float32); a Mamba hybrid "
+                    "on CPU stays float32. YAML: dtype. Not with --router: the router loads each expert in the dtype it "
+                    "was calibrated with (router.json).")
+SERVE_DEVICE_HELP = ("The single model's torch device: auto (the default: cuda when torch sees a GPU, else cpu), cpu, cuda, "
+                     "cuda:N or mps. YAML: device. Not with --router (router.json places its experts).")
 
 
 def serve(
@@ -25,6 +33,8 @@ def serve(
     port: int | None = typer.Option(None, help="Port (default: 8000)."),
     threads: int | None = typer.Option(None, help="torch CPU threads (default: torch's choice)."),
     max_batch_size: int | None = typer.Option(None, help="Requests per micro-batch (default: 16)."),
+    dtype: str | None = dtype_option(None, help=SERVE_DTYPE_HELP),
+    device: str | None = device_option(None, help=SERVE_DEVICE_HELP),
 ) -> None:
     """Serve a model over HTTP: POST /v1/answer, OpenAI-compatible /v1/chat/completions, the page at /.
 
@@ -45,7 +55,8 @@ def serve(
     from medmoe.errors import MedmoeError
     from medmoe.serve.app import app_from_config
 
-    settings, why = serve_settings(config, model, adapter, heads, answerer, router, host, port, threads, max_batch_size)
+    settings, why = serve_settings(config, model, adapter, heads, answerer, router, host, port, threads, max_batch_size,
+                                   dtype, device)
     console.print(why)
     with console.status(f"loading {settings.router or (settings.model if settings.answerer.endswith('load_causal_lm_answerer') else settings.answerer)}..."):
         try:
@@ -63,13 +74,15 @@ def serve(
 
 def serve_settings(config: Path | None, model: str | None, adapter: str | None, heads: str | None, answerer: str | None,
                    router: str | None, host: str | None = None, port: int | None = None, threads: int | None = None,
-                   max_batch_size: int | None = None) -> tuple[ServeConfig, str]:
+                   max_batch_size: int | None = None, dtype: str | None = None,
+                   device: str | None = None) -> tuple[ServeConfig, str]:
     """The server's settings from the flags (and --config), and a line saying which system is served and why.
     --router excludes the single-model flags; without any of them (and no --config) the main job's router
     is served when it is there (medmoe.serve.config.MAIN_JOB_ROUTER)."""
     from medmoe.serve.config import DEFAULT_FACTORY, MAIN_JOB_ROUTER, ServeConfig, main_job_router
 
-    single = {"--model": model, "--adapter": adapter, "--heads": heads, "--answerer": answerer}
+    single = {"--model": model, "--adapter": adapter, "--heads": heads, "--answerer": answerer, "--dtype": dtype,
+              "--device": device}
     given = [flag for flag, value in single.items() if value is not None]
     if router is not None and given:
         raise typer.BadParameter(f"--router and {', '.join(given)} cannot be used together: --router serves the routed "
@@ -82,7 +95,8 @@ def serve_settings(config: Path | None, model: str | None, adapter: str | None, 
             router, reason = str(found), "the main job's router"
     head_setting: list[str] | str | None = heads if heads in (None, "bundled", "none") else [h for h in (heads or "").split(",") if h]
     overrides = {"model": model, "adapter": adapter, "heads": head_setting, "answerer": answerer, "router": router,
-                 "host": host, "port": port, "threads": threads, "max_batch_size": max_batch_size}
+                 "host": host, "port": port, "threads": threads, "max_batch_size": max_batch_size, "dtype": dtype,
+                 "device": device}
     settings = ServeConfig.from_yaml(config, **overrides) if config else ServeConfig.from_dict({}, "flags", **overrides)
     if settings.router is not None:
         if config is not None and router is None:
@@ -94,6 +108,7 @@ def serve_settings(config: Path | None, model: str | None, adapter: str | None, 
     hint = (f"no router at {MAIN_JOB_ROUTER}" if not given and config is None else "")
     return settings, (f"serving the single model {settings.model}"
                       + (f" with adapter {settings.adapter}" if settings.adapter else "")
+                      + f" ({settings.dtype}, device {settings.device})"
                       + (f" ({hint}; --router DIR for the routed MambaFormer system)" if hint
                          else " (--router DIR for the routed MambaFormer system)"))
 

@@ -58,6 +58,7 @@ class HFEvalModel:
 
     def __init__(self, model: Any, tokenizer: Any, name: str = "model", share_prefix: bool = True):
         self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.placement: dict[str, str] = {}  # {dtype, device} it was loaded in, when load_eval_model loaded it
         recurrent = any(getattr(m, "is_recurrent", False) for m in model.modules())  # a cropped SSM state is wrong
         self.prefix = PrefixCache() if share_prefix and not recurrent else None
 
@@ -103,12 +104,22 @@ class HFEvalModel:
         return None
 
 
-def load_eval_model(name: str, adapter: str | None = None) -> EvalModel:
-    """A bundled name, hub id or local folder (optionally with a `medmoe finetune` adapter) as an EvalModel."""
+def load_eval_model(name: str, adapter: str | None = None, dtype: str = "float32", device: str = "cpu") -> HFEvalModel:
+    """A bundled name, hub id or local folder (optionally with a `medmoe finetune` adapter) as an EvalModel,
+    loaded in `dtype` (auto | float32 | bfloat16 | float16) on `device` (auto | cpu | cuda | cuda:N | mps;
+    `medmoe.models.placement`); a Mamba hybrid on CPU stays float32, as `medmoe run` loads it
+    (`medmoe.mambaformer.experts.expert_dtype`). The model's `placement` says what was resolved."""
     if name.startswith("routed:"):
         raise ModelError(f"'{name}': evaluate the routed MambaFormer system with `medmoe eval --router DIR` "
                          "(DIR: the gate folder written by `medmoe run`)")
-    from medmoe.models import load_causal_lm
+    from medmoe.mambaformer.experts import expert_dtype
+    from medmoe.models import hybrid_folder, load_causal_lm
+    from medmoe.models.placement import resolve_device, torch_dtype
 
-    model, tokenizer = load_causal_lm(name, adapter=adapter)  # LoRA-MoE, PEFT LoRA or a full fine-tune, by its files
-    return HFEvalModel(model, tokenizer, name if adapter is None else f"{name}+{Path(adapter).name}")
+    device = resolve_device(device)
+    dtype = expert_dtype(dtype, device, hybrid=adapter is None and hybrid_folder(Path(name)) is not None)
+    # LoRA-MoE, PEFT LoRA or a full fine-tune, by its files
+    model, tokenizer = load_causal_lm(name, dtype=torch_dtype(dtype), device=device, adapter=adapter)
+    lm = HFEvalModel(model, tokenizer, name if adapter is None else f"{name}+{Path(adapter).name}")
+    lm.placement = {"dtype": dtype, "device": device}
+    return lm

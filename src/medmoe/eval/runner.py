@@ -90,15 +90,23 @@ def claim_folder(folder: Path) -> None:
     _CLAIMS[folder.resolve()] = handle
 
 
+PLACEMENT_SETTINGS = {"dtype": "float32", "device": "cpu"}  # what a run.json written before these keys was computed in
+
+
 def check_settings(folder: Path, settings: dict[str, Any]) -> None:
-    """Write run.json, or check that a resumed run uses the same settings as the one it continues."""
+    """Write run.json, or check that a resumed run uses the same settings as the one it continues.
+    A run.json without dtype/device (written before `medmoe eval --dtype/--device`) holds float32 rows
+    computed on the CPU (PLACEMENT_SETTINGS); rows of another dtype or device are never mixed into them."""
     path = folder / "run.json"
     if path.exists():
         before = json.loads(path.read_text(encoding="utf-8"))
-        changed = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
+        was = {k: before.get(k, PLACEMENT_SETTINGS.get(k)) for k in settings}
+        changed = {k: (was[k], v) for k, v in settings.items() if was[k] != v}
         if changed:
             what = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
-            raise DataError.single(path, f"this folder holds a run with other settings ({what}); use another --output")
+            flags = " ".join(f"--{k} {a}" for k, (a, _) in changed.items() if k in PLACEMENT_SETTINGS)
+            hint = f"use another --output, or {flags} to add to its rows" if flags else "use another --output"
+            raise DataError.single(path, f"this folder holds a run with other settings ({what}); {hint}")
         return
     atomic_write_json(path, settings)
 

@@ -10,6 +10,13 @@ Checkpoints: `out/ckpt-<step>/` holds the student (model.safetensors, config.jso
 tokenizer) and the trainer state (optimizer.safetensors + trainer_state.json); when that folder is
 complete, `out/latest.json` is replaced atomically to point at it, and older checkpoints are removed.
 A run killed at any moment resumes from the last complete checkpoint.
+
+Placement (`DistillConfig.device`, `.dtype`): teacher and student run on `device` (a resolved one: cpu,
+cuda, cuda:N, mps); token blocks stay on the CPU and each batch moves there. The student trains in float32
+always (master weights and forward: the fused CPU scan kernel is float32-only, and training uses the
+differentiable chunked scan); `dtype` is autocast for the teacher's no-grad forward only (bfloat16 or
+float16; float32: none), whose logits the loss casts back to float32. Checkpoints are written from the
+CPU copy safetensors makes, so a run may resume on another device (its numbers then differ slightly).
 """
 
 from __future__ import annotations
@@ -47,6 +54,8 @@ class DistillConfig:
     max_minutes: float | None = None
     save_every: int = 25           # steps
     seed: int = 0
+    device: str = "cpu"            # a resolved torch device (medmoe.models.placement.resolve_device): teacher and student
+    dtype: str = "float32"         # autocast of the teacher's forward: float32 (none), bfloat16 or float16
 
 
 def medical_corpus() -> list[str]:
@@ -172,7 +181,7 @@ def restore_optimizer(opt, names: list[str], folder: Path) -> None:
         raise ModelError(f"{folder / 'optimizer.safetensors'}: not a readable safetensors file ({exc}); it is not loaded") from None
     params = opt.param_groups[0]["params"]
     for i, name in enumerate(names):
-        entries = {k.split("::", 1)[1]: v for k, v in saved.items() if k.startswith(f"{name}::")}
+        entries = {k.split("::", 1)[1]: v.to(params[i].device) for k, v in saved.items() if k.startswith(f"{name}::")}
         if entries:
             entries["step"] = entries["step"].reshape(())
             opt.state[params[i]] = entries
@@ -208,8 +217,9 @@ def distill(teacher, student, spec: HybridSpec, blocks: torch.Tensor, out: str |
         if not isinstance(step, int) or not isinstance(past, list):
             raise ModelError(f"{found / 'trainer_state.json'}: fields 'step' (a number) and 'history' (a list) are required")
         start, history = step, past
-    teacher.eval()
-    student.train()
+    device = torch.device(cfg.device)
+    teacher.to(device).eval()
+    student.to(device).train()
     named = _trainable(student, cfg.train)
     names = [n for n, _ in named]
     opt = torch.optim.AdamW([p for _, p in named], lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -220,8 +230,8 @@ def distill(teacher, student, spec: HybridSpec, blocks: torch.Tensor, out: str |
     while step < cfg.max_steps:
         if cfg.max_minutes is not None and time.monotonic() - began > 60 * cfg.max_minutes:
             break
-        ids = blocks[batch_indices(step, len(blocks), cfg.batch_size, cfg.seed)]
-        with torch.no_grad():
+        ids = blocks[batch_indices(step, len(blocks), cfg.batch_size, cfg.seed)].to(device)
+        with torch.no_grad(), teacher_autocast(device, cfg.dtype):
             teacher_logits = teacher(input_ids=ids, use_cache=False).logits
         loss = kl_loss(student(input_ids=ids, use_cache=False).logits, teacher_logits, cfg.temperature)
         opt.zero_grad(set_to_none=True)
@@ -239,13 +249,24 @@ def distill(teacher, student, spec: HybridSpec, blocks: torch.Tensor, out: str |
     return {"step": step, "history": history, "checkpoint": str(latest_checkpoint(out)), "student": student}
 
 
+def teacher_autocast(device: torch.device, dtype: str):
+    """Autocast for the teacher's forward in `dtype` (float32: disabled) on `device`'s kind."""
+    from medmoe.models.placement import parse_dtype
+
+    name = parse_dtype(dtype)
+    if name == "auto":
+        raise ModelError("DistillConfig.dtype 'auto' must be resolved first (medmoe.models.placement.resolve_dtype)")
+    return torch.autocast(device.type, dtype=getattr(torch, name), enabled=name != "float32")
+
+
 def perplexity(model, blocks: torch.Tensor, batch_size: int = 4) -> float:
     """exp(mean next-token cross-entropy) over (N, L) token blocks."""
     total, count = 0.0, 0
     model.eval()
+    device = next(model.parameters()).device
     with torch.no_grad():
         for i in range(0, len(blocks), batch_size):
-            ids = blocks[i:i + batch_size]
+            ids = blocks[i:i + batch_size].to(device)
             logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
             total += F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum").item()
             count += ids[:, 1:].numel()

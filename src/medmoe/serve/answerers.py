@@ -22,11 +22,20 @@ __all__ = ["CausalLMAnswerer", "InputTooLong", "RequestRejected", "cut_context",
 
 def load_causal_lm_answerer(config: Any) -> CausalLMAnswerer:
     """Factory named by the default server config: `config.model` (any kind the model zoo loads:
-    bundled name, hub id, HF folder, GGUF, Mamba hybrid, fine-tuned model), with `config.adapter`."""
-    from medmoe.models import load_causal_lm
+    bundled name, hub id, HF folder, GGUF, Mamba hybrid, fine-tuned model), with `config.adapter`,
+    in `config.dtype` on `config.device` (float32 and auto when the config has none; a Mamba hybrid on
+    CPU stays float32, as `medmoe run` loads it)."""
+    from pathlib import Path
+
+    from medmoe.mambaformer.experts import expert_dtype
+    from medmoe.models import hybrid_folder, load_causal_lm
+    from medmoe.models.placement import resolve_device, torch_dtype
 
     adapter = getattr(config, "adapter", None)
-    model, tokenizer = load_causal_lm(config.model, adapter=adapter)
+    device = resolve_device(getattr(config, "device", "auto"))
+    hybrid = adapter is None and hybrid_folder(Path(config.model)) is not None
+    dtype = expert_dtype(getattr(config, "dtype", "float32"), device, hybrid=hybrid)
+    model, tokenizer = load_causal_lm(config.model, dtype=torch_dtype(dtype), device=device, adapter=adapter)
     return CausalLMAnswerer(
         model, tokenizer, name=config.model_label or config.model,
         max_new_tokens=config.max_new_tokens, max_input_tokens=config.max_input_tokens,

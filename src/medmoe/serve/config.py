@@ -4,7 +4,12 @@ The routed MambaFormer system is served from a router checkpoint folder (`router
 --router DIR`); otherwise the answerer is built by a factory named in the config ("module:callable",
 called with the config), by default one causal LM (`model`), so a LoRA-MoE model or any other system
 drops in without changing the server. `router` excludes the single-model settings (`model`, `adapter`,
-`model_label`, `heads`, `answerer`): the router names its own experts.
+`model_label`, `heads`, `answerer`, `dtype`, `device`): the router names its own experts, and each is
+loaded in the dtype its router was calibrated with (`medmoe.mambaformer.answerer.served_placement`).
+
+`dtype` / `device` place the single model (`medmoe.models.placement`): float32 by default, as before
+these settings (the bundled heads were fitted on bfloat16 features and are served on float32 ones,
+docs/heads.md); device auto: cuda when torch sees a GPU, else cpu. A Mamba hybrid on CPU stays float32.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from medmoe.errors import MedmoeError
+from medmoe.models.placement import parse_device, parse_dtype
 
 DEFAULT_FACTORY = "medmoe.serve.answerers:load_causal_lm_answerer"
 ROUTED_FACTORY = "medmoe.mambaformer.answerer:load_routed_answerer"  # serves `router`
@@ -23,7 +29,8 @@ ROUTED_FACTORY = "medmoe.mambaformer.answerer:load_routed_answerer"  # serves `r
 # `medmoe serve` without --model, --router, --answerer or --config serves it when it is there.
 MAIN_JOB_ROUTER = Path("runs/mambaformer/pubmedqa/router")
 ROUTER_FILES = ("router.json", "gate.safetensors", "features.safetensors")  # a router checkpoint folder holds these
-SINGLE_MODEL_SETTINGS = ("model", "adapter", "model_label", "heads", "answerer")  # what `router` excludes
+PLACEMENT_SETTINGS = ("dtype", "device")  # the single model's; the router places its experts itself
+SINGLE_MODEL_SETTINGS = ("model", "adapter", "model_label", "heads", "answerer", *PLACEMENT_SETTINGS)  # what `router` excludes
 
 
 @dataclass
@@ -36,6 +43,8 @@ class ServeConfig:
     answerer: str = DEFAULT_FACTORY  # "module:callable", called as factory(config) -> Answerer
     answerer_options: dict[str, Any] = field(default_factory=dict)  # free-form, for custom factories (and `router`'s transformer/mamba)
     router: str | None = None  # a router checkpoint folder: serve the routed MambaFormer system (excludes model, adapter, heads, answerer)
+    dtype: str = "float32"  # the single model's: auto | float32 | bfloat16 | float16 (bf16, fp32 ...); a hybrid on CPU stays float32
+    device: str = "auto"  # the single model's: auto (cuda when torch sees a GPU, else cpu) | cpu | cuda | cuda:N | mps
     threads: int | None = None  # torch CPU threads [default: torch's choice]
     # where
     host: str = "127.0.0.1"
@@ -63,6 +72,10 @@ class ServeConfig:
                 raise MedmoeError(f"server config: {name} must be positive, got {getattr(self, name)}")
         if self.max_wait_ms < 0:
             raise MedmoeError(f"server config: max_wait_ms must be >= 0, got {self.max_wait_ms}")
+        try:
+            self.dtype, self.device = parse_dtype(self.dtype), parse_device(self.device)
+        except MedmoeError as exc:
+            raise MedmoeError(f"server config: {exc}") from None
         if ":" not in self.answerer:
             raise MedmoeError(f"server config: answerer must be 'module:callable', got '{self.answerer}'")
         if self.router is not None:
@@ -111,8 +124,11 @@ class ServeConfig:
 def refuse_router_with(settings: list[str], source: str = "config") -> None:
     """`router` together with single-model settings: a clear error naming both."""
     names = ", ".join(settings)
+    placed = [name for name in settings if name in PLACEMENT_SETTINGS]
+    why = (f" (the router loads each expert in the dtype its router was calibrated with, router.json; "
+           f"{' and '.join(placed)} place the single model only)" if placed else "")
     raise MedmoeError(f"server config {source}: router and {names} cannot be used together: router serves the routed "
-                      f"MambaFormer system, whose two experts its router.json names; {names} set up a single model. "
+                      f"MambaFormer system, whose two experts its router.json names; {names} set up a single model{why}. "
                       "Give one or the other (the experts of a router can be completed with answerer_options "
                       "transformer / mamba)")
 
