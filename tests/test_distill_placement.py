@@ -41,11 +41,11 @@ def test_bfloat16_autocast_of_the_teacher_keeps_a_float32_student(tmp_path):
 
 def test_teacher_autocast_wants_a_resolved_dtype():
     teacher, ids = _teacher(), torch.randint(0, 50, (2, 8))
-    with torch.no_grad(), teacher_autocast(torch.device("cpu"), "bf16"):
+    with torch.no_grad(), teacher_autocast(torch.device("cpu"), "bfloat16"):
         assert teacher(input_ids=ids).logits.dtype == torch.bfloat16
     with torch.no_grad(), teacher_autocast(torch.device("cpu"), "float32"):
         assert teacher(input_ids=ids).logits.dtype == torch.float32
-    with pytest.raises(ModelError, match="resolved first"):
+    with pytest.raises(ModelError, match="resolve .auto. first"):
         teacher_autocast(torch.device("cpu"), "auto")
 
 

@@ -108,16 +108,15 @@ def load_eval_model(name: str, adapter: str | None = None, dtype: str = "float32
     """A bundled name, hub id or local folder (optionally with a `medmoe finetune` adapter) as an EvalModel,
     loaded in `dtype` (auto | float32 | bfloat16 | float16) on `device` (auto | cpu | cuda | cuda:N | mps;
     `medmoe.models.placement`); a Mamba hybrid on CPU stays float32, as `medmoe run` loads it
-    (`medmoe.mambaformer.experts.expert_dtype`). The model's `placement` says what was resolved."""
+    (`medmoe.models.placement.load_dtype`). The model's `placement` says what was resolved."""
     if name.startswith("routed:"):
         raise ModelError(f"'{name}': evaluate the routed MambaFormer system with `medmoe eval --router DIR` "
                          "(DIR: the gate folder written by `medmoe run`)")
-    from medmoe.mambaformer.experts import expert_dtype
     from medmoe.models import hybrid_folder, load_causal_lm
-    from medmoe.models.placement import resolve_device, torch_dtype
+    from medmoe.models.placement import load_dtype, resolve_device, torch_dtype
 
     device = resolve_device(device)
-    dtype = expert_dtype(dtype, device, hybrid=adapter is None and hybrid_folder(Path(name)) is not None)
+    dtype = load_dtype(dtype, device, hybrid=adapter is None and hybrid_folder(Path(name)) is not None)
     # LoRA-MoE, PEFT LoRA or a full fine-tune, by its files
     model, tokenizer = load_causal_lm(name, dtype=torch_dtype(dtype), device=device, adapter=adapter)
     lm = HFEvalModel(model, tokenizer, name if adapter is None else f"{name}+{Path(adapter).name}")

@@ -251,11 +251,10 @@ def distill(teacher, student, spec: HybridSpec, blocks: torch.Tensor, out: str |
 
 def teacher_autocast(device: torch.device, dtype: str):
     """Autocast for the teacher's forward in `dtype` (float32: disabled) on `device`'s kind."""
-    from medmoe.models.placement import parse_dtype
-
-    name = parse_dtype(dtype)
-    if name == "auto":
-        raise ModelError("DistillConfig.dtype 'auto' must be resolved first (medmoe.models.placement.resolve_dtype)")
+    name = str(dtype)
+    if name not in ("float32", "bfloat16", "float16"):  # the CLI resolves auto and aliases (medmoe.models.placement)
+        raise ModelError(f"DistillConfig.dtype {dtype!r}: give float32, bfloat16 or float16 (resolve 'auto' first: "
+                         "medmoe.models.placement.resolve_dtype)")
     return torch.autocast(device.type, dtype=getattr(torch, name), enabled=name != "float32")
 
 

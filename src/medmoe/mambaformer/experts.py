@@ -37,26 +37,15 @@ def load_expert(name: str, source: str, tokenizer_source: str | None = None, dty
     `tokenizer_source`'s, else its teacher's. dtype: auto | float32 | bfloat16 | float16 and device:
     auto | cpu | cuda | cuda:N | mps (`medmoe.models.placement`); a hybrid on CPU loads in float32."""
     from medmoe.models import hybrid_folder, load_causal_lm, training_provenance
-    from medmoe.models.placement import resolve_device, torch_dtype
+    from medmoe.models.placement import load_dtype, resolve_device, torch_dtype
 
     hybrid = hybrid_folder(Path(source))
     device = resolve_device(device)
-    dtype = expert_dtype(dtype, device, hybrid=hybrid is not None)
+    dtype = load_dtype(dtype, device, hybrid=hybrid is not None)
     saved_tokenizer = hybrid is not None and (hybrid / "tokenizer_config.json").exists()
     model, tokenizer = load_causal_lm(str(hybrid or source), dtype=torch_dtype(dtype), device=device,
                                       tokenizer=None if saved_tokenizer else tokenizer_source)
     return Expert(name, str(hybrid or source), model, tokenizer, training_provenance(hybrid or Path(source)), dtype, device)
-
-
-def expert_dtype(dtype: str, device: str, hybrid: bool) -> str:
-    """The dtype an expert loads in on a resolved `device`: `dtype` resolved (auto -> bfloat16 or float32),
-    except a Mamba hybrid on CPU, which stays float32 (its fused kernels' only dtype)."""
-    from medmoe.models.placement import parse_dtype, resolve_dtype
-
-    if hybrid and device == "cpu":
-        parse_dtype(dtype)  # still refuse a bad name
-        return "float32"
-    return resolve_dtype(dtype, device)
 
 
 def check_gate_records(experts: dict[str, Expert], dataset: str, n_gate: int) -> None:

@@ -99,3 +99,12 @@ def torch_dtype(name: str) -> Any:
     if name == "auto":
         raise ModelError("dtype 'auto' must be resolved first (resolve_dtype) before it names a torch dtype")
     return getattr(torch, name)
+
+
+def load_dtype(dtype: str, device: str, hybrid: bool) -> str:
+    """The dtype a model loads in on a resolved `device`: `dtype` resolved (auto -> bfloat16 or float32),
+    except a Mamba hybrid on CPU, which stays float32 (its fused kernels' only dtype)."""
+    if hybrid and device == "cpu":
+        parse_dtype(dtype)  # still refuse a bad name
+        return "float32"
+    return resolve_dtype(dtype, device)

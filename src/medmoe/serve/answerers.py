@@ -27,14 +27,13 @@ def load_causal_lm_answerer(config: Any) -> CausalLMAnswerer:
     CPU stays float32, as `medmoe run` loads it)."""
     from pathlib import Path
 
-    from medmoe.mambaformer.experts import expert_dtype
     from medmoe.models import hybrid_folder, load_causal_lm
-    from medmoe.models.placement import resolve_device, torch_dtype
+    from medmoe.models.placement import load_dtype, resolve_device, torch_dtype
 
     adapter = getattr(config, "adapter", None)
     device = resolve_device(getattr(config, "device", "auto"))
     hybrid = adapter is None and hybrid_folder(Path(config.model)) is not None
-    dtype = expert_dtype(getattr(config, "dtype", "float32"), device, hybrid=hybrid)
+    dtype = load_dtype(getattr(config, "dtype", "float32"), device, hybrid=hybrid)
     model, tokenizer = load_causal_lm(config.model, dtype=torch_dtype(dtype), device=device, adapter=adapter)
     return CausalLMAnswerer(
         model, tokenizer, name=config.model_label or config.model,
