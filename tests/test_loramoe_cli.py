@@ -104,3 +104,15 @@ def test_eval_with_adapter_scores_the_tuned_model(tmp_path, run_files):
     [predictions] = (tmp_path / "eval").glob("*/predictions.jsonl")
     rows = [json.loads(line) for line in predictions.read_text().splitlines()]
     assert len(rows) == 5 and all(r["prediction"] in "ABC" for r in rows)
+
+
+def test_finetune_says_when_eval_examples_leave_nothing_held_out(tmp_path, run_files):
+    base, data = run_files
+    n = sum(1 for line in data.read_text().splitlines() if line.strip())
+    args = ["finetune", "--model", str(base), "--data", str(data), "--output", str(tmp_path / "run"), "--steps", "1",
+            "--experts", "4", "--rank", "4", "--limit", "6", "--eval-examples", "8"]
+    assert n > 6
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "--eval-examples 8 is not below the 6 training examples: none is held out" in result.output
+    assert "on 6 examples from" in result.output and "0 held out for the eval loss" in result.output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -20,6 +21,34 @@ def medmoe_home() -> Path:
     return Path(base) / "medmoe"
 
 
+class DiskFull(OSError):
+    """The device filled up while medmoe wrote `path`. Every write goes to a temporary name first and is
+    renamed when complete, so the file or folder that was there is unchanged and nothing already done is
+    lost; the message says so, with the space left there. The CLI prints it as one line (exit 2)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        existing = next((p for p in (self.path, *self.path.parents) if p.exists()), Path("/"))
+        free_mib = shutil.disk_usage(existing).free / 2**20
+        self.message = (f"{self.path}: no space left on the device while writing it ({free_mib:,.0f} MiB free there now). "
+                        "What was there before is unchanged (medmoe writes to a temporary name and renames), and resumable "
+                        "runs keep every step already saved: free some space, or write elsewhere (--output, $MEDMOE_HOME), "
+                        "and run the command again")
+        super().__init__(errno.ENOSPC, self.message, str(self.path))
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether `exc` is the device filling up: an OSError ENOSPC, or a writer's own error for it (safetensors
+    raises `SafetensorError: ... IoError(Os { code: 28, kind: StorageFull, ... })`, not an OSError)."""
+    if isinstance(exc, OSError):
+        return exc.errno == errno.ENOSPC
+    text = str(exc)
+    return "StorageFull" in text or "No space left on device" in text or "code: 28," in text
+
+
 @contextmanager
 def atomic_dir(target: Path) -> Iterator[Path]:
     """Yield a temporary folder beside `target`; on success it replaces `target` in one rename.
@@ -30,7 +59,12 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        yield tmp
+        try:
+            yield tmp
+        except Exception as exc:
+            if is_disk_full(exc) and not isinstance(exc, DiskFull):
+                raise DiskFull(target) from exc
+            raise
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, old)
@@ -51,9 +85,14 @@ def atomic_write_file(path: Path, write: Callable[[str], Any]) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     os.close(fd)
     try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        try:
+            write(tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        except Exception as exc:
+            if is_disk_full(exc) and not isinstance(exc, DiskFull):
+                raise DiskFull(path) from exc
+            raise
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import importlib
 import sys
+from typing import NoReturn
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
 from medmoe.errors import MedmoeError
+from medmoe.paths import DiskFull, is_disk_full
 
 app = typer.Typer(
     name="medmoe",
@@ -52,13 +54,23 @@ for _name in COMMAND_MODULES:
 err_console = Console(stderr=True)
 
 
+def fail(message: str) -> NoReturn:
+    """Print a user-facing error as one red line and exit 2."""
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)  # "medmoe[serve]" is not markup
+    sys.exit(2)
+
+
 def main() -> None:
     """Entry point: user-facing errors print as one red line and exit 2, not as tracebacks."""
     try:
         app()
-    except MedmoeError as exc:
-        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)  # "medmoe[serve]" is not markup
-        sys.exit(2)
+    except (MedmoeError, DiskFull) as exc:
+        fail(str(exc))
+    except Exception as exc:  # a write that filled the device outside medmoe's atomic writers (e.g. a JSONL append)
+        if not is_disk_full(exc):
+            raise
+        fail(f"no space left on the device while writing {getattr(exc, 'filename', None) or 'a file'}: free some space, or write elsewhere "
+             "(--output, $MEDMOE_HOME), and run the command again; resumable runs keep every step already saved")
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/]")
         sys.exit(130)

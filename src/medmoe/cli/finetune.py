@@ -208,16 +208,20 @@ def run_finetune(model: str, data: str, *, fields: dict[str, Any], epochs: float
     examples = select_examples(load_examples(data, tokenizer, with_explanation=with_explanations), cfg.skip_first, cfg.limit)
     if auto_schedule:
         cfg = dataclasses.replace(cfg, eval_examples=min(32, len(examples) // 5))
+    held_out = cfg.eval_examples if 0 < cfg.eval_examples < len(examples) else 0  # as train.finetune.split_examples holds out
+    if cfg.eval_examples > 0 and not held_out and rank_id == 0:
+        typer.echo(f"warning: --eval-examples {cfg.eval_examples} is not below the {len(examples)} training examples: "
+                   "none is held out, so there is no eval loss (give a smaller --eval-examples)", err=True)
     if epochs > 0:
         per_step = cfg.batch_size * cfg.grad_accum * world
-        cfg = dataclasses.replace(cfg, steps=max(1, math.ceil((len(examples) - cfg.eval_examples) * epochs / per_step)))
+        cfg = dataclasses.replace(cfg, steps=max(1, math.ceil((len(examples) - held_out) * epochs / per_step)))
     if auto_schedule:
         cfg = dataclasses.replace(cfg, warmup_steps=max(1, cfg.steps // 10), eval_every=max(1, cfg.steps // 4),
                                   save_every=max(1, cfg.steps // 4))
     if rank_id == 0:
         left_out = f" (first {cfg.skip_first} kept for the gate)" if cfg.skip_first else ""
-        typer.echo(f"{cfg.method} fine-tuning of {model} on {len(examples) - cfg.eval_examples} examples from {data}{left_out}, "
-                   f"{cfg.eval_examples} held out for the eval loss: {cfg.steps} steps; {world} process(es)")
+        typer.echo(f"{cfg.method} fine-tuning of {model} on {len(examples) - held_out} examples from {data}{left_out}, "
+                   f"{held_out} held out for the eval loss: {cfg.steps} steps; {world} process(es)")
     result = finetune(cfg, lm, tokenizer, train_examples=examples, rank=rank_id, world=world)
     if rank_id == 0:
         typer.echo(outcome_line(result, cfg.steps))

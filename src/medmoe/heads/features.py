@@ -25,7 +25,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -42,7 +41,7 @@ from medmoe.eval.prompts import Prompt, build_prompt
 from medmoe.eval.scoring import accepts_logits_to_keep, bos_ids, encode_pair, is_encoder_decoder, score_options_seq2seq
 from medmoe.eval.window import PromptFitter
 from medmoe.hf_compat import output_cache, with_cache
-from medmoe.paths import atomic_write_json, medmoe_home
+from medmoe.paths import atomic_write_file, atomic_write_json, medmoe_home
 
 CHUNK = 32
 FORMAT = 1
@@ -334,8 +333,7 @@ def extract_features(lm: HFEvalModel, records: Sequence[Record], folder: Path, s
             chunk_keys = [record_key(r) for r in chunk]
             name = hashlib.sha256("".join(chunk_keys).encode()).hexdigest()[:16]  # never another chunk's name
             path = folder / f"chunk-{name}.safetensors"
-            save_file(tensors, str(path) + f".tmp-{os.getpid()}", metadata={"keys": json.dumps(chunk_keys)})
-            Path(str(path) + f".tmp-{os.getpid()}").replace(path)
+            atomic_write_file(path, lambda tmp: save_file(tensors, tmp, metadata={"keys": json.dumps(chunk_keys)}))  # noqa: B023 (called at once)
             if task is not None:
                 bar.advance(task, len(chunk))
     return read_features(folder, records)
