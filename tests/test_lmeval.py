@@ -229,7 +229,13 @@ def test_model_args_reach_the_loader(tiny_dir):
     if not torch.cuda.is_available():  # lm-eval's CLI passes cuda:0 unless told otherwise
         assert resolve_device("cuda:0") == "cpu"
     assert resolve_device("cpu") == "cpu"
-    with pytest.raises(ModelError, match="dtype=int8"):
+    with pytest.raises(ModelError, match="dtype 'int8': choose one of auto, float32, bfloat16, float16"):
         MedmoeLM(model=str(tiny_dir), dtype="int8")
+    with pytest.raises(ModelError, match="gpu"):
+        resolve_device("gpu")
+    from medmoe.eval.lmeval import resolve_dtype
+
+    assert resolve_dtype("bf16") == torch.bfloat16 and resolve_dtype("torch.float16") == torch.float16
+    assert resolve_dtype("auto", "cpu") in (torch.float32, torch.bfloat16)
     with pytest.raises(ModelError, match="batch_size=auto"):
         MedmoeLM(model=str(tiny_dir), batch_size="auto")

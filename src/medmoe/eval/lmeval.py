@@ -12,7 +12,8 @@ lm-eval's own CLI with medmoe registered:
 model_args (besides lm-eval's --batch_size and --device, which arrive the same way):
   model       a bundled name, hub id or local folder (medmoe.models.load_causal_lm)
   adapter     a `medmoe finetune` adapter (LoRA-MoE, PEFT LoRA) or full fine-tune on top of it
-  dtype       float32 (the default), bfloat16 or float16, passed to the loader
+  dtype       float32 (the default), bfloat16, float16 (or fp32 / bf16 / fp16), or auto (bfloat16 where the
+              device computes it natively): medmoe's one parser, models/placement.py; passed to the loader
   max_length  the window for long inputs and rolling windows (default: the model's config, as lm-eval's hf)
   batch_size  rows per forward pass (an integer; lm-eval's "auto" is refused)
   device      where the model is loaded; none, or CUDA on a machine without it: cuda if available, else cpu
@@ -56,10 +57,10 @@ from medmoe.eval.model import EvalModel, HFEvalModel, load_eval_model
 from medmoe.eval.prompts import build_prompt
 from medmoe.eval.scoring import accepts_logits_to_keep, bos_ids, encode_pair, is_encoder_decoder
 from medmoe.loramoe import LoraMoeModel
+from medmoe.models import placement
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_MAX_LENGTH = 2048  # lm-eval's hf default, for a model whose config names no window
 
 TokenPair = tuple[Sequence[int], Sequence[int]]  # (context ids, continuation ids)
@@ -82,24 +83,26 @@ metric_list:
 
 
 def resolve_device(device: str | None) -> str:
-    """lm-eval's rule (its CLI passes cuda:0 unless told otherwise): the device asked for; none, or
-    CUDA on a machine without it, gives cuda when available and else cpu."""
-    if device is not None and not (device.startswith("cuda") and not torch.cuda.is_available()):
-        return device
-    chosen = "cuda" if torch.cuda.is_available() else "cpu"
-    if device is not None:
-        log.warning("device %s: CUDA is not available, using %s", device, chosen)
-    return chosen
+    """lm-eval's rule (its CLI passes cuda:0 unless told otherwise) through medmoe's one parser
+    (models.placement: auto, cpu, mps, cuda, cuda:N; anything else is a ModelError naming the choices):
+    the device asked for; none or auto gives cuda when available, else cpu; CUDA on a machine without
+    it falls back to cpu with a warning."""
+    if device is None:
+        return placement.resolve_device("auto")
+    name = placement.parse_device(device)
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        log.warning("device %s: CUDA is not available, using cpu", device)
+        return "cpu"
+    return placement.resolve_device(name)
 
 
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    """A torch dtype from a model_arg (float32, bfloat16, float16; "torch." prefix allowed); None: the loader's float32."""
+def resolve_dtype(dtype: str | torch.dtype | None, device: str = "cpu") -> torch.dtype | None:
+    """A torch dtype from a model_arg, through medmoe's one parser (float32, bfloat16, float16, their
+    aliases fp32 / bf16 / fp16, a "torch." prefix, and auto: bfloat16 where `device` computes it
+    natively, else float32); None: the loader's float32."""
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
-    name = str(dtype).removeprefix("torch.")
-    if name not in DTYPES:
-        raise ModelError(f"dtype={dtype}: the medmoe lm-eval model takes {', '.join(DTYPES)}")
-    return DTYPES[name]
+    return placement.torch_dtype(placement.resolve_dtype(placement.parse_dtype(dtype), device))
 
 
 def resolve_batch_size(batch_size: int | str | None) -> int:
@@ -190,7 +193,8 @@ class MedmoeLM(LM):
             log.warning("medmoe lm-eval model: ignoring model_args %s", ", ".join(sorted(unused)))
         self.batch_size = resolve_batch_size(batch_size)
         if eval_model is None:
-            eval_model = load_lm_eval_model(model, adapter, resolve_device(device), resolve_dtype(dtype))
+            where = resolve_device(device)
+            eval_model = load_lm_eval_model(model, adapter, where, resolve_dtype(dtype, where))
         self.eval_model = eval_model
         self._max_length = int(max_length) if max_length else None
         network = self.causal_network
