@@ -94,7 +94,8 @@ class LengthThreshold:
 class OracleRouter:
     """Per query, the expert of highest utility U_e = -l_e - beta C_e / C_ref (reads the gold results).
 
-    objective="accuracy" instead picks a correct expert when one exists, the cheaper one on ties.
+    objective="accuracy" instead picks the expert with the higher `correct` (a correct one when one
+    exists; the higher quality q in the generative setting, `generative_routing`), the cheaper one on ties.
     """
 
     def __init__(self, beta: float = 0.0, c_ref: float | None = None, costs: np.ndarray | None = None,
@@ -107,9 +108,9 @@ class OracleRouter:
     def route(self, table: ExpertResults) -> np.ndarray:
         costs = table.stacked("latency_ms") if self.costs is None else self.costs
         if self.objective == "accuracy":
-            correct = table.stacked("correct")
+            correct = table.stacked("correct")                                  # (N, 2) 0/1 or q in [0, 1]
             cheaper_m = costs[:, 1] < costs[:, 0]
-            return np.where(correct[:, 0] == correct[:, 1], cheaper_m, correct[:, 1])
+            return np.where(correct[:, 0] == correct[:, 1], cheaper_m, correct[:, 1] > correct[:, 0])
         c_ref = default_c_ref(costs) if self.c_ref is None else self.c_ref
         u = utilities(table, self.beta, c_ref, costs)
         return u[:, 1] > u[:, 0]

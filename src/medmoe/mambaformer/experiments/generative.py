@@ -17,14 +17,15 @@ Systems, all on the same queries:
   oracle-rouge                 per query the expert with the higher ROUGE-L (ties: E_T); an upper
                                bound that reads the reference, not a deployable router
 Expert rows are appended to `<folder>/<expert>.jsonl` as they finish (resumable, as the harness's
-runs; `run.json` holds the settings a resumed run must match).
+runs; `run.json` holds the settings a resumed run must match): `cached_rows`, which the gate trained on
+the generative utility (`generative_routing`) calls once per split too.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -39,6 +40,7 @@ from medmoe.eval.prompts import build_prompt, is_yesno, language_of, may_have_se
 from medmoe.eval.runner import check_settings, claim_folder, progress_bar, read_done
 from medmoe.eval.textmetrics import BertScorer, load_bertscorer, rouge_l
 from medmoe.mambaformer.answerer import RoutedAnswerer
+from medmoe.mambaformer.experts import Expert
 
 EXPERTS = ("transformer", "mamba")
 SYSTEMS = EXPERTS + ("mambaformer", "oracle-rouge")
@@ -74,13 +76,13 @@ def generate_row(model: HFEvalModel, record: Record, scorer: BertScorer, max_new
     }
 
 
-def expert_rows(router: RoutedAnswerer, records: Sequence[Record], folder: Path, max_new_tokens: int,
+def expert_rows(experts: Mapping[str, Expert], records: Sequence[Record], folder: Path, max_new_tokens: int,
                 bertscorer: Callable[[str], BertScorer]) -> dict[str, list[dict[str, Any]]]:
     """Every expert's rows for `records` (in record order), generating only those not yet in `folder`."""
     scorers: dict[str, BertScorer] = {}
     rows: dict[str, list[dict[str, Any]]] = {}
     for name in EXPERTS:
-        expert = router.experts[name]
+        expert = experts[name]
         model = HFEvalModel(expert.model, expert.tokenizer, name)
         path = folder / f"{name}.jsonl"
         done = read_done(path)
@@ -98,6 +100,17 @@ def expert_rows(router: RoutedAnswerer, records: Sequence[Record], folder: Path,
                 bar.advance(task)
         rows[name] = [done[r.id] for r in records]
     return rows
+
+
+def cached_rows(experts: Mapping[str, Expert], records: Sequence[Record], folder: Path, max_new_tokens: int,
+                bertscorer: Callable[[str], BertScorer], settings: dict[str, Any] | None = None) -> dict[str, list[dict[str, Any]]]:
+    """`expert_rows` in the run folder `folder`, locked (`claim_folder`) and with its settings pinned in run.json
+    (max new tokens, the prompt, and `settings`: a resumed run with others is refused); what every
+    generative run calls (this module's `generative_run`, `generative_routing` once per split)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    claim_folder(folder)
+    check_settings(folder, {"max_new_tokens": max_new_tokens, "prompt": "explain", **(settings or {})})
+    return expert_rows(experts, records, folder, max_new_tokens, bertscorer)
 
 
 def route_each(router: RoutedAnswerer, records: Sequence[Record]) -> tuple[list[str], list[float], list[float]]:
@@ -142,10 +155,7 @@ def generative_run(router: RoutedAnswerer, records: Sequence[Record], folder: Pa
     records = explained_records(records)
     if not records:
         raise MedmoeError("generative run: no option question with a reference explanation to score")
-    folder.mkdir(parents=True, exist_ok=True)
-    claim_folder(folder)
-    check_settings(folder, {"max_new_tokens": max_new_tokens, "prompt": "explain", **(settings or {})})
-    rows = expert_rows(router, records, folder, max_new_tokens, bertscorer)
+    rows = cached_rows(router.experts, records, folder, max_new_tokens, bertscorer, settings)
     routed, p_mamba, gate_ms = route_each(router, records)
     oracle = ["mamba" if m["rouge_l"] > t["rouge_l"] else "transformer"  # ties: E_T
               for t, m in zip(rows["transformer"], rows["mamba"])]

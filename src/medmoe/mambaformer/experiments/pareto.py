@@ -123,8 +123,9 @@ def pareto_report(gate_points: list[OperatingPoint], baselines: list[OperatingPo
             "gate_points": [p.to_dict() for p in gate_points], "baselines": [p.to_dict() for p in baselines]}
 
 
-def markdown_table(report: dict, statistic: str = "p50") -> str:
-    lines = [f"| router | accuracy | {statistic} latency (ms) | mean latency (ms) | share to E_M | Pareto |",
+def markdown_table(report: dict, statistic: str = "p50", quality: str = "accuracy") -> str:
+    """The baselines and the gate's Pareto front; `quality`: what the "accuracy" column measures (its header)."""
+    lines = [f"| router | {quality} | {statistic} latency (ms) | mean latency (ms) | share to E_M | Pareto |",
              "| --- | ---: | ---: | ---: | ---: | :---: |"]
     rows = report["baselines"] + [p for p in report["gate_points"] if p["pareto"]]
     for p in rows:
@@ -137,9 +138,11 @@ def markdown_table(report: dict, statistic: str = "p50") -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(report: dict, path: str | Path, statistic: str = "p50", title: str = "Accuracy vs latency") -> bool:
-    """PNG: all gate sweep points, the Pareto front joined, every baseline labelled, on one pair of axes.
-    False (and a warning) without matplotlib, the `plots` extra: the table and JSON are the report."""
+def plot(report: dict, path: str | Path, statistic: str = "p50", title: str = "Accuracy vs latency",
+         quality: str = "accuracy") -> bool:
+    """PNG: all gate sweep points, the Pareto front joined, every baseline labelled, on one pair of axes
+    (y: `quality`, what the points' "accuracy" measures). False (and a warning) without matplotlib, the
+    `plots` extra: the table and JSON are the report."""
     import io
 
     try:
@@ -162,7 +165,7 @@ def plot(report: dict, path: str | Path, statistic: str = "p50", title: str = "A
         ax.scatter([p["latency_ms"]], [p["accuracy"]], marker=markers[i % len(markers)], s=60, c=f"C{i + 1}",
                    label=p["name"], zorder=3)
     ax.set_xlabel(f"{statistic} latency per query (ms)")
-    ax.set_ylabel("accuracy")
+    ax.set_ylabel(quality)
     apgr = report.get("apgr")
     ax.set_title(title + ("" if apgr is None else f"  (APGR {apgr:.3f})"))
     ax.grid(alpha=0.3)
@@ -176,13 +179,14 @@ def plot(report: dict, path: str | Path, statistic: str = "p50", title: str = "A
 
 
 def write_report(report: dict, out_dir: str | Path, name: str = "pareto", statistic: str = "p50",
-                 header: str = "") -> dict[str, Path]:
-    """Write <name>.md, <name>.json and <name>.png (with matplotlib) into out_dir; return their paths."""
+                 header: str = "", quality: str = "accuracy") -> dict[str, Path]:
+    """Write <name>.md, <name>.json and <name>.png (with matplotlib) into out_dir; return their paths.
+    `quality`: what the points' "accuracy" measures (a generation metric in the generative setting)."""
     out = Path(out_dir)
     paths = {"md": out / f"{name}.md", "json": out / f"{name}.json", "png": out / f"{name}.png"}
-    atomic_write_text(paths["md"], (header + "\n" if header else "") + markdown_table(report, statistic))
+    atomic_write_text(paths["md"], (header + "\n" if header else "") + markdown_table(report, statistic, quality))
     atomic_write_text(paths["json"], json.dumps(report, indent=1) + "\n")
-    if not plot(report, paths["png"], statistic):
+    if not plot(report, paths["png"], statistic, f"{quality[:1].upper()}{quality[1:]} vs latency", quality):
         del paths["png"]
     return paths
 

@@ -46,7 +46,7 @@ from medmoe.mambaformer.calibrate import DEFAULT_TOLERANCE
 from medmoe.mambaformer.checkpoint import RouterCheckpoint
 from medmoe.mambaformer.experiments.baselines import baseline_routers
 from medmoe.mambaformer.experiments.pareto import OperatingPoint, pareto_run, write_report
-from medmoe.mambaformer.experiments.targets import routing_targets
+from medmoe.mambaformer.experiments.targets import Floor, routing_targets
 from medmoe.mambaformer.experts import Expert, check_gate_records, load_expert
 from medmoe.mambaformer.features import GateFeatures, GateFeaturizer, featurizer_for_tokenizer
 from medmoe.mambaformer.fit import FittedGate, fit_gate
@@ -215,9 +215,28 @@ def route_and_report(cfg: PipelineConfig, splits: dict[str, list[Record]], table
                      experts: dict[str, str | None], big: OperatingPoint | None, router_dir: Path | None,
                      log: Callable[[str], None] = print, placement: dict[str, dict] | None = None) -> dict[str, Any]:
     """Steps 4-6 on per-example expert results, wherever they came from (the experts' own scores here,
-    option heads in benchmarks/mambaformer_heads.py): a gate per beta, tau on dev, the router checkpoint
-    of cfg.beta in `router_dir` (None: not saved), the test report with baselines, floor and targets.
-    `placement`: each expert's source, dtype and device as loaded, kept in the report and the checkpoint."""
+    option heads in benchmarks/mambaformer_heads.py): `route_tables` with the best constant answer of the
+    test split as the floor, each router's macro-F1, and the report written to <out>/<dataset>/pareto.*."""
+    gold = [rec.answer for rec in splits["test"]]
+    report = route_tables(cfg, tables, featurizer, features, gate_ms, experts, big, router_dir, gold, log, placement)
+    for row in report["summary"]:
+        row["macro_f1"] = macro_f1(gold, row.pop("preds"))
+    write_report(report, Path(cfg.out) / cfg.dataset, name="pareto", header=f"# MambaFormer on {cfg.dataset} test\n")
+    return report
+
+
+def route_tables(cfg: PipelineConfig, tables: dict[str, ExpertResults], featurizer: GateFeaturizer,
+                 features: dict[str, GateFeatures], gate_ms: float, experts: dict[str, str | None],
+                 big: OperatingPoint | None, router_dir: Path | None, floor: Sequence[str] | Floor,
+                 log: Callable[[str], None] = print, placement: dict[str, dict] | None = None,
+                 oracle_beta: float = 1.0) -> dict[str, Any]:
+    """Steps 4-6 on the train/dev/test tables, whatever their `correct` scores (0/1 for option scoring,
+    a generation's quality in [0, 1] for `generative_routing`): a gate per beta, tau on dev, the router
+    checkpoint of cfg.beta in `router_dir` (None: not saved), the test report with baselines (the utility
+    oracle's beta `oracle_beta`), Pareto sweep, "floor" and "targets" (`routing_targets` with `floor`: the
+    test gold answers, whose best constant answer is the floor, or the `Floor` itself). Not written; each
+    summary row still holds its router's test predictions under "preds". `placement`: each expert's
+    source, dtype and device as loaded, kept in the report and the checkpoint."""
     dev, test = tables["dev"], tables["test"]
     scores: dict[float, dict[str, np.ndarray]] = {}
     fitted: dict[float, FittedGate] = {}
@@ -238,20 +257,15 @@ def route_and_report(cfg: PipelineConfig, splits: dict[str, list[Record]], table
 
     decisions = scores[cfg.beta]["test"] > deployed.tau
     deployed_first = {cfg.beta: scores[cfg.beta]["test"], **{b: s["test"] for b, s in scores.items()}}
-    routers = baseline_routers(test, float(decisions.mean()), dev)
+    routers = baseline_routers(test, float(decisions.mean()), dev, oracle_beta=oracle_beta)
     report = pareto_run(test, deployed_first, deployed.tau, dev, extra_points=[big] if big else [], gate_ms=gate_ms,
                         routers=routers)
     rows = [summary_row(r.name, test, r.route(test), 0.0, big.latency_ms if big else None) for r in routers]
     rows.append(summary_row("mambaformer (calibrated)", test, decisions, gate_ms, big.latency_ms if big else None))
-    gold = [rec.answer for rec in splits["test"]]
-    for row in rows:
-        row["macro_f1"] = macro_f1(gold, row.pop("preds"))
     report.update({"summary": rows, "tau": deployed.tau, "beta": cfg.beta, "gate_ms": gate_ms, "examples": {s: len(t) for s, t in tables.items()},
                    "big": asdict(big) if big else None, "config": asdict(cfg)})
     if placement:
         report["placement"] = placement
-    report["targets"] = routing_targets(test, gold, decisions, gate_ms, report)
+    report["targets"] = routing_targets(test, floor, decisions, gate_ms, report)
     report["floor"] = {"answer": report["targets"]["floor_answer"], "accuracy": report["targets"]["floor_accuracy"]}
-    write_report(report, Path(cfg.out) / cfg.dataset, name="pareto", header=f"# MambaFormer on {cfg.dataset} test\n")
     return report
-

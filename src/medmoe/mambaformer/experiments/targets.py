@@ -3,7 +3,9 @@
 Layout (accuracies in [0, 1], latencies = p50 ms per query, every "ci95" a 95% paired-bootstrap
 interval [lo, hi] over test examples, `medmoe.eval.metrics.paired_difference`):
 
-    floor_accuracy, floor_answer       the best constant answer (`best_constant`), the floor
+    floor_accuracy, floor_answer       the floor: the best constant answer (`best_constant` of the gold
+                                       answers), or the `Floor` given (the generative setting's best
+                                       constant text, `generative_routing.constant_text_floor`)
     et, em                             {accuracy, p50_ms, diff_vs_floor_ci95}: each expert alone
     deployed                           {accuracy, p50_ms, share_to_mamba, speedup_vs_et,
                                         diff_vs_random_same_mix_ci95, random_same_mix_accuracy,
@@ -15,9 +17,12 @@ interval [lo, hi] over test examples, `medmoe.eval.metrics.paired_difference`):
                                        accuracy or better {name, accuracy, p50_ms, speedup_vs_big}, or None
     holds, thresholds                  which targets are met, and the thresholds used
 
+"Accuracy" is the mean of the table's `correct`: 0/1 for option scoring, the quality q in [0, 1] of a
+generation in the generative setting (`generative_routing`), where "1 point" is 0.01 of that metric.
+
 Random routing at the same mix: with s = the deployed share to E_M, a random router's expected
-correctness on example i is r_i = s c_M,i + (1 - s) c_T,i (c_e,i in {0, 1}). The deployed gate is
-compared with that expectation, mean_i(g_i - r_i) with g_i its correctness, rather than with one
+correctness on example i is r_i = s c_M,i + (1 - s) c_T,i (c_e,i in {0, 1}, or a quality in [0, 1]).
+The deployed gate is compared with that expectation, mean_i(g_i - r_i) with g_i its correctness, rather than with one
 seeded random draw: the routing randomness is integrated out exactly, and the bootstrap over
 examples is the only noise left.
 
@@ -29,6 +34,7 @@ deployed router only, each expert alone keeps its own latency.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -48,6 +54,15 @@ TARGET_TEXT = {
     "apgr_at_least_0.5": "APGR >= 0.5",
 }
 _EPS = 1e-9  # float slack in "within 1 point" / "at its accuracy or better"
+
+
+@dataclass(frozen=True)
+class Floor:
+    """The best constant output and what it scores on each test example: `answer` (a label, or a text
+    in the generative setting) and `correct` (N,) in [0, 1]."""
+
+    answer: str
+    correct: np.ndarray
 
 
 def _ci(correct_a: np.ndarray, correct_b: np.ndarray) -> list[float]:
@@ -102,15 +117,22 @@ def _holds(et: dict, deployed: dict, fastest: dict | None, apgr: float | None) -
     }
 
 
-def routing_targets(test: ExpertResults, gold: Sequence[str], deployed: np.ndarray, gate_ms: float,
+def routing_targets(test: ExpertResults, gold: Sequence[str] | Floor, deployed: np.ndarray, gate_ms: float,
                     report: dict, costs: np.ndarray | None = None) -> dict[str, Any]:
     """The targets object of the module docstring for the deployed decisions ((N,) bool, True = E_M) on
-    `test`, its gold answers, the gate's cost per query and the Pareto report (`pareto_run`, with "big");
-    `costs`: the deployed router's (N, 2) latencies when not the experts' own (module docstring)."""
-    if len(gold) != len(test):
-        raise MedmoeError(f"routing targets: {len(gold)} gold answers for {len(test)} test examples")
-    answer, floor = best_constant(gold)
-    floor_correct = np.array([g == answer for g in gold], dtype=np.float64)
+    `test`, its gold answers (the floor is their best constant answer) or the `Floor` itself, the gate's
+    cost per query and the Pareto report (`pareto_run`, with "big"); `costs`: the deployed router's (N, 2)
+    latencies when not the experts' own (module docstring)."""
+    if isinstance(gold, Floor):
+        if len(gold.correct) != len(test):
+            raise MedmoeError(f"routing targets: the floor scores {len(gold.correct)} examples, the test table has {len(test)}")
+        answer, floor_correct = gold.answer, np.asarray(gold.correct, dtype=np.float64)
+        floor = float(floor_correct.mean())
+    else:
+        if len(gold) != len(test):
+            raise MedmoeError(f"routing targets: {len(gold)} gold answers for {len(test)} test examples")
+        answer, floor = best_constant(gold)
+        floor_correct = np.array([g == answer for g in gold], dtype=np.float64)
     et, em = _expert(test, False, floor_correct), _expert(test, True, floor_correct)
     chosen = _deployed(test, np.asarray(deployed, dtype=bool), gate_ms, et, costs)
     front = [p for p in report["gate_points"] if p["pareto"]]
