@@ -108,6 +108,7 @@ def finetune_command(
     device: str = device_option("auto", help=TRAINING_DEVICE_HELP),
     dtype: str = dtype_option("auto", help=TRAINING_DTYPE_HELP),
     gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Recompute each decoder block's activations in backward instead of keeping them: less memory, one more forward per step, the same loss and gradients. A resume may turn it on or off.")] = False,
+    fsdp: Annotated[bool, typer.Option("--fsdp", help="With several processes (torchrun, accelerate launch; on by itself under accelerate's FSDP config, recipes/accelerate/fsdp.yaml): shard the frozen base across the ranks (FSDP2, one unit per decoder block), so each holds about 1/N of it; the adapters stay whole, and the run computes what the data-parallel run does. --method lora and loramoe. A resume may turn it on or off.")] = False,
     config: ConfigOption = None,
 ) -> None:
     """Fine-tune a model on DATA with LoRA-MoE, plain LoRA or full fine-tuning; resumable.
@@ -123,6 +124,8 @@ def finetune_command(
     if method == "full" and top_blocks:
         raise typer.BadParameter("--top-blocks is for --method lora and loramoe; for --method full, --top-layers N trains the "
                                  "last N layers' weights", param_hint="--method")
+    from medmoe.train.sharding import fsdp_requested
+
     targets = "all-linear" if target_modules == "all-linear" else [t.strip() for t in target_modules.split(",") if t.strip()]
     loramoe = dict(num_experts=experts, top_k=top_k, rank=rank, alpha=alpha, dropout=dropout, router_kind=loramoe_router,
                    router_dim=loramoe_router_dim,
@@ -138,7 +141,8 @@ def finetune_command(
                     lora_rank=lora_rank, lora_dropout=dropout, target_modules=targets, loramoe=loramoe,
                     top_layers=top_layers, freeze_mixers=freeze_mixers, top_blocks=top_blocks,
                     top_blocks_cache_dtype=top_blocks_cache_dtype, top_blocks_cache=str(top_blocks_cache or ""),
-                    report_to=report_to or None, device=device, dtype=dtype, gradient_checkpointing=gradient_checkpointing),
+                    report_to=report_to or None, device=device, dtype=dtype, gradient_checkpointing=gradient_checkpointing,
+                    fsdp=fsdp_requested(fsdp)),
     )
 
 
@@ -193,14 +197,17 @@ def run_finetune(model: str, data: str, *, fields: dict[str, Any], epochs: float
     from medmoe.train.distributed import init_from_env, launcher_note
     from medmoe.train.finetune import FinetuneConfig, finetune
     from medmoe.train.precision import training_device
+    from medmoe.train.sharding import accelerate_fsdp_note
 
     cfg = FinetuneConfig(base=model, data=data, with_explanation=with_explanations, **fields)  # bad settings fail before loading
     if threads > 0:
         torch.set_num_threads(threads)
     rank_id, world = init_from_env(cfg.device)
-    note = launcher_note()
-    if note and rank_id == 0:
-        typer.echo(f"warning: {note}", err=True)
+    for note in (launcher_note(), accelerate_fsdp_note()):
+        if note and rank_id == 0:
+            typer.echo(f"warning: {note}", err=True)
+    if cfg.fsdp and world == 1:
+        typer.echo("warning: --fsdp with one process: nothing to shard the base with, training unsharded", err=True)
     if os.environ.get("ACCELERATE_MIXED_PRECISION", "no") not in ("no", "") and rank_id == 0:
         typer.echo(f"warning: accelerate's mixed_precision={os.environ['ACCELERATE_MIXED_PRECISION']} is not read; "
                    f"medmoe finetune --dtype sets the precision (now {cfg.dtype})", err=True)

@@ -9,7 +9,7 @@ not repeated.
 Device and precision (precision.py): the model is moved to cfg.device (each rank its own GPU), every
 weight stays float32, and with cfg.dtype bfloat16 / float16 each forward runs under torch.autocast
 (float16 with a GradScaler). cfg.gradient_checkpointing recomputes each block in backward
-(activation_checkpointing.py).
+(activation_checkpointing.py); cfg.fsdp shards the frozen base across the ranks (sharding.py).
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from medmoe.train.log_sinks import MetricSinks, parse_report_to
 from medmoe.train.loss import completion_loss, hf_model
 from medmoe.train.precision import Precision, to_device, training_device, training_dtype
 from medmoe.train.run_folder import LOG_FILE, open_run, run_settings, truncate_log
+from medmoe.train.sharding import check_fsdp, shard_frozen_base
 from medmoe.train.top_blocks import (
     CACHE_FOLDER,
     ActivationCache,
@@ -111,6 +112,9 @@ class FinetuneConfig:
     # recompute each decoder block in backward instead of keeping its activations (activation_checkpointing.py):
     # the same loss and gradients, less memory, one more forward per step. Not a training setting
     gradient_checkpointing: bool = False
+    # shard the frozen base across the ranks of a multi-process run (sharding.py, FSDP2): each rank holds ~1/W of
+    # it; the adapters stay whole, so the run computes what the data-parallel one does. Not a training setting
+    fsdp: bool = False
 
     def __post_init__(self) -> None:
         self.report_to = parse_report_to(self.report_to)  # a missing package fails here, before anything is loaded
@@ -190,6 +194,7 @@ def recorded_settings(cfg: FinetuneConfig) -> dict[str, Any]:
     settings.pop("top_blocks_cache")  # nor where the cache lives (its key checks it holds this run's states)
     settings.pop("device")  # nor the machine (checkpoints hold CPU tensors)
     settings.pop("gradient_checkpointing")  # nor recomputing the activations (the same gradients)
+    settings.pop("fsdp")  # nor where the frozen weights are kept between forwards (the same numbers)
     if cfg.dtype == "float32":
         settings.pop("dtype")
     if not cfg.top_blocks:
@@ -347,6 +352,8 @@ def finetune(
         decoder_blocks(model, cfg.top_blocks)
         if world > 1:
             raise MedmoeError("--top-blocks trains in one process (one process builds the cache); run it without torchrun")
+    if cfg.fsdp:
+        check_fsdp(cfg.method, cfg.top_blocks)
     resume_from = open_run(out_dir, run_settings(recorded_settings(cfg), train_examples, world), cfg.resume, rank)
     barrier(world)
     train_examples, eval_examples = split_examples(train_examples, cfg.eval_examples, cfg.seed)
@@ -360,6 +367,9 @@ def finetune(
     model = prepare_model(model.to(device), cfg)  # adapters are made on the base's device
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(model)
+    sharded = cfg.fsdp and world > 1  # one process has nothing to shard with
+    if sharded:
+        shard_frozen_base(model, device, world)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = _scheduler(optimizer, cfg)
@@ -424,7 +434,7 @@ def finetune(
         aux = getattr(model, "last_aux_losses", None)
         if aux:
             record["aux"] = {k: float(v) for k, v in aux.items()}
-        if eval_features and (done % cfg.eval_every == 0 or done == cfg.steps) and rank == 0:
+        if eval_features and (done % cfg.eval_every == 0 or done == cfg.steps) and (rank == 0 or sharded):  # sharded: a collective
             evals[done] = record["eval_loss"] = evaluate_loss(model, eval_features, cfg.batch_size, pad_id, eval_loss, precision)
         record["seconds"] = round(time.perf_counter() - step_start, 3)
         if sinks is not None:  # rank 0
