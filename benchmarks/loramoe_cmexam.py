@@ -69,6 +69,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         p.add_argument("--limit", type=int, default=0, help="the first N test questions in split order (0 = all)")
         if name == "report":
             p.add_argument("--report-dir", type=Path, default=None, help="write the report here instead of reports/")
+            p.add_argument("--threads", type=int, default=2,
+                           help="torch CPU threads the training and scoring runs used (they do not record it): CPU-hours = hours x this")
             continue
         p.add_argument("--model", default="qwen2.5-coder-1.5b", help="the base the adapters were trained on")
         p.add_argument("--top-blocks", type=int, default=4)
@@ -332,7 +334,11 @@ def report(args: argparse.Namespace) -> Path:
     label = {s: SYSTEMS[s][1] if s in SYSTEMS else s for s in names}
     multi = len(rows) - len(single)
     settings = next(iter(details.values())).get("settings", {})
-    lines = [f"Base {settings.get('model')} in {settings.get('dtype')} (the dtype the adapters were trained in; "
+    total = len(load_bench(args, limit=0).records)
+    partial = (f"**PARTIAL: the first {len(rows)} of the {total:,} test questions in split order** (`score --limit "
+               f"{len(rows)}`: the CPU time this session had; the rest scores with the same commands without --limit). "
+               if len(rows) < total else "")
+    lines = [f"{partial}Base {settings.get('model')} in {settings.get('dtype')} (the dtype the adapters were trained in; "
              "reports/quality.md's zero-shot row ran in bfloat16), `medmoe eval`'s zero-shot letter prompt and rule "
              f"on {settings.get('benchmark')}'s test split: every system runs the lower blocks' states cached once per "
              f"prompt (WORKDIR {workdir}), then its own top {settings.get('top_blocks')} blocks (`check` rows below: "
@@ -362,14 +368,16 @@ def report(args: argparse.Namespace) -> Path:
         lines += ["## Training budgets (from each adapter's run folder)", "",
                   "`train h`: the sum of the steps' logged wall seconds (train_log.jsonl `seconds`), else not logged; "
                   "`span h`: first start to the adapter written (file times: includes the cache build, evaluations, and "
-                  "any time between a kill and its resume). No CPU-hours: the runs do not record their torch threads (CPU-hours = these x threads).", "",
+                  f"any time between a kill and its resume). CPU-hours = hours x {args.threads} torch threads (`report --threads`).", "",
                   "| system | method | steps x batch x accum | examples (trained / held out) | epochs | max length | top blocks | "
-                  "last loss | last eval loss | train h | span h | cache build |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "last loss | last eval loss | train h | span h | CPU-h (span) | cache build |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for system, t in trained.items():
             lines.append(f"| {label[system]} | {t['method']} | {t['steps']} x {t['batch_size']} x {t['grad_accum']} | "
                          f"{t['trained_on']} / {t['held_out']} | {t['epochs']} | {t['max_length']} | {t['top_blocks']} | "
                          f"{_num(t['last_loss'])} | {_num(t['last_eval_loss'])} | {_hours(t['train_seconds'])} | "
-                         f"{_hours(t['span_seconds'])} | {_cache_cost(t['cache_build'])} |")
+                         f"{_hours(t['span_seconds'])} | {_hours(t['span_seconds'] * args.threads if t['span_seconds'] else None)} | "
+                         f"{_cache_cost(t['cache_build'])} |")
         lines.append("")
     lines += ["## Evaluation cost and checks", "",
               f"Test cache ({workdir / CACHE}): " + (f"{test_cache['examples']:,} prompts, {test_cache['tokens']:,} tokens, "
@@ -389,7 +397,8 @@ def report(args: argparse.Namespace) -> Path:
                                                         "scoring_runs": details[s].get("runs"), "training": budgets[s],
                                                         "check": {k: v for k, v in (checks[s] or {}).items() if k != "rows"} or None}
                                                     for s in names},
-            "multi_answer_questions": multi, "test_cache": test_cache, "workdir": str(workdir)}
+            "multi_answer_questions": multi, "test_cache": test_cache, "workdir": str(workdir),
+            "test_questions": {"scored": len(rows), "split": total}, "threads": args.threads}
     return common.write_report(NAME, "SparseDoctor adapters on the full CMExam test (top blocks over cached states)",
                                "\n".join(lines), data)
 
