@@ -19,7 +19,6 @@ from medmoe.mambaformer.experiments.baselines import OracleRouter
 from medmoe.mambaformer.experiments.generative import explained_records
 from medmoe.mambaformer.experiments.generative_routing import (
     GenerativeConfig,
-    QualityResults,
     constant_text_floor,
     generative_routing_run,
     quality_table,
@@ -30,7 +29,7 @@ from medmoe.mambaformer.experiments.targets import Floor, routing_targets
 from medmoe.mambaformer.experts import Expert
 from medmoe.mambaformer.metrics import evaluate
 from medmoe.mambaformer.queries import encode_queries, query_features
-from medmoe.mambaformer.results import ExpertOutcome
+from medmoe.mambaformer.results import ExpertOutcome, ExpertResults
 from medmoe.mambaformer.train import gate_scores
 
 
@@ -97,7 +96,7 @@ def test_quality_table_has_loss_one_minus_q_and_quality_as_correct():
     rows = {"transformer": [generation_row(r, q, 300.0) for r, q in zip(records, q_t)],
             "mamba": [{**generation_row(r, q, 100.0), "rouge_l": 0.0} for r, q in zip(records, q_m)]}
     table = quality_table(records, rows, "bertscore_f1")
-    assert isinstance(table, QualityResults)
+    assert table.transformer.correct.dtype == np.float64
     np.testing.assert_allclose(table.transformer.loss, 1 - np.array(q_t))
     np.testing.assert_allclose(table.mamba.loss, 1 - np.array(q_m))
     np.testing.assert_allclose(table.stacked("correct"), np.stack([q_t, q_m], axis=1))
@@ -113,7 +112,7 @@ def test_quality_table_has_loss_one_minus_q_and_quality_as_correct():
 def test_accuracy_oracle_takes_the_higher_quality_per_query_and_the_cheaper_on_ties():
     q_t, q_m = np.array([0.3, 0.6, 0.5, 0.5]), np.array([0.4, 0.2, 0.5, 0.5])
     ms_t, ms_m = np.array([300.0, 300.0, 300.0, 100.0]), np.array([100.0, 100.0, 400.0, 300.0])
-    table = QualityResults(["a", "b", "c", "d"], np.full(4, 5),
+    table = ExpertResults(["a", "b", "c", "d"], np.full(4, 5),
                            {"transformer": ExpertOutcome(1 - q_t, q_t, [""] * 4, ms_t),
                             "mamba": ExpertOutcome(1 - q_m, q_m, [""] * 4, ms_m)})
     assert OracleRouter(objective="accuracy").route(table).tolist() == [True, False, False, False]
@@ -145,7 +144,7 @@ def test_constant_text_floor_is_chosen_on_dev_only(tiny_lm):
 
 def test_routing_targets_take_a_given_floor():
     q = np.array([0.2, 0.4, 0.6, 0.8])
-    table = QualityResults(list("abcd"), np.full(4, 5), {"transformer": ExpertOutcome(1 - q, q, [""] * 4, np.full(4, 300.0)),
+    table = ExpertResults(list("abcd"), np.full(4, 5), {"transformer": ExpertOutcome(1 - q, q, [""] * 4, np.full(4, 300.0)),
                                                          "mamba": ExpertOutcome(1 - q, q, [""] * 4, np.full(4, 100.0))})
     report = {"gate_points": [], "apgr": None}
     t = routing_targets(table, Floor("a text", np.array([0.1, 0.1, 0.2, 0.2])), np.zeros(4, dtype=bool), 0.0, report)

@@ -27,12 +27,25 @@ EXPERTS: tuple[str, str] = ("transformer", "mamba")
 FIELDS = ("loss", "correct", "pred", "label_probs", "latency_ms")
 
 
+def as_correct(values: Any, expert: str) -> np.ndarray:
+    """`correct` as bool (0/1 outcomes: bool or integer input) or float64 (qualities in [0, 1])."""
+    array = np.asarray(values)
+    if array.dtype == bool or np.issubdtype(array.dtype, np.integer):
+        return array.astype(bool)
+    array = array.astype(np.float64)
+    if not (np.isfinite(array).all() and ((array >= 0) & (array <= 1)).all()):
+        raise MedmoeError(f"ExpertResults: {expert}.correct must be bool or a quality in [0, 1]")
+    return array
+
+
 @dataclass
 class ExpertOutcome:
     """One expert's results on N examples (arrays aligned with `ExpertResults.ids`).
 
     loss:        (N,) float, the expert's per-example loss l_e (e.g. NLL of the gold label)
-    correct:     (N,) bool, whether its prediction is right
+    correct:     (N,) bool, whether its prediction is right; or (N,) float, a generation's quality q in
+                 [0, 1] (the generative setting, experiments/generative_routing.py): every consumer reads
+                 it through means, stacks and comparisons, so "accuracy" is then the mean quality
     pred:        N predictions (labels or letters as strings)
     label_probs: (N, K) float or None, its probabilities over the K labels/options
     latency_ms:  (N,) float, measured wall time of the expert on that example
@@ -77,7 +90,7 @@ class ExpertResults:
             raise MedmoeError(f"ExpertResults: no results for expert(s) {missing}; need {list(EXPERTS)}")
         for name, out in self.experts.items():
             out.loss = np.asarray(out.loss, dtype=np.float64)
-            out.correct = np.asarray(out.correct, dtype=bool)
+            out.correct = as_correct(out.correct, name)
             out.latency_ms = np.asarray(out.latency_ms, dtype=np.float64)
             if out.label_probs is not None:
                 out.label_probs = np.asarray(out.label_probs, dtype=np.float64)
@@ -126,7 +139,7 @@ class ExpertResults:
             row: dict[str, Any] = {"id": id_, "n_tokens": int(self.n_tokens[i])}
             for name, out in self.experts.items():
                 row[name] = {
-                    "loss": float(out.loss[i]), "correct": bool(out.correct[i]), "pred": out.pred[i],
+                    "loss": float(out.loss[i]), "correct": out.correct[i].item(), "pred": out.pred[i],
                     "latency_ms": float(out.latency_ms[i]),
                     "label_probs": None if out.label_probs is None else out.label_probs[i].tolist(),
                 }
@@ -144,7 +157,7 @@ class ExpertResults:
                 probs = [c.get("label_probs") for c in cells]
                 experts[name] = ExpertOutcome(
                     loss=np.array([c["loss"] for c in cells], dtype=np.float64),
-                    correct=np.array([c["correct"] for c in cells], dtype=bool),
+                    correct=np.array([c["correct"] for c in cells]),
                     pred=[str(c["pred"]) for c in cells],
                     latency_ms=np.array([c["latency_ms"] for c in cells], dtype=np.float64),
                     label_probs=None if any(p is None for p in probs) else np.array(probs, dtype=np.float64),

@@ -62,36 +62,12 @@ class GenerativeConfig(PipelineConfig):
     out: str = "runs/mambaformer_generative"
 
 
-class QualityResults(ExpertResults):
-    """An ExpertResults whose `correct` holds each generation's quality q (float) instead of a bool.
-
-    ExpertResults casts `correct` to bool. Every consumer reads it through means, (N, 2) stacks,
-    paired differences and comparisons (metrics.evaluate's "accuracy", calibration's tolerance, the
-    length threshold, the accuracy oracle's per-query argmax, random routing at the same mix, the
-    targets' paired CIs), the same computations for q in [0, 1]: "accuracy" is the mean quality.
-    Not for `save_jsonl` (its rows hold a bool); the generation rows are this table's storage.
-    """
-
-    def __post_init__(self) -> None:
-        quality = {name: np.asarray(out.correct, dtype=np.float64) for name, out in self.experts.items()}
-        super().__post_init__()
-        for name, q in quality.items():
-            if not np.isfinite(q).all():
-                raise MedmoeError(f"quality table: {name} has non-finite quality values")
-            self.experts[name].correct = q
-
-    def take(self, index: Sequence[int] | np.ndarray) -> QualityResults:
-        index = np.asarray(index, dtype=np.int64)
-        return QualityResults([self.ids[i] for i in index], self.n_tokens[index],
-                              {name: out.take(index) for name, out in self.experts.items()})
-
-
 def check_metric(metric: str) -> None:
     if metric not in METRICS:
         raise MedmoeError(f"generative routing: metric must be one of {', '.join(METRICS)}, got {metric!r}")
 
 
-def quality_table(records: Sequence[Record], rows: Mapping[str, Sequence[dict[str, Any]]], metric: str) -> QualityResults:
+def quality_table(records: Sequence[Record], rows: Mapping[str, Sequence[dict[str, Any]]], metric: str) -> ExpertResults:
     """One split's table from both experts' generation rows (`rows[expert][i]` for `records[i]`):
     q_e = the row's `metric`, loss l_e = 1 - q_e, correct = q_e, latency = the generation's wall time,
     pred = the generation, n_tokens = E_T's prompt length (module docstring)."""
@@ -106,8 +82,8 @@ def quality_table(records: Sequence[Record], rows: Mapping[str, Sequence[dict[st
         return ExpertOutcome(loss=1.0 - q, correct=q, pred=[row["generation"] for row in expert_rows],
                              latency_ms=np.array([row["latency_ms"] for row in expert_rows], dtype=np.float64))
 
-    return QualityResults(ids, np.array([row["prompt_tokens"] for row in rows["transformer"]]),
-                          {name: outcome(rows[name]) for name in EXPERTS})
+    return ExpertResults(ids, np.array([row["prompt_tokens"] for row in rows["transformer"]]),
+                         {name: outcome(rows[name]) for name in EXPERTS})
 
 
 class CachedBertScorer(BertScorer):
