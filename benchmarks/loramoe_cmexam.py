@@ -52,6 +52,7 @@ SYSTEMS = {  # --system -> (default adapter, what it is in the report)
     "loramoe": ("runs/sd-cmexam-loramoe/adapter", "LoRA-MoE (top 4 blocks)"),
 }
 BASELINE = "zero-shot"
+METHOD_PAIR = ("loramoe", "lora")  # the report's method comparison: LoRA-MoE minus PEFT LoRA, paired
 CACHE = "test_cache"
 
 
@@ -270,6 +271,10 @@ def summarize(rows: list[dict[str, Any]], systems: list[str]) -> dict[str, Any]:
         if BASELINE in systems and system != BASELINE:
             diff, ci = paired_difference([float(r[system] == r["gold"]) for r in rows], [float(r[BASELINE] == r["gold"]) for r in rows])
             out["systems"][system] |= {"diff_vs_zero_shot": diff, "diff_vs_zero_shot_ci95": list(ci)}
+    if METHOD_PAIR[0] in systems and METHOD_PAIR[1] in systems:  # SparseDoctor's method against PEFT LoRA at its budget
+        a, b = METHOD_PAIR
+        diff, ci = paired_difference([float(r[a] == r["gold"]) for r in rows], [float(r[b] == r["gold"]) for r in rows])
+        out["loramoe_minus_lora"] = {"diff": diff, "ci95": list(ci)}
     return out
 
 
@@ -362,6 +367,11 @@ def report(args: argparse.Namespace) -> Path:
             lines.append(f"| {label[system]} | {adapters[system] or 'none'} | {s['accuracy']:.3f} [{s['ci95'][0]:.3f}, "
                          f"{s['ci95'][1]:.3f}] | {s['macro_f1']:.3f} | {s['accuracy'] - c['accuracy']:+.3f} [{lo:+.3f}, {hi:+.3f}] "
                          f"| {vs_base} |")
+        if "loramoe_minus_lora" in b:
+            d = b["loramoe_minus_lora"]
+            lines += [f"LoRA-MoE minus PEFT LoRA (same questions, same budget): {d['diff']:+.3f} "
+                      f"[{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]" + (" (the interval holds 0: not told apart)"
+                                                                        if d["ci95"][0] <= 0 <= d["ci95"][1] else ""), ""]
         lines.append("")
     trained = {s: t for s, t in budgets.items() if t}
     if trained:
