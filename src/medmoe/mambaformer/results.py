@@ -28,13 +28,13 @@ FIELDS = ("loss", "correct", "pred", "label_probs", "latency_ms")
 
 
 def as_correct(values: Any, expert: str) -> np.ndarray:
-    """`correct` as bool (0/1 outcomes: bool or integer input) or float64 (qualities in [0, 1])."""
+    """`correct` as bool (0/1 outcomes: bool or integer input) or float64 (a quality score, about [0, 1])."""
     array = np.asarray(values)
     if array.dtype == bool or np.issubdtype(array.dtype, np.integer):
         return array.astype(bool)
     array = array.astype(np.float64)
-    if not (np.isfinite(array).all() and ((array >= 0) & (array <= 1)).all()):
-        raise MedmoeError(f"ExpertResults: {expert}.correct must be bool or a quality in [0, 1]")
+    if not np.isfinite(array).all():  # a quality may leave [0, 1] a little: BERTScore without rescaling can be < 0
+        raise MedmoeError(f"ExpertResults: {expert}.correct must be bool or a finite quality score")
     return array
 
 
