@@ -6,6 +6,8 @@
                 greedy or sampled per row by RowSampler, the long-input rule `fit`), open_prompt
   streaming.py  token streaming: TextSink (worker thread -> event loop), RowStreams (per-row streaming
                 and stop rule for `generate`: limits, stop sequences), ResumedSink
+  llamacpp.py   LlamaCppAnswerer: a GGUF model run quantized by llama.cpp (the server's engine llama.cpp;
+                extra `llamacpp`), the same prompts and answer rules as causal_lm
 
 The server (medmoe.serve) and the routed MambaFormer answerer (medmoe.mambaformer.answerer) both build
 on these; importing this package loads only `types` (no torch).

@@ -21,6 +21,10 @@ SERVE_DTYPE_HELP = ("The single model's dtype: float32 (the default, as before t
 SERVE_DEVICE_HELP = ("The single model's torch device: auto (the default: cuda when torch sees a GPU, else cpu), cpu, cuda, "
                      "cuda:N or mps. YAML: device. Not with --router (router.json places its experts).")
 
+SERVE_ENGINE_HELP = ("What runs the single model: torch (the default), llama.cpp (its GGUF file, quantized, on CPU: a bundled "
+                     "GGUF model or a .gguf path; no --adapter, head folders or --dtype; needs pip install llama-cpp-python) "
+                     "or vllm (GPU servers; not implemented yet). YAML: engine. Not with --router (its experts run on torch).")
+
 
 def serve(
     config: Path | None = typer.Option(None, "--config", "-c", help="YAML file of server settings (see docs/serving.md)."),
@@ -35,6 +39,7 @@ def serve(
     max_batch_size: int | None = typer.Option(None, help="Requests per micro-batch (default: 16)."),
     dtype: str | None = dtype_option(None, help=SERVE_DTYPE_HELP),
     device: str | None = device_option(None, help=SERVE_DEVICE_HELP),
+    engine: str | None = typer.Option(None, help=SERVE_ENGINE_HELP),
 ) -> None:
     """Serve a model over HTTP: POST /v1/answer, OpenAI-compatible /v1/chat/completions, the page at /.
 
@@ -56,7 +61,7 @@ def serve(
     from medmoe.serve.app import app_from_config
 
     settings, why = serve_settings(config, model, adapter, heads, answerer, router, host, port, threads, max_batch_size,
-                                   dtype, device)
+                                   dtype, device, engine)
     console.print(why)
     with console.status(f"loading {settings.router or (settings.model if settings.answerer.endswith('load_causal_lm_answerer') else settings.answerer)}..."):
         try:
@@ -75,14 +80,14 @@ def serve(
 def serve_settings(config: Path | None, model: str | None, adapter: str | None, heads: str | None, answerer: str | None,
                    router: str | None, host: str | None = None, port: int | None = None, threads: int | None = None,
                    max_batch_size: int | None = None, dtype: str | None = None,
-                   device: str | None = None) -> tuple[ServeConfig, str]:
+                   device: str | None = None, engine: str | None = None) -> tuple[ServeConfig, str]:
     """The server's settings from the flags (and --config), and a line saying which system is served and why.
     --router excludes the single-model flags; without any of them (and no --config) the main job's router
     is served when it is there (medmoe.serve.config.MAIN_JOB_ROUTER)."""
     from medmoe.serve.config import DEFAULT_FACTORY, MAIN_JOB_ROUTER, ServeConfig, main_job_router
 
     single = {"--model": model, "--adapter": adapter, "--heads": heads, "--answerer": answerer, "--dtype": dtype,
-              "--device": device}
+              "--device": device, "--engine": engine}
     given = [flag for flag, value in single.items() if value is not None]
     if router is not None and given:
         raise typer.BadParameter(f"--router and {', '.join(given)} cannot be used together: --router serves the routed "
@@ -96,7 +101,7 @@ def serve_settings(config: Path | None, model: str | None, adapter: str | None, 
     head_setting: list[str] | str | None = heads if heads in (None, "bundled", "none") else [h for h in (heads or "").split(",") if h]
     overrides = {"model": model, "adapter": adapter, "heads": head_setting, "answerer": answerer, "router": router,
                  "host": host, "port": port, "threads": threads, "max_batch_size": max_batch_size, "dtype": dtype,
-                 "device": device}
+                 "device": device, "engine": engine}
     settings = ServeConfig.from_yaml(config, **overrides) if config else ServeConfig.from_dict({}, "flags", **overrides)
     if settings.router is not None:
         if config is not None and router is None:
@@ -106,9 +111,11 @@ def serve_settings(config: Path | None, model: str | None, adapter: str | None, 
     if settings.answerer != DEFAULT_FACTORY:
         return settings, f"serving the answerer {settings.answerer}"
     hint = (f"no router at {MAIN_JOB_ROUTER}" if not given and config is None else "")
+    placement = ("llama.cpp, its GGUF quantized, on CPU" if settings.engine == "llama.cpp"
+                 else f"{settings.dtype}, device {settings.device}")
     return settings, (f"serving the single model {settings.model}"
                       + (f" with adapter {settings.adapter}" if settings.adapter else "")
-                      + f" ({settings.dtype}, device {settings.device})"
+                      + f" ({placement})"
                       + (f" ({hint}; --router DIR for the routed MambaFormer system)" if hint
                          else " (--router DIR for the routed MambaFormer system)"))
 

@@ -1,6 +1,8 @@
 """Answerers the server can load. The default, `load_causal_lm_answerer` (serve/config.py
-DEFAULT_FACTORY), serves one causal LM as `medmoe.answer.causal_lm.CausalLMAnswerer`; the routed
-MambaFormer system (`medmoe.mambaformer.answerer:load_routed_answerer`) drops in the same way.
+DEFAULT_FACTORY), serves one causal LM as `medmoe.answer.causal_lm.CausalLMAnswerer`; with
+`engine: llama.cpp`, `load_llamacpp_answerer` serves its GGUF file through llama.cpp
+(`medmoe.answer.llamacpp.LlamaCppAnswerer`); the routed MambaFormer system
+(`medmoe.mambaformer.answerer:load_routed_answerer`) drops in the same way.
 
 The answerer protocol the server relies on (`answer_batch`, and the optional `fit`, `batch_key` and
 `sinks`) and the request faults (`RequestRejected`, `InputTooLong`: 4xx for that request alone) are
@@ -10,14 +12,18 @@ are re-exported here for the server's modules.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from medmoe.answer.causal_lm import CausalLMAnswerer, open_prompt
 from medmoe.answer.types import InputTooLong, RequestRejected
 from medmoe.eval.window import cut_context  # the long-input rule CausalLMAnswerer.fit applies (as `medmoe eval`)
 from medmoe.heads.bundled import HeadSet
 
-__all__ = ["CausalLMAnswerer", "InputTooLong", "RequestRejected", "cut_context", "load_causal_lm_answerer", "open_prompt"]
+if TYPE_CHECKING:
+    from medmoe.answer.llamacpp import LlamaCppAnswerer
+
+__all__ = ["CausalLMAnswerer", "InputTooLong", "RequestRejected", "cut_context", "load_causal_lm_answerer",
+           "load_llamacpp_answerer", "open_prompt"]
 
 
 def load_causal_lm_answerer(config: Any) -> CausalLMAnswerer:
@@ -40,6 +46,23 @@ def load_causal_lm_answerer(config: Any) -> CausalLMAnswerer:
         max_new_tokens=config.max_new_tokens, max_input_tokens=config.max_input_tokens,
         heads=server_heads(getattr(config, "heads", "none"), config.model, adapter),
     )
+
+
+def load_llamacpp_answerer(config: Any) -> LlamaCppAnswerer:
+    """Factory for `engine: llama.cpp`: the GGUF file of `config.model` (a bundled name that ships as GGUF,
+    or a path to a .gguf file; anything else is a ModelError) run quantized by llama.cpp on
+    `config.threads` CPU threads [os.cpu_count()]. No option heads: `heads: bundled` and `none` both
+    answer by the model's own option likelihoods (ServeConfig refuses head folders, adapters, a dtype)."""
+    import logging
+
+    from medmoe.answer.llamacpp import LlamaCppAnswerer
+    from medmoe.heads.bundled import bundled_head_folders
+
+    if getattr(config, "heads", "none") == "bundled" and bundled_head_folders(config.model):
+        logging.getLogger(__name__).info("engine llama.cpp serves %s without its bundled option heads (they read the "
+                                         "torch model's hidden states)", config.model)
+    return LlamaCppAnswerer.load(config.model, name=config.model_label or config.model, max_new_tokens=config.max_new_tokens,
+                                 max_input_tokens=config.max_input_tokens, threads=config.threads)
 
 
 def server_heads(heads: list[str] | str, model: str, adapter: str | None) -> HeadSet | None:

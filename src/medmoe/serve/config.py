@@ -4,8 +4,14 @@ The routed MambaFormer system is served from a router checkpoint folder (`router
 --router DIR`); otherwise the answerer is built by a factory named in the config ("module:callable",
 called with the config), by default one causal LM (`model`), so a LoRA-MoE model or any other system
 drops in without changing the server. `router` excludes the single-model settings (`model`, `adapter`,
-`model_label`, `heads`, `answerer`, `dtype`, `device`): the router names its own experts, and each is
-loaded in the dtype its router was calibrated with (`medmoe.mambaformer.answerer.served_placement`).
+`model_label`, `heads`, `answerer`, `engine`, `dtype`, `device`): the router names its own experts, and each
+is loaded with torch in the dtype its router was calibrated with (`medmoe.mambaformer.answerer.served_placement`).
+
+`engine` runs the single model (docs/serving.md, "Engines: torch and llama.cpp"): `torch` (the default)
+loads it with transformers through `answerer`'s factory; `llama.cpp` runs its GGUF file quantized on CPU
+(`LLAMACPP_FACTORY`, medmoe.answer.llamacpp), without adapters, head folders, a dtype, a GPU or a
+custom answerer (`heads: bundled`, the default, serves no heads there); `vllm` (for GPU servers) is not
+implemented yet.
 
 `dtype` / `device` place the single model (`medmoe.models.placement`): float32 by default, as before
 these settings (the bundled heads were fitted on bfloat16 features and are served on float32 ones,
@@ -23,6 +29,8 @@ from medmoe.errors import MedmoeError
 from medmoe.models.placement import parse_device, parse_dtype
 
 DEFAULT_FACTORY = "medmoe.serve.answerers:load_causal_lm_answerer"
+LLAMACPP_FACTORY = "medmoe.serve.answerers:load_llamacpp_answerer"  # serves `engine: llama.cpp`
+ENGINES = ("torch", "llama.cpp", "vllm")
 ROUTED_FACTORY = "medmoe.mambaformer.answerer:load_routed_answerer"  # serves `router`
 # Where the main job writes its router: `medmoe run` with its default --output (runs/mambaformer, relative
 # to the working directory) for its first dataset (pubmedqa); `medmoe ask` reads it by default too.
@@ -30,7 +38,7 @@ ROUTED_FACTORY = "medmoe.mambaformer.answerer:load_routed_answerer"  # serves `r
 MAIN_JOB_ROUTER = Path("runs/mambaformer/pubmedqa/router")
 ROUTER_FILES = ("router.json", "gate.safetensors", "features.safetensors")  # a router checkpoint folder holds these
 PLACEMENT_SETTINGS = ("dtype", "device")  # the single model's; the router places its experts itself
-SINGLE_MODEL_SETTINGS = ("model", "adapter", "model_label", "heads", "answerer", *PLACEMENT_SETTINGS)  # what `router` excludes
+SINGLE_MODEL_SETTINGS = ("model", "adapter", "model_label", "heads", "answerer", "engine", *PLACEMENT_SETTINGS)  # what `router` excludes
 
 
 @dataclass
@@ -41,11 +49,12 @@ class ServeConfig:
     model_label: str | None = None  # name reported as the expert [default: model]
     heads: list[str] | str = "bundled"  # option heads (docs/heads.md): "bundled" (medmoe's for `model`), "none", or head folders
     answerer: str = DEFAULT_FACTORY  # "module:callable", called as factory(config) -> Answerer
+    engine: str = "torch"  # what runs the single model: torch | llama.cpp (its GGUF, quantized, on CPU) | vllm (not yet)
     answerer_options: dict[str, Any] = field(default_factory=dict)  # free-form, for custom factories (and `router`'s transformer/mamba)
     router: str | None = None  # a router checkpoint folder: serve the routed MambaFormer system (excludes model, adapter, heads, answerer)
     dtype: str = "float32"  # the single model's: auto | float32 | bfloat16 | float16 (bf16, fp32 ...); a hybrid on CPU stays float32
     device: str = "auto"  # the single model's: auto (cuda when torch sees a GPU, else cpu) | cpu | cuda | cuda:N | mps
-    threads: int | None = None  # torch CPU threads [default: torch's choice]
+    threads: int | None = None  # CPU threads: torch's [default: torch's choice], llama.cpp's [default: os.cpu_count()]
     # where
     host: str = "127.0.0.1"
     port: int = 8000
@@ -78,6 +87,7 @@ class ServeConfig:
             raise MedmoeError(f"server config: {exc}") from None
         if ":" not in self.answerer:
             raise MedmoeError(f"server config: answerer must be 'module:callable', got '{self.answerer}'")
+        check_engine(self)
         if self.router is not None:
             if not str(self.router).strip():
                 raise MedmoeError("server config: router must name a router checkpoint folder, got an empty string")
@@ -121,12 +131,43 @@ class ServeConfig:
         return asdict(self)
 
 
+def check_engine(config: ServeConfig) -> None:
+    """A MedmoeError for an unknown engine, for vllm (not implemented), and for llama.cpp with a setting
+    it cannot honour (the router's case is refuse_router_with's)."""
+    engine = config.engine
+    if engine not in ENGINES:
+        raise MedmoeError(f"server config: engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if engine == "vllm":
+        raise MedmoeError("server config: engine vllm is for GPU servers and is not implemented yet; "
+                          "use engine torch (any device) or llama.cpp (CPU)")
+    if engine != "llama.cpp" or config.router is not None:
+        return
+    refused = []
+    if config.adapter is not None:
+        refused.append(f"adapter {config.adapter} (llama.cpp runs the GGUF as it is; adapters are applied by the torch engine)")
+    if config.heads not in ("bundled", "none"):
+        refused.append("heads: head folders (option heads read the torch model's hidden states; llama.cpp answers by "
+                       "the model's own option likelihoods, as heads: none)")
+    if config.dtype != "float32":
+        refused.append(f"dtype {config.dtype} (a GGUF runs quantized as it is stored; dtype is the torch engine's)")
+    if config.device not in ("auto", "cpu"):
+        refused.append(f"device {config.device} (this engine runs on CPU; a GPU: engine torch)")
+    if config.answerer != DEFAULT_FACTORY:
+        refused.append(f"answerer {config.answerer} (the engine chooses the single model's factory; a custom "
+                       "answerer runs its own models)")
+    if refused:
+        raise MedmoeError("server config: engine llama.cpp cannot be used with " + "; ".join(refused))
+
+
 def refuse_router_with(settings: list[str], source: str = "config") -> None:
     """`router` together with single-model settings: a clear error naming both."""
     names = ", ".join(settings)
     placed = [name for name in settings if name in PLACEMENT_SETTINGS]
     why = (f" (the router loads each expert in the dtype its router was calibrated with, router.json; "
            f"{' and '.join(placed)} place the single model only)" if placed else "")
+    if "engine" in settings:
+        why += (" (the routed system loads its experts with torch, as its router was calibrated; llama.cpp or "
+                "another engine as its Transformer expert is not wired in)")
     raise MedmoeError(f"server config {source}: router and {names} cannot be used together: router serves the routed "
                       f"MambaFormer system, whose two experts its router.json names; {names} set up a single model{why}. "
                       "Give one or the other (the experts of a router can be completed with answerer_options "
@@ -145,8 +186,10 @@ def main_job_router(cwd: str | Path | None = None) -> Path | None:
 
 
 def build_answerer(config: ServeConfig) -> Any:
-    """The routed system for `config.router`; otherwise import the configured factory and call it with the config."""
-    factory_name = ROUTED_FACTORY if config.router is not None else config.answerer
+    """The routed system for `config.router`, the llama.cpp factory for `engine: llama.cpp`; otherwise import
+    the configured factory and call it with the config."""
+    factory_name = (ROUTED_FACTORY if config.router is not None
+                    else LLAMACPP_FACTORY if config.engine == "llama.cpp" else config.answerer)
     module_name, _, attr = factory_name.partition(":")
     try:
         factory = getattr(importlib.import_module(module_name), attr)
