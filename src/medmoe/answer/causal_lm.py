@@ -66,7 +66,38 @@ def chat_prompt(tokenizer: Any, text: str, system: str | None = None) -> str:
     return render([{"role": "user", "content": text}])
 
 
-class CausalLMAnswerer:
+class PromptWindow:
+    """The long-input rule of an answerer that has `prompt_tokens(record)`, `max_input_tokens`, `name` and
+    `tokenizer`: `fit` cuts the context to the window (the rule `medmoe eval` uses), `check_fits` refuses a
+    prompt over it. Shared by the torch and llama.cpp answerers; each counts tokens its own way."""
+
+    prompt_tokens: Any
+    max_input_tokens: int
+    name: str
+    tokenizer: Any
+
+    def fit(self, record: Record) -> tuple[Record, int]:
+        """(record that fits, number of context tokens dropped); InputTooLong if the question cannot fit."""
+        limit = self.max_input_tokens
+        if self.prompt_tokens(record) <= limit:
+            return record, 0
+        bare = self.prompt_tokens(replace(record, context=None))
+        if not record.context or bare > limit:
+            raise InputTooLong("question", bare, limit)
+        return cut_context(record, self.prompt_tokens, self.tokenizer, limit)  # the rule `medmoe eval` uses too
+
+    def check_fits(self, record: Record) -> None:
+        """InputTooLong when the record's prompt, as it is, is over the limit (`fit` would have cut it):
+        a record that did not go through `fit` fails alone, with a 422, instead of overrunning the window."""
+        tokens = self.prompt_tokens(record)
+        if tokens > self.max_input_tokens:
+            raise InputTooLong("context" if record.context else "question", tokens, self.max_input_tokens,
+                               f"the prompt is {tokens} tokens; {self.name} accepts at most {self.max_input_tokens} "
+                               "(a longer context must be cut first, as the server does)")
+
+
+
+class CausalLMAnswerer(PromptWindow):
     """Answers with one causal LM: option questions by option log-likelihood, open ones by greedy (or
     sampled, per record: medmoe.answer.types.Generation) generation. A batch's option questions share
     padded forward passes (those a head answers, then the others), its open ones one `generate` call.
@@ -94,25 +125,6 @@ class CausalLMAnswerer:
         text = build_prompt(record, self.tokenizer).context if record.options else open_prompt(record, self.tokenizer)
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return len(bos_ids(self.tokenizer, ids)) + len(ids)
-
-    def fit(self, record: Record) -> tuple[Record, int]:
-        """(record that fits, number of context tokens dropped); InputTooLong if the question cannot fit."""
-        limit = self.max_input_tokens
-        if self.prompt_tokens(record) <= limit:
-            return record, 0
-        bare = self.prompt_tokens(replace(record, context=None))
-        if not record.context or bare > limit:
-            raise InputTooLong("question", bare, limit)
-        return cut_context(record, self.prompt_tokens, self.tokenizer, limit)  # the rule `medmoe eval` uses too
-
-    def check_fits(self, record: Record) -> None:
-        """InputTooLong when the record's prompt, as it is, is over the limit (`fit` would have cut it):
-        a record that did not go through `fit` fails alone, with a 422, instead of overrunning the window."""
-        tokens = self.prompt_tokens(record)
-        if tokens > self.max_input_tokens:
-            raise InputTooLong("context" if record.context else "question", tokens, self.max_input_tokens,
-                               f"the prompt is {tokens} tokens; {self.name} accepts at most {self.max_input_tokens} "
-                               "(a longer context must be cut first, as the server does)")
 
     # -- Answerer ----------------------------------------------------------------------------------
     def answer_batch(self, records: Sequence[Record], sinks: Sequence[TextSink | None] | None = None) -> list[Answer]:

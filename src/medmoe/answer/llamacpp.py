@@ -28,20 +28,18 @@ import os
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from medmoe.answer.causal_lm import open_prompt
+from medmoe.answer.causal_lm import PromptWindow, open_prompt
 from medmoe.answer.streaming import RowStreams, TextSink, cut_at_stop
-from medmoe.answer.types import MAX_NEW_TOKENS, Answer, Generation, InputTooLong
+from medmoe.answer.types import MAX_NEW_TOKENS, Answer, Generation
 from medmoe.data.record import Record
 from medmoe.errors import MedmoeError, ModelError
 from medmoe.eval.prompts import build_prompt
 from medmoe.eval.scoring import bos_ids, encode_pair
-from medmoe.eval.window import cut_context
 
 INSTALL_HINT = "pip install llama-cpp-python (or pip install 'medmoe[llamacpp]')"
 
@@ -89,7 +87,7 @@ def open_llama(path: Path, n_ctx: int, threads: int | None = None) -> Any:
         raise ModelError(f"llama.cpp cannot load {path}: {exc}") from exc
 
 
-class LlamaCppAnswerer:
+class LlamaCppAnswerer(PromptWindow):
     """Answers with one GGUF model through llama.cpp (see the module docstring).
 
     llm:             a `llama_cpp.Llama` (logits_all=False: only the last position's logits are read)
@@ -154,24 +152,6 @@ class LlamaCppAnswerer:
 
     def prompt_tokens(self, record: Record) -> int:
         return len(self.encode(self.prompt_text(record)))
-
-    def fit(self, record: Record) -> tuple[Record, int]:
-        """(record that fits, number of context tokens dropped); InputTooLong if the question cannot fit."""
-        limit = self.max_input_tokens
-        if self.prompt_tokens(record) <= limit:
-            return record, 0
-        bare = self.prompt_tokens(replace(record, context=None))
-        if not record.context or bare > limit:
-            raise InputTooLong("question", bare, limit)
-        return cut_context(record, self.prompt_tokens, self.tokenizer, limit)
-
-    def check_fits(self, record: Record) -> None:
-        """InputTooLong when the record's prompt, as it is, is over the limit (`fit` would have cut it)."""
-        tokens = self.prompt_tokens(record)
-        if tokens > self.max_input_tokens:
-            raise InputTooLong("context" if record.context else "question", tokens, self.max_input_tokens,
-                               f"the prompt is {tokens} tokens; {self.name} accepts at most {self.max_input_tokens} "
-                               "(a longer context must be cut first, as the server does)")
 
     # -- Answerer ----------------------------------------------------------------------------------
     def answer_batch(self, records: Sequence[Record], sinks: Sequence[TextSink | None] | None = None) -> list[Answer]:
