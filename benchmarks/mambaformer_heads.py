@@ -40,7 +40,6 @@ No test question is used to choose anything: heads, alpha, gate, cascade, tau an
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import statistics
 import sys
@@ -57,7 +56,9 @@ POOL_LIMIT = {"pubmedqa": None, "dental": 1000}  # Dental: the fixed sha256 subs
 
 
 def sha_order(records: list) -> list:
-    return sorted(records, key=lambda r: hashlib.sha256(r.id.encode()).hexdigest())
+    from medmoe.mambaformer.experiments.expert_heads import sha_order as ordered
+
+    return ordered(records)
 
 
 def pool_records(name: str) -> list:
@@ -86,36 +87,17 @@ def load_lm(source: str, dtype: torch.dtype):
     return HFEvalModel(model.eval(), tokenizer, source, share_prefix=False)
 
 
-@torch.inference_mode()
 def time_expert(lm, records: list) -> tuple[list[int], list[float]]:
     """(prompt tokens, wall ms) of the head's forward pass, one question at a time, after one warm-up."""
-    from medmoe.eval.prompts import build_prompt
-    from medmoe.eval.window import PromptFitter
-    from medmoe.heads.features import forward_prompt, letter_plan
+    from medmoe.mambaformer.experiments.expert_heads import time_head_pass
 
-    fitter = PromptFitter(lm, "letter")
-    prompts = [build_prompt(fitter.fit(r)[0], lm.tokenizer, (), "letter") for r in records]
-    forward_prompt(lm.model, lm.tokenizer, prompts[0].context, prompts[0].continuations)
-    tokens, ms = [], []
-    for p in prompts:
-        start = time.perf_counter()
-        forward_prompt(lm.model, lm.tokenizer, p.context, p.continuations)
-        ms.append((time.perf_counter() - start) * 1000)
-        tokens.append(len(letter_plan(lm.tokenizer, p.context, p.continuations)[0]))
-    return tokens, ms
+    return time_head_pass(lm, records)
 
 
 def prompt_tokens(lm, records: list) -> dict[str, int]:
-    from medmoe.eval.prompts import build_prompt
-    from medmoe.eval.window import PromptFitter
-    from medmoe.heads.features import letter_plan
+    from medmoe.mambaformer.experiments.expert_heads import prompt_token_counts
 
-    fitter = PromptFitter(lm, "letter")
-    out = {}
-    for r in records:
-        p = build_prompt(fitter.fit(r)[0], lm.tokenizer, (), "letter")
-        out[r.id] = len(letter_plan(lm.tokenizer, p.context, p.continuations)[0])
-    return out
+    return dict(zip((r.id for r in records), prompt_token_counts(lm, records)))
 
 
 def prepare(args) -> None:

@@ -106,6 +106,10 @@ def run(
     threads: int | None = typer.Option(None, help="torch CPU threads (default: all cores)."),
     dtype: str = dtype_option("auto", help=RUN_DTYPE_HELP),
     device: str = device_option("auto"),
+    answers: str = typer.Option("heads", help="How the experts answer: heads (each through an option head chosen by "
+                                "cross-validation on the run's train + dev questions and cross-fitted, so the gate "
+                                "learns from answers to unseen questions; saved with the router, which the server "
+                                "answers through) or zero-shot (each expert's own option likelihoods)."),
     config: ConfigOption = None,
 ) -> None:
     """The main job: build (or load cached) experts and gate, route PubMedQA and Dental test questions.
@@ -134,7 +138,8 @@ def run(
     for dataset in [d.strip() for d in data.split(",") if d.strip()]:
         cfg = PipelineConfig(dataset=dataset, transformer=transformer, mamba=str(expert), big=big or None,
                              train_limit=train_limit or None, dev_limit=dev_limit or None, test_limit=test_limit or None,
-                             latency_budget_ms=latency_budget, out=str(output), dtype=dtype, device=device)
+                             latency_budget_ms=latency_budget, out=str(output), dtype=dtype, device=device,
+                             answers=answers)
         report = run_pipeline(cfg, log=console.print)
         print_summary(dataset, report)
         console.print(f"Pareto table and plot: {output / dataset / 'pareto.md'}, {output / dataset / 'pareto.png'}")

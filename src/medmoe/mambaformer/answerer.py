@@ -4,8 +4,11 @@ Per query: the gate's features of the query (`queries.query_features`, the one p
 calibration use too), p_M = gate(features); hard decision E_M if p_M > tau: the checkpoint's calibrated
 tau, or the record's own (`record.metadata[TAU_METADATA]`, a per-request threshold the server sets:
 `mambaformer-tau-0.35` as the model name, docs/serving.md). The chosen expert then answers:
-  option questions  scored with the pipeline's rule (`letter`, zero-shot): `score_records` returns the
-                    harness's `Outcome`s (what `medmoe eval --router` writes);
+  option questions  answered as the gate was trained: through the expert's option head when the
+                    checkpoint has one for the question's format (`medmoe run --answers heads`: one
+                    batched pass gives the head its hidden states, `heads.answerer.head_logits_batch`),
+                    else scored with the pipeline's rule (`letter`, zero-shot); `score_records`
+                    returns the harness's `Outcome`s (what `medmoe eval --router` writes);
   open questions    greedy generation by that expert, the single-model server's batched decoding
                     (`medmoe.answer.causal_lm.CausalLMAnswerer` over the expert), streamed token by
                     token to a request's sink when it has one (`POST /v1/chat/completions`, stream).
@@ -33,11 +36,16 @@ from medmoe.answer.types import Answer, RequestRejected
 from medmoe.data.record import Record
 from medmoe.errors import MedmoeError, ModelError
 from medmoe.eval.model import HFEvalModel
+from medmoe.eval.prompts import build_prompt
 from medmoe.eval.rules import Outcome, apply_rule
+from medmoe.eval.window import PromptFitter
+from medmoe.heads.answerer import head_logits_batch
+from medmoe.heads.bundled import HeadSet
 from medmoe.mambaformer.checkpoint import ROLES, RouterCheckpoint
 from medmoe.mambaformer.experts import Expert, load_expert
 from medmoe.mambaformer.features import GateFeatures
 from medmoe.mambaformer.gate import torch_threads
+from medmoe.models.head import HeadConfig, OptionHead
 
 RULE = "letter"  # how each expert scores in the pipeline (zero-shot): the outcomes the gate was trained on
 TAU_METADATA = "routing_tau"  # a record's own threshold (metadata key): E_M iff p_M > it, instead of the checkpoint's tau
@@ -66,6 +74,8 @@ class RoutedAnswerer:
         self.tokenizer = experts["transformer"].tokenizer  # the gate's features use E_T's vocabulary
         self.max_new_tokens, self.max_input_tokens = max_new_tokens, max_input_tokens
         self._generators: dict[str, CausalLMAnswerer] = {}
+        # each expert's option heads (the checkpoint's): the questions of their format are answered through them
+        self.heads = {role: HeadSet([found]) for role, found in checkpoint.heads.items()}
         # the gate runs on the server's event loop (batch_key) and its worker thread (answer_batch); each
         # run sets torch's global thread count and restores it, so two at once could leave it at 1
         self._gate_lock = threading.Lock()
@@ -83,6 +93,12 @@ class RoutedAnswerer:
                              f"(experts.{missing[0]}); write it with `medmoe run` or `medmoe mambaformer gate train --mamba`, or give "
                              f"the source (RoutedAnswerer.load(..., experts={{'{missing[0]}': ...}}), the server's "
                              f"answerer_options.{missing[0]})")
+        changed = [role for role in checkpoint.heads if sources[role] != checkpoint.experts.get(role)]
+        if changed:
+            role = changed[0]
+            raise ModelError(f"router checkpoint {router_dir}: its {role} answers through an option head trained on "
+                             f"{checkpoint.experts.get(role)}, and {sources[role]} was given instead; a head reads one "
+                             "model's hidden states, so run `medmoe run` again with that expert")
         transformer = cast(str, sources["transformer"])
         where = {role: served_placement(checkpoint.info, role) for role in ROLES}
         loaded = {"transformer": load_expert("transformer", transformer, **where["transformer"]),
@@ -121,17 +137,22 @@ class RoutedAnswerer:
 
     def _score(self, records: Sequence[Record], routes: Sequence[tuple[str, float]], gate_ms: float,
                multi: bool = False, max_new_tokens: int = 32) -> list[Outcome]:
-        """Each expert scores the option questions routed to it, in one batched call (rule `letter`)."""
+        """Each expert answers the option questions routed to it: those its head answers in one batched
+        head pass (`_head_outcomes`), the others in one batched call of rule `letter`."""
         outcomes: list[Outcome | None] = [None] * len(records)
         for name, expert in self.experts.items():
             chosen = [i for i, (picked, _) in enumerate(routes) if picked == name]
-            if not chosen:
-                continue
+            heads = self.heads.get(name)
+            found = {i: heads.for_record(records[i]) for i in chosen} if heads is not None and not multi else {}
+            headed = [i for i in chosen if found.get(i) is not None]
+            plain = [i for i in chosen if found.get(i) is None]
             model = HFEvalModel(expert.model, expert.tokenizer, expert.name)
-            scored = apply_rule(model, [records[i] for i in chosen], RULE, [[] for _ in chosen], multi, max_new_tokens)
-            for i, outcome in zip(chosen, scored):
-                outcome.route = {"expert": name, "gate_probability": routes[i][1], "tau": self.tau_of(records[i]),
-                                 "gate_ms": gate_ms, "expert_ms": outcome.latency_ms}
+            scored = apply_rule(model, [records[i] for i in plain], RULE, [[] for _ in plain], multi, max_new_tokens) if plain else []
+            if headed:
+                scored += _head_outcomes(model, [records[i] for i in headed], [cast(Any, found[i]) for i in headed])
+            for i, outcome in zip(plain + headed, scored):
+                outcome.route = {**(outcome.route or {}), "expert": name, "gate_probability": routes[i][1],
+                                 "tau": self.tau_of(records[i]), "gate_ms": gate_ms, "expert_ms": outcome.latency_ms}
                 outcome.latency_ms += gate_ms
                 outcomes[i] = outcome
         return cast(list[Outcome], outcomes)  # every slot is filled now
@@ -206,6 +227,26 @@ class RoutedAnswerer:
             record, cut = self.generator(expert).fit(record)
             dropped += cut
         return record, dropped
+
+
+@torch.inference_mode()
+def _head_outcomes(model: HFEvalModel, records: Sequence[Record], found: Sequence[tuple[OptionHead, HeadConfig]]) -> list[Outcome]:
+    """`records` answered through their heads from shared padded passes (each prompt cut to the window
+    as the features were); latency_ms = the batch's time per question; route: the head's kind and the
+    expert's own answer (`lm_prediction`)."""
+    fitter = PromptFitter(model, RULE)
+    items = [(head, config, build_prompt(fitter.fit(r)[0], model.tokenizer, (), RULE), len(r.options))
+             for r, (head, config) in zip(records, found)]
+    start = time.perf_counter()
+    rows = head_logits_batch(model.model, model.tokenizer, items)
+    ms = (time.perf_counter() - start) * 1000 / len(records)
+    outcomes = []
+    for record, (_, config), (logits, logprobs, tokens) in zip(records, found, rows):
+        letters, probs = record.letters, torch.softmax(logits, dim=0)
+        outcomes.append(Outcome(prediction=letters[int(logits.argmax())], scores=dict(zip(letters, logits.tolist())),
+                                probs=dict(zip(letters, probs.tolist())), prompt_tokens=tokens, latency_ms=ms,
+                                route={"head": config.kind, "lm_prediction": letters[int(torch.tensor(logprobs).argmax())]}))
+    return outcomes
 
 
 def load_routed_answerer(config) -> RoutedAnswerer:

@@ -3,7 +3,11 @@
   features.safetensors  the frozen feature tables (projected embeddings, rarity, vocab flags, lexicon hashes)
   router.json           format_version (2), tau (the one threshold), gate_ms (the gate's own measured
                         cost per query), experts (the sources of E_T and E_M), latency models, lexicon
-                        path, feature/gate configs, and provenance (loss/train configs, calibration, ...)
+                        path, feature/gate configs, heads (role -> head folder, relative), and provenance
+                        (loss/train configs, calibration, ...)
+  heads/<role>/         each expert's option head, when the run answered through heads (`medmoe run
+                        --answers heads`): a head folder (models/head.py); the served router answers
+                        option questions of the head's format through it, as the gate was trained
 Every file is written atomically (temporary file in the same folder, then os.replace).
 
 Format 1 (before issue 18) is read too: its gate_config's second copy of tau is ignored, gate_ms is
@@ -14,6 +18,7 @@ unknown (None), and the experts come from `config.transformer` / `config.mamba` 
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,11 +34,13 @@ from medmoe.mambaformer.features import FeatureConfig, GateFeatures, GateFeaturi
 from medmoe.mambaformer.gate import GateConfig, TokenGate, torch_threads
 from medmoe.mambaformer.latency import LatencyModel
 from medmoe.mambaformer.queries import query_features
+from medmoe.models.head import HeadConfig, OptionHead, load_head, save_head
 from medmoe.paths import atomic_write_bytes, atomic_write_text
 
 FORMAT_VERSION = 2
 READS = (1, 2)
 ROLES = ("transformer", "mamba")
+HEADS = "heads"  # the folder of the experts' option heads, inside the checkpoint
 
 
 def experts_from_info(info: dict) -> dict[str, str | None]:
@@ -55,6 +62,7 @@ class RouterCheckpoint:
     info: dict = field(default_factory=dict)   # provenance: loss/train configs, dataset, calibration, ...
     experts: dict[str, str | None] = field(default_factory=dict)  # role -> source (bundled name, hub id, folder)
     gate_ms: float | None = None               # the gate's measured cost per query (latency.gate_cost_ms)
+    heads: dict[str, tuple[OptionHead, HeadConfig]] = field(default_factory=dict)  # role -> its option head
 
     def __post_init__(self) -> None:
         implied = experts_from_info(self.info)
@@ -66,12 +74,18 @@ class RouterCheckpoint:
         state = {k: v.detach().contiguous() for k, v in self.gate.state_dict().items()}
         atomic_write_bytes(directory / "gate.safetensors", save_tensors(state))
         atomic_write_bytes(directory / "features.safetensors", save_tensors(self.featurizer.tensors()))
+        for role, (head, config) in self.heads.items():
+            save_head(head, config, directory / HEADS / role)
+        for stale in (directory / HEADS).glob("*") if (directory / HEADS).is_dir() else ():
+            if stale.name not in self.heads:  # a head of an earlier run in this folder that this one has not
+                shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
         meta = {
             **self.info, "format_version": FORMAT_VERSION, "tau": self.tau, "gate_ms": self.gate_ms,
             "experts": dict(self.experts),
             "latency_models": {name: m.to_dict() for name, m in self.latency_models.items()},
             "lexicon_path": self.lexicon_path, "feature_config": self.featurizer.config.to_dict(),
             "gate_config": self.gate.config.to_dict(),
+            "heads": {role: f"{HEADS}/{role}" for role in self.heads},
         }
         atomic_write_text(directory / "router.json", json.dumps(meta, indent=1) + "\n")
         return directory
@@ -104,12 +118,17 @@ class RouterCheckpoint:
                                                  FeatureConfig.from_dict(meta["feature_config"]))
         models = {name: LatencyModel.from_dict(d) for name, d in meta.get("latency_models", {}).items()}
         known = {"format_version", "tau", "gate_ms", "experts", "latency_models", "lexicon_path", "feature_config",
-                 "gate_config"}
+                 "gate_config", "heads"}
+        heads = {}
+        for role, relative in (meta.get("heads") or {}).items():
+            if role not in ROLES or Path(relative).is_absolute() or ".." in Path(relative).parts:
+                raise ModelError(f"{meta_file}: heads.{role} = {relative!r} is not a head folder inside the checkpoint")
+            heads[role] = load_head(meta_file.parent / relative)  # a ModelError naming the file when broken
         experts = meta.get("experts") or {}
         gate_ms = meta.get("gate_ms")
         return cls(gate, featurizer, float(meta["tau"]), models, meta.get("lexicon_path"),
                    {k: v for k, v in meta.items() if k not in known},
-                   {role: experts.get(role) for role in ROLES}, None if gate_ms is None else float(gate_ms))
+                   {role: experts.get(role) for role in ROLES}, None if gate_ms is None else float(gate_ms), heads)
 
     # ---- inference ------------------------------------------------------------------------------
     def features(self, tokenizer: Any, records: Sequence[Record]) -> GateFeatures:

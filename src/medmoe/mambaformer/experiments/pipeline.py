@@ -45,6 +45,7 @@ from medmoe.eval.runner import read_done, run_records
 from medmoe.mambaformer.calibrate import DEFAULT_TOLERANCE
 from medmoe.mambaformer.checkpoint import RouterCheckpoint
 from medmoe.mambaformer.experiments.baselines import baseline_routers
+from medmoe.mambaformer.experiments.expert_heads import ANSWERS, ExpertHead, answer_with_heads, heads_folder
 from medmoe.mambaformer.experiments.pareto import OperatingPoint, pareto_run, write_report
 from medmoe.mambaformer.experiments.targets import Floor, routing_targets
 from medmoe.mambaformer.experts import Expert, check_gate_records, load_expert
@@ -82,6 +83,11 @@ class PipelineConfig:
     epochs: int = 60
     dtype: str = "float32"  # experts' dtype: auto | float32 | bfloat16 | float16 (the hybrid stays float32 on CPU)
     device: str = "cpu"  # auto | cpu | cuda | cuda:N | mps
+    answers: str = "zero-shot"  # how the experts answer: zero-shot (own option likelihoods) | heads (expert_heads.py)
+
+    def __post_init__(self) -> None:
+        if self.answers not in ANSWERS:
+            raise MedmoeError(f"answers must be one of {', '.join(ANSWERS)}, got {self.answers!r}")
 
 
 def table_from_rows(records: Sequence[Record], rows_t: list[dict], rows_m: list[dict]) -> ExpertResults:
@@ -114,12 +120,19 @@ def expert_table(experts: dict[str, Expert], records: Sequence[Record], folder: 
     return table_from_rows(records, rows["transformer"], rows["mamba"])
 
 
+def rows_folder(cfg: PipelineConfig, split: str) -> Path:
+    """Where a run keeps a split's per-example rows: <out>/<dataset>/<split>/ (zero-shot answers) or its
+    heads/ subfolder (`expert_heads.heads_folder`)."""
+    out = Path(cfg.out) / cfg.dataset
+    return heads_folder(out, split) if cfg.answers == "heads" else out / split
+
+
 def cached_table(cfg: PipelineConfig, split: str) -> tuple[list[Record], ExpertResults]:
     """(records, ExpertResults) of a run's split from its cached per-example rows (no expert runs):
     what `medmoe mambaformer calibrate` re-picks tau on (`fit.recalibrate`)."""
     limit = {"train": cfg.train_limit, "dev": cfg.dev_limit, "test": cfg.test_limit}[split]
     records = load_dataset(cfg.dataset, split)[:limit]
-    folder = Path(cfg.out) / cfg.dataset / split
+    folder = rows_folder(cfg, split)
     rows = {e: read_done(folder / f"{e}.jsonl") for e in ("transformer", "mamba")}
     missing = [f"{folder / e}.jsonl" for e in rows if any(r.id not in rows[e] for r in records)]
     if missing:
@@ -151,8 +164,13 @@ def run_pipeline(cfg: PipelineConfig, log: Callable[[str], None] = print) -> dic
         f"E_M = {cfg.mamba} ({placement_text(experts['mamba'])})")
     check_gate_records(experts, cfg.dataset, len(splits["train"]))
     for name, expert in experts.items():
-        check_placement(out, name, expert, [out / s / f"{name}.jsonl" for s in splits])
-    tables = {s: expert_table(experts, recs, out / s, f"{cfg.dataset} {s}") for s, recs in splits.items()}
+        check_placement(out, name, expert, [f / f"{name}.jsonl" for s in splits for f in (out / s, heads_folder(out, s))])
+    heads: dict[str, ExpertHead] | None = None
+    if cfg.answers == "heads":
+        heads = answer_with_heads(experts, cfg.dataset, splits, out, log)
+        tables = {s: cached_table(cfg, s)[1] for s in splits}
+    else:
+        tables = {s: expert_table(experts, recs, out / s, f"{cfg.dataset} {s}") for s, recs in splits.items()}
 
     featurizer, features, gate_ms = gate_inputs(experts["transformer"], splits)
     placements = {n: {"source": e.source, "dtype": e.dtype, "device": e.device} for n, e in experts.items()}
@@ -164,7 +182,7 @@ def run_pipeline(cfg: PipelineConfig, log: Callable[[str], None] = print) -> dic
         placements["big"] = {"source": big_expert.source, "dtype": big_expert.dtype, "device": big_expert.device}
     sources: dict[str, str | None] = {n: e.source for n, e in experts.items()}
     return route_and_report(cfg, splits, tables, featurizer, features, gate_ms, sources,
-                            big, out / "router", log, placement=placements)
+                            big, out / "router", log, placement=placements, heads=heads)
 
 
 def placement_text(expert: Expert) -> str:
@@ -213,12 +231,14 @@ def big_baseline(big_expert: Expert, records: Sequence[Record], rows_file: Path,
 def route_and_report(cfg: PipelineConfig, splits: dict[str, list[Record]], tables: dict[str, ExpertResults],
                      featurizer: GateFeaturizer, features: dict[str, GateFeatures], gate_ms: float,
                      experts: dict[str, str | None], big: OperatingPoint | None, router_dir: Path | None,
-                     log: Callable[[str], None] = print, placement: dict[str, dict] | None = None) -> dict[str, Any]:
+                     log: Callable[[str], None] = print, placement: dict[str, dict] | None = None,
+                     heads: dict[str, ExpertHead] | None = None) -> dict[str, Any]:
     """Steps 4-6 on per-example expert results, wherever they came from (the experts' own scores here,
     option heads in benchmarks/mambaformer_heads.py): `route_tables` with the best constant answer of the
     test split as the floor, each router's macro-F1, and the report written to <out>/<dataset>/pareto.*."""
     gold = [rec.answer for rec in splits["test"]]
-    report = route_tables(cfg, tables, featurizer, features, gate_ms, experts, big, router_dir, gold, log, placement)
+    report = route_tables(cfg, tables, featurizer, features, gate_ms, experts, big, router_dir, gold, log, placement,
+                          heads=heads)
     for row in report["summary"]:
         row["macro_f1"] = macro_f1(gold, row.pop("preds"))
     write_report(report, Path(cfg.out) / cfg.dataset, name="pareto", header=f"# MambaFormer on {cfg.dataset} test\n")
@@ -229,14 +249,15 @@ def route_tables(cfg: PipelineConfig, tables: dict[str, ExpertResults], featuriz
                  features: dict[str, GateFeatures], gate_ms: float, experts: dict[str, str | None],
                  big: OperatingPoint | None, router_dir: Path | None, floor: Sequence[str] | Floor,
                  log: Callable[[str], None] = print, placement: dict[str, dict] | None = None,
-                 oracle_beta: float = 1.0) -> dict[str, Any]:
+                 oracle_beta: float = 1.0, heads: dict[str, ExpertHead] | None = None) -> dict[str, Any]:
     """Steps 4-6 on the train/dev/test tables, whatever their `correct` scores (0/1 for option scoring,
     a generation's quality in [0, 1] for `generative_routing`): a gate per beta, tau on dev, the router
     checkpoint of cfg.beta in `router_dir` (None: not saved), the test report with baselines (the utility
     oracle's beta `oracle_beta`), Pareto sweep, "floor" and "targets" (`routing_targets` with `floor`: the
     test gold answers, whose best constant answer is the floor, or the `Floor` itself). Not written; each
     summary row still holds its router's test predictions under "preds". `placement`: each expert's
-    source, dtype and device as loaded, kept in the report and the checkpoint."""
+    source, dtype and device as loaded, kept in the report and the checkpoint. `heads`: the experts'
+    option heads the tables came from (`expert_heads`), saved in the checkpoint with their latency models."""
     dev, test = tables["dev"], tables["test"]
     scores: dict[float, dict[str, np.ndarray]] = {}
     fitted: dict[float, FittedGate] = {}
@@ -253,7 +274,9 @@ def route_tables(cfg: PipelineConfig, tables: dict[str, ExpertResults], featuriz
                 "calibration": deployed.calibration.to_dict(), "dev_metrics": deployed.dev_metrics}
         if placement:
             info["placement"] = placement
-        RouterCheckpoint(deployed.gate, featurizer, deployed.tau, info=info, gate_ms=gate_ms, experts=experts).save(router_dir)
+        RouterCheckpoint(deployed.gate, featurizer, deployed.tau, info=info, gate_ms=gate_ms, experts=experts,
+                         latency_models={role: h.latency for role, h in (heads or {}).items()},
+                         heads={role: (h.head, h.config) for role, h in (heads or {}).items()}).save(router_dir)
 
     decisions = scores[cfg.beta]["test"] > deployed.tau
     deployed_first = {cfg.beta: scores[cfg.beta]["test"], **{b: s["test"] for b, s in scores.items()}}
