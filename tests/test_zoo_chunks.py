@@ -109,7 +109,7 @@ def test_unchecked_spec_joins_without_size_or_hash(fake_packages, tmp_path):
 
 
 def test_gguf_source_joins_chunked_models(fake_packages, tmp_path):
-    folder, name = zoo._gguf_source(_fake_spec(), tmp_path)
+    folder, name = zoo.gguf_source(_fake_spec(), tmp_path)
     assert (folder, name) == (tmp_path, "fake.gguf")
     assert (folder / name).read_bytes() == b"".join(PIECES)
 

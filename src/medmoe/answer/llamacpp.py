@@ -62,7 +62,7 @@ def find_gguf(model: str) -> Path:
             if joined.is_file() and joined.stat().st_size == spec.size:
                 return joined
             joined.parent.mkdir(parents=True, exist_ok=True)
-        folder, file = zoo._gguf_source(spec, zoo.cache_dir(spec.name) / "gguf")  # joins chunks, checking their sha256
+        folder, file = zoo.gguf_source(spec, zoo.cache_dir(spec.name) / "gguf")  # joins chunks, checking their sha256
         return folder / file
     path = Path(model).expanduser()
     if path.suffix == ".gguf" and path.is_file():

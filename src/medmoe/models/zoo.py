@@ -133,7 +133,7 @@ def _join_chunks(spec: BundledModel, workdir: Path) -> Path:
     return target
 
 
-def _gguf_source(spec: BundledModel, workdir: Path) -> tuple[Path, str]:
+def gguf_source(spec: BundledModel, workdir: Path) -> tuple[Path, str]:
     """(folder, file name) of the GGUF file for `spec`, joining chunked packages into `workdir`."""
     if spec.gguf_file is None:
         raise ModelError(f"bundled model '{spec.name}' has no GGUF file")
@@ -151,7 +151,7 @@ def _dequantize_to(spec: BundledModel, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder, file = _gguf_source(spec, out)
+    folder, file = gguf_source(spec, out)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
     # The weights are plain fp32 tensors now; drop the GGUF marker so save_pretrained accepts them.
