@@ -8,6 +8,10 @@ cached lower-block states (issue 16 item 4).
     PYTHONPATH=src python benchmarks/loramoe_cmexam.py check --system loramoe --n 5   # vs the full model
     PYTHONPATH=src python benchmarks/loramoe_cmexam.py report                    # reports/loramoe_cmexam.{md,json}
 
+A second budget (2,000 train questions, 500 steps) scores as `lora-2000` and `loramoe-2000` (adapters in
+runs/sd-cmexam-{lora,loramoe}-2000/) in the same WORKDIR, over the same test cache, and reports with
+`report --name loramoe_cmexam_2000`; each budget's pair gets its own paired LoRA-MoE minus LoRA interval.
+
 The adapters (`medmoe finetune --top-blocks 4`) sit on the last 4 of Qwen2.5-Coder-1.5B's 28 blocks,
 so the lower 24 compute the same states for a prompt under every system. `cache` runs them once per
 test prompt (the prompt `medmoe eval --benchmarks cmexam --rule letter` builds: zero-shot, chat
@@ -50,9 +54,14 @@ SYSTEMS = {  # --system -> (default adapter, what it is in the report)
     "zero-shot": (None, "zero-shot (no adapter)"),
     "lora": ("runs/sd-cmexam-lora/adapter", "PEFT LoRA (top 4 blocks)"),
     "loramoe": ("runs/sd-cmexam-loramoe/adapter", "LoRA-MoE (top 4 blocks)"),
+    "lora-2000": ("runs/sd-cmexam-lora-2000/adapter", "PEFT LoRA (top 4 blocks, 2,000 train questions)"),
+    "loramoe-2000": ("runs/sd-cmexam-loramoe-2000/adapter", "LoRA-MoE (top 4 blocks, 2,000 train questions)"),
 }
 BASELINE = "zero-shot"
-METHOD_PAIR = ("loramoe", "lora")  # the report's method comparison: LoRA-MoE minus PEFT LoRA, paired
+METHOD_PAIRS = {  # the report's method comparisons, each at one budget: LoRA-MoE minus PEFT LoRA, paired
+    "loramoe_minus_lora": ("loramoe", "lora"),
+    "loramoe_minus_lora_2000": ("loramoe-2000", "lora-2000"),
+}
 CACHE = "test_cache"
 
 
@@ -70,6 +79,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         p.add_argument("--limit", type=int, default=0, help="the first N test questions in split order (0 = all)")
         if name == "report":
             p.add_argument("--report-dir", type=Path, default=None, help="write the report here instead of reports/")
+            p.add_argument("--name", default=NAME, help="the report's file name: reports/NAME.md and .json")
             p.add_argument("--threads", type=int, default=2,
                            help="torch CPU threads the training and scoring runs used (they do not record it): CPU-hours = hours x this")
             continue
@@ -271,10 +281,10 @@ def summarize(rows: list[dict[str, Any]], systems: list[str]) -> dict[str, Any]:
         if BASELINE in systems and system != BASELINE:
             diff, ci = paired_difference([float(r[system] == r["gold"]) for r in rows], [float(r[BASELINE] == r["gold"]) for r in rows])
             out["systems"][system] |= {"diff_vs_zero_shot": diff, "diff_vs_zero_shot_ci95": list(ci)}
-    if METHOD_PAIR[0] in systems and METHOD_PAIR[1] in systems:  # SparseDoctor's method against PEFT LoRA at its budget
-        a, b = METHOD_PAIR
-        diff, ci = paired_difference([float(r[a] == r["gold"]) for r in rows], [float(r[b] == r["gold"]) for r in rows])
-        out["loramoe_minus_lora"] = {"diff": diff, "ci95": list(ci)}
+    for key, (a, b) in METHOD_PAIRS.items():  # SparseDoctor's method against PEFT LoRA at one budget
+        if a in systems and b in systems:
+            diff, ci = paired_difference([float(r[a] == r["gold"]) for r in rows], [float(r[b] == r["gold"]) for r in rows])
+            out[key] = {"diff": diff, "ci95": list(ci), "systems": [a, b]}
     return out
 
 
@@ -367,9 +377,9 @@ def report(args: argparse.Namespace) -> Path:
             lines.append(f"| {label[system]} | {adapters[system] or 'none'} | {s['accuracy']:.3f} [{s['ci95'][0]:.3f}, "
                          f"{s['ci95'][1]:.3f}] | {s['macro_f1']:.3f} | {s['accuracy'] - c['accuracy']:+.3f} [{lo:+.3f}, {hi:+.3f}] "
                          f"| {vs_base} |")
-        if "loramoe_minus_lora" in b:
-            d = b["loramoe_minus_lora"]
-            lines += [f"LoRA-MoE minus PEFT LoRA (same questions, same budget): {d['diff']:+.3f} "
+        for key in (k for k in METHOD_PAIRS if k in b):
+            d = b[key]
+            lines += [f"{label[d['systems'][0]]} minus {label[d['systems'][1]]} (same questions, same budget): {d['diff']:+.3f} "
                       f"[{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]" + (" (the interval holds 0: not told apart)"
                                                                         if d["ci95"][0] <= 0 <= d["ci95"][1] else ""), ""]
         lines.append("")
@@ -409,7 +419,7 @@ def report(args: argparse.Namespace) -> Path:
                                                     for s in names},
             "multi_answer_questions": multi, "test_cache": test_cache, "workdir": str(workdir),
             "test_questions": {"scored": len(rows), "split": total}, "threads": args.threads}
-    return common.write_report(NAME, "SparseDoctor adapters on the full CMExam test (top blocks over cached states)",
+    return common.write_report(args.name, "SparseDoctor adapters on the full CMExam test (top blocks over cached states)",
                                "\n".join(lines), data)
 
 
