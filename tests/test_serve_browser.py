@@ -169,7 +169,8 @@ def _main_job_examples(router_dir) -> tuple[list, list]:
     from medmoe.data import load_dataset
 
     run = Path(router_dir).parent
-    rows = {e: {(row := json.loads(line))["id"]: row for line in (run / "test" / f"{e}.jsonl").open()}
+    folder = run / "test" / "heads" if (Path(router_dir) / "heads").is_dir() else run / "test"  # `--answers heads` rows
+    rows = {e: {(row := json.loads(line))["id"]: row for line in (folder / f"{e}.jsonl").open()}
             for e in ("transformer", "mamba")}
     records = sorted((r for r in load_dataset("pubmedqa", "test") if r.id in rows["transformer"] and r.id in rows["mamba"]),
                      key=lambda r: len(r.context or ""))
