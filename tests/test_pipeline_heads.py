@@ -65,7 +65,9 @@ def test_a_heads_run_writes_cross_fitted_rows_and_a_checkpoint_with_both_heads(h
     timing = json.loads(open(f"{folder}/{TIMING_FILE}", encoding="utf-8").read())
     assert len(timing["transformer"]["ms"]) == 10  # TIMED dev questions, capped by the dev split
     # the run's own tables are what `medmoe mambaformer calibrate` and the server's budgets read back
-    records, table = cached_table(cfg, "test")
+    saved = PipelineConfig(**checkpoint.info["config"])  # how calibrate and the server rebuild the run's settings
+    assert saved.answers == "heads"
+    records, table = cached_table(saved, "test")
     assert len(records) == 8 and np.isclose(report["summary"][0]["accuracy"], table.transformer.correct.mean())
 
 
