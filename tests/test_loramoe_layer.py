@@ -347,6 +347,7 @@ def test_auto_compute_resolves_and_sparse_outside_its_kernel_is_a_clear_error():
 @pytest.mark.parametrize("compute", [SPARSE, "dense"])
 def test_hooked_base_whose_backward_needs_its_output(compute):
     """A base hook such as sigmoid saves its output for backward: the unfused path must not write into it."""
+    torch.manual_seed(1)
     x = torch.randn(6, 12)
     grads = {}
     for kind in (compute, "loop"):
@@ -354,5 +355,5 @@ def test_hooked_base_whose_backward_needs_its_output(compute):
         layer.base_layer.register_forward_hook(lambda module, inputs, out: torch.sigmoid(out))
         layer(x).square().sum().backward()
         grads[kind] = (layer.lora_A.grad, layer.lora_B.grad, layer.router.w_q.grad)
-    for got, ref in zip(*grads.values()):
-        assert torch.allclose(got, ref, atol=1e-5)
+    for got, ref in zip(*grads.values()):  # gradients up to ~150: summation order moves them ~1e-4 relative
+        assert torch.allclose(got, ref, rtol=1e-3, atol=1e-4)  # a write into the saved output moves them by O(1)
