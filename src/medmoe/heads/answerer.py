@@ -6,7 +6,8 @@ One forward pass per question gives the head its hidden state z and the expert's
 head runs at the last position only). The same pass also yields the expert's zero-shot answer, kept
 in each row's `route` as `lm_prediction`, so a run reports the head beside the likelihood rule.
 `head_logits_batch` answers many questions (the server's micro-batch, each row with its own head)
-from shared right-padded passes, with the same logits up to float reduction order.
+from shared right-padded passes, with the same logits up to float reduction order; `head_outcomes_batch`
+turns them into the harness's rows (the routed MambaFormer answerer's heads).
 """
 
 from __future__ import annotations
@@ -57,6 +58,35 @@ def head_logits_batch(model: Any, tokenizer: Any, items: Sequence[tuple[OptionHe
     rows = pooled_prompts(model, tokenizer, [prompt for _, _, prompt, _ in items], pools, max_waste)
     return [(head_output(head, h, logprobs, options), logprobs, tokens)
             for (head, _, _, options), (h, logprobs, tokens) in zip(items, rows)]
+
+
+def letter_prompts(lm: HFEvalModel, records: Sequence[Record]) -> list[Prompt]:
+    """Each record's zero-shot letter prompt, cut to the model's window (what a head reads)."""
+    fitter = PromptFitter(lm, RULE)
+    return [build_prompt(fitter.fit(r)[0], lm.tokenizer, (), RULE) for r in records]
+
+
+def head_outcome(record: Record, config: HeadConfig, logits: torch.Tensor, logprobs: Sequence[float], tokens: int,
+                 latency_ms: float) -> Outcome:
+    """The harness's row for a head's answer: prediction, logits as scores, softmax probabilities, and
+    the head's kind and the expert's own answer (`lm_prediction`) in `route`."""
+    letters, probs = record.letters, torch.softmax(logits, dim=0)
+    return Outcome(prediction=letters[int(logits.argmax())], scores=dict(zip(letters, logits.tolist())),
+                   probs=dict(zip(letters, probs.tolist())), prompt_tokens=tokens, latency_ms=latency_ms,
+                   route={"head": config.kind, "lm_prediction": letters[int(torch.tensor(logprobs).argmax())]})
+
+
+@torch.inference_mode()
+def head_outcomes_batch(lm: HFEvalModel, records: Sequence[Record],
+                        found: Sequence[tuple[OptionHead, HeadConfig]]) -> list[Outcome]:
+    """`records` answered through their own heads (found[i] for records[i]) from shared padded passes
+    (`head_logits_batch`); latency_ms = the batch's time per question."""
+    items = [(head, config, prompt, len(r.options)) for r, (head, config), prompt in zip(records, found, letter_prompts(lm, records))]
+    start = time.perf_counter()
+    rows = head_logits_batch(lm.model, lm.tokenizer, items)
+    ms = (time.perf_counter() - start) * 1000 / max(len(records), 1)
+    return [head_outcome(r, config, logits, logprobs, tokens, ms)
+            for r, (_, config), (logits, logprobs, tokens) in zip(records, found, rows)]
 
 
 def head_output(head: OptionHead, h: torch.Tensor | None, logprobs: Sequence[float], options: int,
@@ -118,15 +148,8 @@ class HeadAnswerer:
             extra = None if self.option_extra is None else self.option_extra([record])
             logits, logprobs, tokens = head_logits(self.lm.model, self.tokenizer, self.head, self.config,
                                                    prompt, len(record.options), extra)
-            letters = record.letters
-            probs = torch.softmax(logits, dim=0)
-            lm_best = int(torch.tensor(logprobs).argmax())
-            outcomes.append(Outcome(
-                prediction=letters[int(logits.argmax())],
-                scores=dict(zip(letters, logits.tolist())), probs=dict(zip(letters, probs.tolist())),
-                prompt_tokens=tokens, latency_ms=(time.perf_counter() - start) * 1000,
-                route={"head": self.config.kind, "lm_prediction": letters[lm_best]},
-            ))
+            outcomes.append(head_outcome(record, self.config, logits, logprobs, tokens,
+                                         (time.perf_counter() - start) * 1000))
         return outcomes
 
     # --- EvalModel ----------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ tau, or the record's own (`record.metadata[TAU_METADATA]`, a per-request thresho
 `mambaformer-tau-0.35` as the model name, docs/serving.md). The chosen expert then answers:
   option questions  answered as the gate was trained: through the expert's option head when the
                     checkpoint has one for the question's format (`medmoe run --answers heads`: one
-                    batched pass gives the head its hidden states, `heads.answerer.head_logits_batch`),
+                    batched pass gives the head its hidden states, `heads.answerer.head_outcomes_batch`),
                     else scored with the pipeline's rule (`letter`, zero-shot); `score_records`
                     returns the harness's `Outcome`s (what `medmoe eval --router` writes);
   open questions    greedy generation by that expert, the single-model server's batched decoding
@@ -36,16 +36,13 @@ from medmoe.answer.types import Answer, RequestRejected
 from medmoe.data.record import Record
 from medmoe.errors import MedmoeError, ModelError
 from medmoe.eval.model import HFEvalModel
-from medmoe.eval.prompts import build_prompt
 from medmoe.eval.rules import Outcome, apply_rule
-from medmoe.eval.window import PromptFitter
-from medmoe.heads.answerer import head_logits_batch
+from medmoe.heads.answerer import head_outcomes_batch
 from medmoe.heads.bundled import HeadSet
 from medmoe.mambaformer.checkpoint import ROLES, RouterCheckpoint
 from medmoe.mambaformer.experts import Expert, load_expert
 from medmoe.mambaformer.features import GateFeatures
 from medmoe.mambaformer.gate import torch_threads
-from medmoe.models.head import HeadConfig, OptionHead
 
 RULE = "letter"  # how each expert scores in the pipeline (zero-shot): the outcomes the gate was trained on
 TAU_METADATA = "routing_tau"  # a record's own threshold (metadata key): E_M iff p_M > it, instead of the checkpoint's tau
@@ -138,7 +135,7 @@ class RoutedAnswerer:
     def _score(self, records: Sequence[Record], routes: Sequence[tuple[str, float]], gate_ms: float,
                multi: bool = False, max_new_tokens: int = 32) -> list[Outcome]:
         """Each expert answers the option questions routed to it: those its head answers in one batched
-        head pass (`_head_outcomes`), the others in one batched call of rule `letter`."""
+        head pass (`heads.answerer.head_outcomes_batch`), the others in one batched call of rule `letter`."""
         outcomes: list[Outcome | None] = [None] * len(records)
         for name, expert in self.experts.items():
             chosen = [i for i, (picked, _) in enumerate(routes) if picked == name]
@@ -149,7 +146,7 @@ class RoutedAnswerer:
             model = HFEvalModel(expert.model, expert.tokenizer, expert.name)
             scored = apply_rule(model, [records[i] for i in plain], RULE, [[] for _ in plain], multi, max_new_tokens) if plain else []
             if headed:
-                scored += _head_outcomes(model, [records[i] for i in headed], [cast(Any, found[i]) for i in headed])
+                scored += head_outcomes_batch(model, [records[i] for i in headed], [cast(Any, found[i]) for i in headed])
             for i, outcome in zip(plain + headed, scored):
                 outcome.route = {**(outcome.route or {}), "expert": name, "gate_probability": routes[i][1],
                                  "tau": self.tau_of(records[i]), "gate_ms": gate_ms, "expert_ms": outcome.latency_ms}
@@ -227,26 +224,6 @@ class RoutedAnswerer:
             record, cut = self.generator(expert).fit(record)
             dropped += cut
         return record, dropped
-
-
-@torch.inference_mode()
-def _head_outcomes(model: HFEvalModel, records: Sequence[Record], found: Sequence[tuple[OptionHead, HeadConfig]]) -> list[Outcome]:
-    """`records` answered through their heads from shared padded passes (each prompt cut to the window
-    as the features were); latency_ms = the batch's time per question; route: the head's kind and the
-    expert's own answer (`lm_prediction`)."""
-    fitter = PromptFitter(model, RULE)
-    items = [(head, config, build_prompt(fitter.fit(r)[0], model.tokenizer, (), RULE), len(r.options))
-             for r, (head, config) in zip(records, found)]
-    start = time.perf_counter()
-    rows = head_logits_batch(model.model, model.tokenizer, items)
-    ms = (time.perf_counter() - start) * 1000 / len(records)
-    outcomes = []
-    for record, (_, config), (logits, logprobs, tokens) in zip(records, found, rows):
-        letters, probs = record.letters, torch.softmax(logits, dim=0)
-        outcomes.append(Outcome(prediction=letters[int(logits.argmax())], scores=dict(zip(letters, logits.tolist())),
-                                probs=dict(zip(letters, probs.tolist())), prompt_tokens=tokens, latency_ms=ms,
-                                route={"head": config.kind, "lm_prediction": letters[int(torch.tensor(logprobs).argmax())]}))
-    return outcomes
 
 
 def load_routed_answerer(config) -> RoutedAnswerer:

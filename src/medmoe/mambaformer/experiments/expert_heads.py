@@ -43,10 +43,9 @@ import torch
 from medmoe.data.record import Record
 from medmoe.errors import MedmoeError
 from medmoe.eval.model import HFEvalModel
-from medmoe.eval.prompts import build_prompt
-from medmoe.eval.window import PromptFitter
+from medmoe.heads.answerer import letter_prompts
 from medmoe.heads.bundled import question_format
-from medmoe.heads.features import extract_features, forward_prompt, letter_plan, read_features
+from medmoe.heads.features import Features, extract_features, forward_prompt, letter_plan
 from medmoe.heads.fit import fit_candidate, training_set
 from medmoe.heads.train import pool_fingerprint
 from medmoe.mambaformer.experiments.head_tables import HeadAnswers, cross_fitted
@@ -95,12 +94,6 @@ def sha_order(records: Sequence[Record]) -> list[Record]:
     return sorted(records, key=lambda r: hashlib.sha256(r.id.encode()).hexdigest())
 
 
-def letter_prompts(lm: HFEvalModel, records: Sequence[Record]) -> list[Any]:
-    """Each record's zero-shot letter prompt, cut to the model's window as the features pass cuts it."""
-    fitter = PromptFitter(lm, RULE)
-    return [build_prompt(fitter.fit(r)[0], lm.tokenizer, (), RULE) for r in records]
-
-
 def prompt_token_counts(lm: HFEvalModel, records: Sequence[Record]) -> list[int]:
     """n_i: the tokens of each record's head pass (BOS included), the latency model's input."""
     return [len(letter_plan(lm.tokenizer, p.context, p.continuations)[0]) for p in letter_prompts(lm, records)]
@@ -141,10 +134,9 @@ def timed_latency_model(lm: HFEvalModel, role: str, expert: Expert, dev: Sequenc
 
 
 def expert_head(lm: HFEvalModel, role: str, expert: Expert, dataset: str, splits: dict[str, list[Record]],
-                out: Path, log: Callable[[str], None] = print) -> ExpertHead:
-    """Steps 1-3 of the module docstring for one expert."""
+                features: Features, out: Path, log: Callable[[str], None] = print) -> ExpertHead:
+    """Steps 2-3 of the module docstring for one expert, on its features of every split (step 1)."""
     pool, test = splits["train"] + splits["dev"], splits["test"]
-    features = extract_features(lm, pool + test, out / "features" / role, expert.source)
     pool_features, test_features = features.select([r.id for r in pool]), features.select([r.id for r in test])
     answers = cross_fitted(pool, pool_features, test_features)
     c = answers.candidate
@@ -183,7 +175,9 @@ def answer_with_heads(experts: dict[str, Expert], dataset: str, splits: dict[str
     heads = {}
     for role, expert in experts.items():
         lm = HFEvalModel(expert.model, expert.tokenizer, expert.source, share_prefix=False)
-        heads[role] = found = expert_head(lm, role, expert, dataset, splits, out, log)
+        every = splits["train"] + splits["dev"] + splits["test"]  # step 1: one features pass (cached, resumable)
+        features = extract_features(lm, every, out / "features" / role, expert.source)
+        heads[role] = found = expert_head(lm, role, expert, dataset, splits, features, out, log)
         offset, rows = 0, []
         for split in ("train", "dev", "test"):  # the pool's order (train, then dev); test last
             records = splits[split]
@@ -192,7 +186,7 @@ def answer_with_heads(experts: dict[str, Expert], dataset: str, splits: dict[str
             else:  # the pool's out-of-fold answers: train first, then dev (the pool's order)
                 probs = found.answers.pool_probs[offset:offset + len(records)]
                 offset += len(records)
-            lm_logprobs = read_features(out / "features" / role, records).option_logprobs.numpy()
+            lm_logprobs = features.select([r.id for r in records]).option_logprobs.numpy()
             rows = head_rows(records, probs, lm_logprobs, prompt_token_counts(lm, records), found.latency)
             path = heads_folder(out, split) / f"{role}.jsonl"
             path.parent.mkdir(parents=True, exist_ok=True)
